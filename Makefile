@@ -1,0 +1,31 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both bootstrap themselves.
+PY := .venv/bin/python
+export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
+
+.PHONY: run test bootstrap proto lint typecheck routes openapi clean
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+proto: bootstrap
+
+run: bootstrap
+	@$(PY) -m libs.launcher
+
+test: bootstrap
+	@$(PY) -m pytest tests
+
+lint: bootstrap
+	@.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+typecheck: bootstrap
+	@.venv/bin/mypy libs services gateway
+
+routes: bootstrap
+	@$(PY) -m gateway.routes_report
+
+openapi: bootstrap
+	@$(PY) -m gateway.openapi > openapi.json
+
+clean:
+	rm -rf gen .venv

@@ -1,0 +1,54 @@
+"""One error mapping for the edge: gRPC status → HTTP status and the common error body
+`{"error": "<Reason>", "message": "...", "details": {...}}`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from libs.errors import DEFAULT_REASON, CtrlmeshError, http_status_for
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def body(reason: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"error": reason, "message": message, "details": details or {}}
+
+
+def from_ctrlmesh(err: CtrlmeshError) -> tuple[int, dict[str, Any]]:
+    from libs.errors import REASONS
+
+    return REASONS[err.reason].http, body(err.reason, err.message, err.details)
+
+
+def from_rpc_error(err: grpc.aio.AioRpcError, service: str) -> tuple[int, dict[str, Any]]:
+    code = err.code()
+    reason = None
+    details: dict[str, Any] = {}
+    message = err.details() or ""
+    for key, value in err.trailing_metadata() or ():
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        st = status_pb2.Status.FromString(value)
+        for anyd in st.details:
+            if anyd.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                anyd.Unpack(info)
+                reason = info.reason
+                details.update(info.metadata)
+            elif anyd.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                br = error_details_pb2.BadRequest()
+                anyd.Unpack(br)
+                details["fields"] = {v.field: v.description for v in br.field_violations}
+    if reason is None:
+        reason = DEFAULT_REASON.get(code, "Internal")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            message, details = f"the {service} service is unavailable", {"service": service}
+        elif code == grpc.StatusCode.UNIMPLEMENTED:
+            message = "this route is not implemented yet"
+        elif code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            # Never hand a raw failure text to the caller.
+            message = "internal error"
+    return http_status_for(code, reason), body(reason, message, details)

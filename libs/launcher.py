@@ -1,0 +1,184 @@
+"""`make run`: the whole mesh on one machine with embedded defaults.
+
+Starts (when CTRLMESH_DATABASE_URL is unset) an embedded PostgreSQL under the data directory,
+the five services and the edge as separate processes, waits until each answers its health
+check, prints the URLs and the admin API key, and on Ctrl-C (SIGINT) or SIGTERM stops every
+process it started — services first, then PostgreSQL — leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import psycopg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from libs import keys
+from libs.embedded_pg import EmbeddedPostgres
+from libs.settings import SERVICES, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_KEY_FILE = "admin-api-key"
+PIDS_FILE = "run.pids"
+
+
+def _say(msg: str) -> None:
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _ensure_database(pg: EmbeddedPostgres, name: str) -> None:
+    with psycopg.connect(pg.dsn, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+            pg.create_database(name)
+
+
+async def _wait_grpc(target: str, deadline: float) -> None:
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} did not become healthy")
+            await asyncio.sleep(0.1)
+
+
+async def _wait_http(url: str, deadline: float) -> None:
+    async with httpx.AsyncClient() as client:
+        while True:
+            try:
+                if (await client.get(url, timeout=1)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not become healthy")
+            await asyncio.sleep(0.1)
+
+
+class Launcher:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.pg: EmbeddedPostgres | None = None
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "gen"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["CTRLMESH_DATA_DIR"] = str(self.settings.data_dir.resolve())
+        if self.settings.database_url:
+            env["CTRLMESH_DATABASE_URL"] = self.settings.database_url
+        return env
+
+    def _spawn(self, name: str, module: str) -> None:
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=self._env())
+
+    def _write_pids(self) -> None:
+        pids = [str(p.pid) for p in self.procs.values()]
+        if self.pg is not None and self.pg.pid:
+            pids.append(str(self.pg.pid))
+        (self.settings.data_dir / PIDS_FILE).write_text("\n".join(pids) + "\n")
+
+    def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        if not s.database_url:
+            self.pg = EmbeddedPostgres(s.data_dir / "pg", port=s.embedded_pg_port)
+            self.pg.start()
+            _ensure_database(self.pg, "ctrlmesh")
+            s.database_url = self.pg.url_for("ctrlmesh")
+        # Made once here so the processes do not race to create them.
+        keys.internal_secret(s)
+        keys.keyring(s)
+        key_file = s.data_dir / ADMIN_KEY_FILE
+        key_existed = key_file.exists()
+        for name in SERVICES:
+            self._spawn(name, f"services.{name}.main")
+        self._write_pids()
+        deadline = time.monotonic() + 60
+        asyncio.run(self._wait_services(deadline))
+        self._spawn("edge", "gateway.main")
+        self._write_pids()
+        asyncio.run(_wait_http(f"http://{s.http_host}:{s.http_port}/health", deadline))
+        base = f"http://{s.http_host}:{s.http_port}"
+        _say("ctrlmesh is up")
+        _say(f"  HTTP API (edge):   {base}   (OpenAPI: {base}/openapi.json, health: {base}/health)")
+        for name in SERVICES:
+            _say(f"  gRPC {name + ':':<12} {s.service_target(name)}")
+        _say(f"  data directory:   {s.data_dir.resolve()}")
+        if self.pg is not None:
+            _say(f"  PostgreSQL:       embedded, {self.pg.dsn_for('ctrlmesh').split('@')[-1]}")
+        if s.bootstrap_admin_key:
+            _say("  admin API key:    the value of CTRLMESH_BOOTSTRAP_ADMIN_KEY")
+        elif not key_existed and key_file.exists():
+            _say(f"  admin API key:    {key_file.read_text().strip()}   (shown once; also in {key_file})")
+        else:
+            _say(f"  admin API key:    in {key_file}")
+        _say("Press Ctrl-C to stop.")
+
+    async def _wait_services(self, deadline: float) -> None:
+        await asyncio.gather(*(_wait_grpc(self.settings.service_target(n), deadline) for n in SERVICES))
+
+    def wait(self) -> int:
+        """Block until a signal or until a child dies; returns the exit code."""
+        stop = {"sig": 0}
+
+        def on_signal(signum: int, _frame: object) -> None:
+            stop["sig"] = signum
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while not stop["sig"]:
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    _say(f"{name} exited with code {p.returncode}; stopping everything")
+                    return 1
+            time.sleep(0.2)
+        return 0
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.pg is not None:
+            self.pg.stop()
+
+
+def main() -> None:
+    launcher = Launcher(Settings.load())
+    code = 1
+    try:
+        launcher.start()
+        code = launcher.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        # A second Ctrl-C must not abandon children half-stopped.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        launcher.stop()
+        _say("ctrlmesh stopped")
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The event outbox: each service writes its events in the same transaction as the change, and
+serves them in order, resumable from a sequence number (the SSE `id:`).
+
+Watchers replay from the requested sequence, then wait for new rows: a publish in this process
+wakes them at once, and a short poll catches rows written by other processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, DateTime, Index, MetaData, String, Table, insert, select
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
+
+from libs.db import Database
+
+
+def outbox_table(metadata: MetaData) -> Table:
+    return Table(
+        "outbox",
+        metadata,
+        Column("seq", BigInteger, primary_key=True, autoincrement=True),
+        Column("type", String(100), nullable=False),
+        Column("account_id", String(64), nullable=False, server_default=""),
+        Column("tenant_id", String(64), nullable=False, server_default=""),
+        Column("resource", String(64), nullable=False),
+        Column("resource_id", String(128), nullable=False),
+        Column("data", JSONB, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Index("ix_outbox_tenant", "tenant_id", "seq"),
+    )
+
+
+class Outbox:
+    def __init__(self, table: Table, db: Database, poll_interval: float = 0.5):
+        self.table = table
+        self._db = db
+        self._poll = poll_interval
+        self._wake = asyncio.Condition()
+
+    async def publish(
+        self,
+        session: AsyncSession,
+        type_: str,
+        *,
+        resource: str,
+        resource_id: str,
+        data: dict[str, Any],
+        tenant_id: str = "",
+        account_id: str = "",
+    ) -> None:
+        """Write an event in the caller's transaction; it is visible once that commits."""
+        await session.execute(
+            insert(self.table).values(
+                type=type_,
+                account_id=account_id,
+                tenant_id=tenant_id,
+                resource=resource,
+                resource_id=resource_id,
+                data=data,
+                created_at=datetime.now(UTC),
+            )
+        )
+
+    async def notify(self) -> None:
+        """Wake local watchers after a commit."""
+        async with self._wake:
+            self._wake.notify_all()
+
+    async def last_seq(self) -> int:
+        async with self._db.session() as s:
+            value = await s.scalar(select(self.table.c.seq).order_by(self.table.c.seq.desc()).limit(1))
+        return int(value or 0)
+
+    async def watch(
+        self,
+        after: int,
+        where: Callable[[Table], ColumnElement[bool] | None],
+        batch: int = 200,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield events with seq > after matching `where`, forever, in order."""
+        t = self.table
+        while True:
+            cond = where(t)
+            q = select(t).where(t.c.seq > after).order_by(t.c.seq).limit(batch)
+            if cond is not None:
+                q = q.where(cond)
+            async with self._db.session() as s:
+                rows = (await s.execute(q)).mappings().all()
+            for row in rows:
+                after = row["seq"]
+                yield dict(row)
+            if len(rows) == batch:
+                continue
+            async with self._wake:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._poll)
+                except TimeoutError:
+                    pass

@@ -1,0 +1,83 @@
+"""Typed settings from `CTRLMESH_*` environment variables: the one place configuration is read.
+
+Every process calls `Settings.load()` once at start and passes the result down; nothing reads
+the environment anywhere else. The README's configuration table mirrors the fields below.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: object) -> timedelta:
+    """Accept `4s`, `2m`, `1.5h`, `250ms`, a bare number of seconds, or a timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 2m, 1h)")
+    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+SERVICES = ("accounts", "databases", "instances", "network", "clusters")
+
+
+class Settings(BaseSettings):
+    """ctrlmesh configuration. Defaults work on one machine with nothing set."""
+
+    model_config = SettingsConfigDict(env_prefix="CTRLMESH_", extra="ignore")
+
+    data_dir: Path = Path(".ctrlmesh")
+    database_url: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    pg_port: int = 6432
+    pg_host: str = "127.0.0.1"
+    # The host name clients use for the PG Gateway (in dsn_template).
+    public_pg_host: str = "localhost"
+    grpc_host: str = "127.0.0.1"
+    accounts_port: int = 50051
+    databases_port: int = 50052
+    instances_port: int = 50053
+    network_port: int = 50054
+    clusters_port: int = 50055
+    # Each service process also serves Prometheus /metrics on its gRPC port + this offset.
+    metrics_port_offset: int = 1000
+    embedded_pg_port: int = 55432
+    bootstrap_admin_key: str | None = None
+    admin_email: str = "admin@localhost"
+    idle_timeout: Duration = timedelta(seconds=300)
+    auth_cache_ttl: Duration = timedelta(seconds=5)
+    # Signs the principal the edge hands to services; generated into the data dir when unset.
+    internal_secret: str | None = None
+    # Key-encryption key (base64, 32 bytes) for secrets stored encrypted; generated when unset.
+    kek: str | None = None
+    kek_id: str = "k1"
+    log_level: str = "INFO"
+    version: str = Field(default="0.1.0")
+
+    @classmethod
+    def load(cls) -> Settings:
+        return cls()
+
+    def service_port(self, name: str) -> int:
+        return int(getattr(self, f"{name}_port"))
+
+    def service_target(self, name: str) -> str:
+        return f"{self.grpc_host}:{self.service_port(name)}"
+
+    def secret_file(self, name: str) -> Path:
+        return self.data_dir / "secrets" / name

@@ -1,0 +1,55 @@
+"""OpenTelemetry and Prometheus for every process, configured once at start.
+
+Tracing follows the standard `OTEL_*` variables: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans
+go to that collector over OTLP/gRPC; W3C trace context is the propagator, so the edge span, the
+gRPC client and server spans and the SQL spans of one request share one trace id.
+Custom span attributes use the `ctrlmesh.` prefix and are named here, in one registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from prometheus_client import start_http_server
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+# The attribute registry: every custom attribute we set on spans.
+ATTR_TENANT = "ctrlmesh.tenant_id"
+ATTR_PRINCIPAL = "ctrlmesh.key_id"
+ATTR_ROUTE = "ctrlmesh.route"
+ATTR_REASON = "ctrlmesh.error_reason"
+
+log = logging.getLogger("ctrlmesh.telemetry")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def setup_tracing(service_name: str) -> TracerProvider:
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        log.info("exporting traces over OTLP for %s", service_name)
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def instrument_engine(engine: AsyncEngine) -> None:
+    SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine)
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """Prometheus /metrics for this process, on its own port."""
+    start_http_server(port, addr=host)

@@ -1,0 +1,63 @@
+"""Accounts' view of the other services: counting, purging and summarising a tenant's resources
+through the shared internal TenantResourcesService contract, never through their tables."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+import grpc
+from ctrlmesh.common.v1 import internal_pb2, internal_pb2_grpc
+
+from libs.clients import Channels, Signer
+from libs.errors import Unavailable
+
+# The services that own tenant resources (accounts counts its own; clusters owns none yet).
+OWNERS = ("databases", "instances", "network")
+
+
+class Peers:
+    def __init__(self, channels: Channels, signer: Signer, timeout: float = 5.0):
+        self._channels = channels
+        self._signer = signer
+        self._timeout = timeout
+
+    def _stub(self, service: str) -> internal_pb2_grpc.TenantResourcesServiceStub:
+        return internal_pb2_grpc.TenantResourcesServiceStub(self._channels.get(service))
+
+    async def _call(self, service: str, method: str, request):  # type: ignore[no-untyped-def]
+        try:
+            return await getattr(self._stub(service), method)(
+                request, metadata=self._signer.system(), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise Unavailable(
+                f"the {service} service is unavailable", details={"service": service}
+            ) from err
+
+    async def count(self, tenant_ids: list[str]) -> dict[str, dict[str, int]]:
+        """Per tenant, the merged counts of every owning service."""
+        if not tenant_ids:
+            return {}
+        req = internal_pb2.CountTenantResourcesRequest(tenant_ids=tenant_ids)
+        answers = await asyncio.gather(*(self._call(s, "CountTenantResources", req) for s in OWNERS))
+        merged: dict[str, dict[str, int]] = defaultdict(dict)
+        for answer in answers:
+            for tid, rc in answer.tenants.items():
+                for k, v in rc.counts.items():
+                    merged[tid][k] = merged[tid].get(k, 0) + v
+        return dict(merged)
+
+    async def purge(self, tenant_id: str) -> bool:
+        req = internal_pb2.PurgeTenantRequest(tenant_id=tenant_id)
+        answers = await asyncio.gather(*(self._call(s, "PurgeTenant", req) for s in OWNERS))
+        return all(a.done for a in answers)
+
+    async def stats(self) -> dict[str, int]:
+        req = internal_pb2.GetResourceStatsRequest()
+        answers = await asyncio.gather(*(self._call(s, "GetResourceStats", req) for s in OWNERS))
+        merged: dict[str, int] = {}
+        for a in answers:
+            for k, v in a.counts.items():
+                merged[k] = merged.get(k, 0) + v
+        return merged

@@ -1,0 +1,21 @@
+"""instances: instances, outbox
+
+Revision ID: 0001
+Revises:
+"""
+
+from alembic import op
+
+from services.instances.models import instances, outbox
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    # The initial tables are created from their frozen definitions; later changes are ALTERs.
+    bind = op.get_bind()
+    instances.create(bind)
+    outbox.create(bind)

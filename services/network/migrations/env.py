@@ -1,0 +1,3 @@
+from libs.alembic.env import run
+
+run()
