@@ -38,7 +38,11 @@ class Authenticator:
         )
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[digest] = (now + self._ttl, p)
+        until = now + self._ttl
+        if p.expires_at_unix:
+            # Never serve a key from cache past its own expiry.
+            until = min(until, now + (p.expires_at_unix - time.time()))
+        self._cache[digest] = (until, p)
         return p
 
     def invalidate_key(self, key_id: str) -> None:

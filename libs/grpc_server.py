@@ -92,7 +92,8 @@ def _violations(request: Message) -> dict[str, str]:
     fields: dict[str, str] = {}
     for v in protovalidate.collect_violations(request):
         proto = v.proto
-        path = ".".join(e.field_name for e in proto.field.elements) if proto.field.elements else ""
+        elements = proto.field.elements if proto.field is not None else []
+        path = ".".join(e.field_name for e in elements)
         fields[path or proto.rule_id or "request"] = proto.message
     return fields
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field
+from pydantic import AliasChoices, BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -67,6 +67,21 @@ class Settings(BaseSettings):
     kek: str | None = None
     kek_id: str = "k1"
     log_level: str = "INFO"
+    # Instances: the provider registry keys to register (each only once its engine answers) and
+    # the default for creates that name none (the first registered when empty).
+    providers: str = "docker"
+    default_provider: str = ""
+    # The Docker engine of the docker and swarm providers; DOCKER_HOST is honoured as well.
+    docker_host: str | None = Field(default=None, validation_alias=AliasChoices("CTRLMESH_DOCKER_HOST", "DOCKER_HOST"))
+    # Pull an image the engine lacks (off for air-gapped engines and the test suite).
+    docker_pull: bool = True
+    # Grace a container gets on stop before it is killed.
+    instance_stop_timeout: Duration = timedelta(seconds=5)
+    # How long a new replica may take to pass the health gate of a deployment.
+    deploy_health_timeout: Duration = timedelta(seconds=120)
+    # Without health checks, a new replica passes the gate after running this long.
+    deploy_settle: Duration = timedelta(seconds=2)
+    provider_probe_interval: Duration = timedelta(seconds=10)
     version: str = Field(default="0.1.0")
 
     @classmethod

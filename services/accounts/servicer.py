@@ -149,6 +149,7 @@ class ApiKeyService(rpc.ApiKeyServiceServicer):
         return common_pb2.Principal(
             key_id=key.id, account_id=key.account_id, scope=key.scope, tenant_id=key.tenant_id or "",
             permissions=common_pb2.Permissions(**{p: getattr(key, p) for p in PERMISSIONS}), plan=acct.plan,
+            expires_at_unix=int(key.expires_at.timestamp()) if key.expires_at else 0,
         )
 
 

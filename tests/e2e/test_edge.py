@@ -1,0 +1,170 @@
+"""The edge's generic behaviour over real HTTP: errors, 501s, SSE, health, OpenAPI, metrics,
+and the services' refusal of calls without a valid signed principal."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import httpx
+import pytest
+from openapi_spec_validator import validate
+
+from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from libs import principal as principals
+from tests.fixtures.api import grpc_call, unique
+from tests.fixtures.mesh import ROOT, free_block
+
+pytestmark = pytest.mark.e2e
+
+
+def test_malformed_json_unknown_route_and_wrong_method(mesh):
+    """Malformed JSON → 400; unknown path → 404; known path, wrong verb → 405; all with the common body."""
+    c = mesh.admin()
+    r = c.post("/v2/tenants", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "BadRequest"
+    r = c.get("/v2/nothing-here")
+    assert r.status_code == 404 and r.json()["error"] == "NotFound"
+    r = c.put("/v2/tenants")
+    assert r.status_code == 405 and set(r.json()) == {"error", "message", "details"}
+    r = c.post("/v2/tenants", json={"name": "ok_name", "extra": 1})
+    assert r.status_code == 400 and "extra" in json.dumps(r.json()["details"])
+
+
+def test_routes_without_logic_answer_501(mesh):
+    """A route whose service has no logic yet answers 501 NotImplemented, not 404 or 500."""
+    r = mesh.admin().get("/api/v1/clusters")
+    assert r.status_code == 501 and r.json()["error"] == "NotImplemented"
+
+
+def test_validation_runs_before_501(mesh):
+    """Input rules are enforced by the interceptor even where logic is missing: 400 with the fields."""
+    r = mesh.admin().post("/api/v1/clusters", json={"name": "", "type": "weird"})
+    assert r.status_code == 400 and r.json()["details"]["fields"]
+
+
+def test_openapi_json_is_served_without_auth_and_valid(mesh):
+    """GET /openapi.json needs no key and is valid OpenAPI 3.1."""
+    r = mesh.client().get("/openapi.json")
+    assert r.status_code == 200
+    validate(r.json())
+    assert "/v2/tenants/{tenant}" in r.json()["paths"]
+
+
+def test_metrics_endpoint_counts_requests(mesh):
+    """The edge's /metrics has request counters by route."""
+    mesh.admin().get("/v2/account/profile")
+    text = mesh.client().get("/metrics").text
+    assert 'ctrlmesh_http_requests_total{route="GET /v2/account/profile",status="200"}' in text
+
+
+def test_services_reject_missing_and_forged_principals(mesh):
+    """A direct gRPC call with no principal, a forged signature or another secret is UNAUTHENTICATED."""
+    req = accounts_pb2.ListTenantsRequest()
+    stub = accounts_pb2_grpc.TenantServiceStub
+    good = principals.sign(principals.Principal(key_id="key_x", scope="global"), mesh.internal_secret)
+    forged = [(k, v if k != principals.SIGNATURE_KEY else "0" * 64) for k, v in good]
+    other_secret = principals.sign(principals.Principal(key_id="key_x", scope="global"), b"x" * 32)
+    for md in ([], forged, other_secret):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            grpc_call(mesh, "accounts", stub, "ListTenants", req, None, metadata=md)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert grpc_call(mesh, "accounts", stub, "ListTenants", req, None, metadata=good).total >= 0
+
+
+def test_events_stream_as_sse_with_resume(mesh):
+    """/v2/events streams tenant events as SSE with ids; Last-Event-ID resumes after one."""
+    key = mesh.admin_key
+    received: list[str] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        with httpx.stream("GET", f"{mesh.base_url}/v2/events", params={"token": key}, timeout=20) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            ready.set()
+            for line in r.iter_lines():
+                received.append(line)
+                if sum(1 for x in received if x.startswith("data: ") and "tenant.created" in x) >= 2:
+                    return
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    time.sleep(0.3)
+    names = [unique("sse"), unique("sse")]
+    for n in names:
+        assert mesh.admin().post("/v2/tenants", json={"name": n}).status_code == 201
+    t.join(15)
+    datas = [json.loads(x[6:]) for x in received if x.startswith("data: ")]
+    created = [d for d in datas if d["type"] == "tenant.created"]
+    assert [d["data"]["name"] for d in created] == names
+    ids = [x[4:] for x in received if x.startswith("id: ")]
+    assert ids and all(i == d["id"] for i, d in zip(ids, datas, strict=False))
+    # Resume after the first creation: the second one comes again, the first does not.
+    first_id = created[0]["id"]
+    replay: list[dict] = []
+    with httpx.stream("GET", f"{mesh.base_url}/v2/events", headers={"Authorization": f"Bearer {key}", "Last-Event-ID": first_id}, timeout=10) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                replay.append(json.loads(line[6:]))
+                if any(d["type"] == "tenant.created" for d in replay):
+                    break
+    assert next(d for d in replay if d["type"] == "tenant.created")["data"]["name"] == names[1]
+
+
+def test_events_are_scoped_to_the_key(mesh):
+    """A tenant key's stream carries its own tenant's events only; a malformed resume id is 400."""
+    from tests.fixtures.api import create_account
+
+    _, account_key = create_account(mesh)
+    acct = mesh.client(account_key)
+    mine, other = unique("mine"), unique("other")
+    acct.post("/v2/tenants", json={"name": mine})
+    key = acct.post("/v2/api-keys", json={"name": "ev", "scope": "tenant", "tenant": mine}).json()["key"]
+    assert mesh.client(key).get("/v2/events", params={"last_event_id": "abc"}).status_code == 400
+    seen: list[dict] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        with httpx.stream("GET", f"{mesh.base_url}/v2/events", headers={"Authorization": f"Bearer {key}"}, timeout=20) as r:
+            ready.set()
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                    if seen[-1]["type"] == "tenant.credentials_rotated":
+                        return
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    assert ready.wait(10)
+    time.sleep(0.3)
+    mesh.admin().post("/v2/tenants", json={"name": other})
+    acct.post(f"/v2/tenants/{mine}/credentials/rotate")
+    t.join(15)
+    assert [e["type"] for e in seen] == ["tenant.credentials_rotated"]
+    assert seen[0]["data"]["name"] == mine
+
+
+def test_health_is_degraded_naming_the_failing_service(mesh):
+    """An edge whose clusters service is unreachable reports degraded (503) and names it."""
+    port = free_block(2)
+    env = {**mesh.env, "CTRLMESH_HTTP_PORT": str(port), "CTRLMESH_CLUSTERS_PORT": str(port + 1)}
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.main"], cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=3)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert r.status_code == 503
+        assert r.json()["status"] == "degraded" and list(r.json()["failing"]) == ["clusters"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
