@@ -11,6 +11,7 @@ import hashlib
 import time
 
 from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+
 from libs.clients import Channels, Signer
 from libs.principal import Principal
 

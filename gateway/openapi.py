@@ -7,10 +7,10 @@ import re
 import sys
 from typing import Any
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 
 from gateway.routes import Route, load_routes
-from gateway.transcode import _INT64, _INTS, _FLOATS, _is_repeated  # noqa: PLC2701 - one type table
+from gateway.transcode import _FLOATS, _INT64, _INTS, Descriptor, _is_repeated
 
 _WKT: dict[str, dict[str, Any]] = {
     "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
@@ -51,7 +51,7 @@ class _Builder:
             base = {"type": "number"}
         elif f.type == FieldDescriptor.TYPE_BOOL:
             base = {"type": "boolean"}
-        elif f.type == FieldDescriptor.TYPE_ENUM:
+        elif f.type == FieldDescriptor.TYPE_ENUM and f.enum_type is not None:
             base = {"type": "string", "enum": [v.name for v in f.enum_type.values]}
         elif f.type == FieldDescriptor.TYPE_BYTES:
             base = {"type": "string", "contentEncoding": "base64"}

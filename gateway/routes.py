@@ -12,13 +12,12 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
+import ctrlmesh
+from ctrlmesh.common.v1 import common_pb2
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
-
-import ctrlmesh
-from ctrlmesh.common.v1 import common_pb2
 
 _VAR = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_.]*)\}")
 

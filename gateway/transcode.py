@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+# The pure-Python and upb descriptor classes differ for type checkers; both expose the same API.
+Descriptor = Any
+
 from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from libs.errors import InvalidArgument

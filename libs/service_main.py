@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+
 from libs import keys
 from libs.clients import Channels, Signer
 from libs.db import Database, make_engine, migrate

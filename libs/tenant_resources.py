@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 import grpc
+from ctrlmesh.common.v1 import internal_pb2, internal_pb2_grpc
 from sqlalchemy import ColumnElement, Table, delete, func, select
 
-from ctrlmesh.common.v1 import internal_pb2, internal_pb2_grpc
 from libs import principal as principals
 from libs.db import Database
 from libs.errors import PermissionDenied

@@ -22,9 +22,8 @@ GEN = ROOT / "gen"
 
 
 def _validate_descriptor_set() -> bytes:
-    from google.protobuf import descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2
-
     import protovalidate._gen.buf.validate.validate_pb as vpb
+    from google.protobuf import descriptor_pb2, duration_pb2, field_mask_pb2, timestamp_pb2
 
     raw: bytes | None = None
     for node in ast.walk(ast.parse(Path(vpb.__file__).read_text())):

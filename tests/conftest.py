@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fixtures.mesh"]
+pytest_plugins = ["tests.fixtures.mesh", "tests.fixtures.postgres"]

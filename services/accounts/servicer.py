@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 
 import grpc
-from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
-
 from ctrlmesh.accounts.v1 import accounts_pb2 as pb
 from ctrlmesh.accounts.v1 import accounts_pb2_grpc as rpc
 from ctrlmesh.common.v1 import common_pb2, internal_pb2
+from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
+
 from libs import principal as principals
 from services.accounts.domain import PERMISSIONS, PLANS, AccountsDomain, TenantView
 from services.accounts.models import Account, ApiKey, AuditEntry, Tenant

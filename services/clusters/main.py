@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ctrlmesh.clusters.v1 import clusters_pb2, clusters_pb2_grpc
+
 from libs.grpc_server import AuditSink, Service
 from libs.service_main import Runtime, remote_audit_sink, run
 from libs.tenant_resources import register_unimplemented

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ctrlmesh.network.v1 import network_pb2, network_pb2_grpc
+
 from libs.grpc_server import AuditSink, Service
 from libs.service_main import Runtime, remote_audit_sink, run
 from libs.tenant_resources import Count, Spec, register_resources, register_unimplemented

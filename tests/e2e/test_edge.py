@@ -2,7 +2,6 @@
 and the services' refusal of calls without a valid signed principal."""
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -11,9 +10,9 @@ import time
 import grpc
 import httpx
 import pytest
+from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from openapi_spec_validator import validate
 
-from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from libs import principal as principals
 from tests.fixtures.api import grpc_call, unique
 from tests.fixtures.mesh import ROOT, free_block

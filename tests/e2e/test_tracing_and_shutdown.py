@@ -21,7 +21,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.spans: list[tuple[str, object]] = []
 
-    def Export(self, request, context):  # noqa: N802 - the OTLP method name
+    def Export(self, request, context):
         for rs in request.resource_spans:
             service = next(a.value.string_value for a in rs.resource.attributes if a.key == "service.name")
             for ss in rs.scope_spans:

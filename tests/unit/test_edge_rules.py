@@ -4,9 +4,9 @@ import re
 from pathlib import Path
 
 import pytest
+from ctrlmesh.accounts.v1 import accounts_pb2 as pb
 from openapi_spec_validator import validate
 
-from ctrlmesh.accounts.v1 import accounts_pb2 as pb
 from gateway.openapi import build_openapi
 from gateway.routes import Router, load_routes
 from gateway.transcode import build_request, to_json

@@ -7,7 +7,7 @@ import pytest
 
 from libs import principal as principals
 from libs.crypto import Keyring
-from libs.errors import REASONS, HTTP_STATUS, InvalidArgument, Unauthenticated, http_status_for
+from libs.errors import HTTP_STATUS, REASONS, InvalidArgument, Unauthenticated, http_status_for
 from libs.grpc_server import status_details
 
 

@@ -1,0 +1,92 @@
+"""The accounts domain on a real PostgreSQL: migrations, invariants held under concurrency."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from libs.crypto import Keyring
+from libs.db import Database, make_engine, migrate
+from libs.errors import AlreadyExists, LimitExceeded
+from libs.outbox import Outbox
+from libs.principal import Principal
+from services.accounts.domain import AccountsDomain
+from services.accounts.models import SCHEMA, outbox
+
+pytestmark = pytest.mark.integration
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "accounts" / "migrations"
+
+
+class NoPeers:
+    """Accounts' peers, for a domain tested alone: nothing owned anywhere else."""
+
+    async def count(self, tenant_ids):
+        return {}
+
+    async def purge(self, tenant_id):
+        return True
+
+    async def stats(self):
+        return {}
+
+
+@pytest.fixture
+async def domain(database_url):
+    engine = make_engine(database_url)
+    await migrate(engine, SCHEMA, MIGRATIONS)
+    await migrate(engine, SCHEMA, MIGRATIONS)  # a second start finds nothing to do
+    db = Database(engine)
+    d = AccountsDomain(db, Keyring({"k1": b"k" * 32}, "k1"), Outbox(outbox, db), NoPeers(),  # type: ignore[arg-type]
+                       dsn_host="localhost", dsn_port=6432)
+    yield d
+    await db.dispose()
+
+
+async def _admin(d: AccountsDomain) -> Principal:
+    await d.bootstrap("admin@localhost", "bootstrap-key-for-tests")
+    key, acct = await d.authenticate("bootstrap-key-for-tests")
+    return Principal(key_id=key.id, account_id=acct.id, scope="global")
+
+
+async def test_trial_tenant_cap_holds_under_concurrent_creates(domain):
+    """Ten concurrent creates on a trial account: exactly one tenant, nine LimitExceeded."""
+    admin = await _admin(domain)
+    acct, _, _ = await domain.create_account(admin, "t@example.com", "T", "", "trial")
+    owner = Principal(key_id="key_o", account_id=acct.id, scope="account")
+    owner.permissions.can_create_tenant = True
+    results = await asyncio.gather(
+        *(domain.create_tenant(owner, f"race_{i}") for i in range(10)), return_exceptions=True
+    )
+    created = [r for r in results if not isinstance(r, Exception)]
+    assert len(created) == 1
+    assert all(isinstance(r, LimitExceeded) for r in results if isinstance(r, Exception))
+
+
+async def test_names_are_unique_under_concurrent_creates(domain):
+    """Five concurrent creates of one name: one tenant, the rest Conflict."""
+    admin = await _admin(domain)
+    results = await asyncio.gather(*(domain.create_tenant(admin, "same_name") for _ in range(5)), return_exceptions=True)
+    assert sum(1 for r in results if not isinstance(r, Exception)) == 1
+    assert all(isinstance(r, AlreadyExists) for r in results if isinstance(r, Exception))
+
+
+async def test_stored_password_is_encrypted_and_readable_back(domain):
+    """The tenant password is stored only encrypted (plus a verifier) and reads back intact."""
+    admin = await _admin(domain)
+    created = await domain.create_tenant(admin, "secretive")
+    assert created.pg_password not in created.tenant.pg_password_enc
+    assert created.tenant.scram_verifier.startswith("SCRAM-SHA-256$4096:")
+    _, password = await domain.credentials(admin, "secretive")
+    assert password == created.pg_password
+
+
+async def test_bootstrap_is_idempotent_and_honours_the_given_key(domain):
+    """Restarts never mint a second admin key; a configured key works as exactly that string."""
+    admin = await _admin(domain)  # bootstrapped with the configured key
+    assert admin.scope == "global"
+    keys_before, _ = await domain.list_keys(admin, 1000, 0)
+    assert await domain.bootstrap("admin@localhost", None) is None
+    assert await domain.bootstrap("admin@localhost", "bootstrap-key-for-tests") is None
+    keys_after, _ = await domain.list_keys(admin, 1000, 0)
+    assert len(keys_after) == len(keys_before)
