@@ -167,3 +167,20 @@ def test_health_is_degraded_naming_the_failing_service(mesh):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_every_service_process_serves_prometheus_metrics(mesh):
+    """Each service answers /metrics on its gRPC port + the offset, with RPC counters."""
+    mesh.admin().post("/v2/tenants", json={"name": unique("metrics")})
+    mesh.admin().get("/v2/tenants")
+    offset = int(mesh.env["CTRLMESH_METRICS_PORT_OFFSET"])
+    for service in ("accounts", "databases", "instances", "network", "clusters"):
+        port = int(mesh.env[f"CTRLMESH_{service.upper()}_PORT"]) + offset
+        r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert r.status_code == 200 and "ctrlmesh_grpc_server_requests_total" in r.text, service
+    accounts = int(mesh.env["CTRLMESH_ACCOUNTS_PORT"]) + offset
+    text = httpx.get(f"http://127.0.0.1:{accounts}/metrics").text
+    assert 'ctrlmesh_grpc_server_requests_total{code="OK",method="ListTenants",service="ctrlmesh.accounts.v1.TenantService"}' in text
+    # Listing tenants asked the databases service for db counts: its own counter moved too.
+    databases = int(mesh.env["CTRLMESH_DATABASES_PORT"]) + offset
+    assert 'method="CountTenantResources"' in httpx.get(f"http://127.0.0.1:{databases}/metrics").text

@@ -12,7 +12,10 @@ from gateway.routes import Router, load_routes
 from gateway.transcode import build_request, to_json
 from libs.errors import InvalidArgument
 
-ROUTES_MD = Path(__file__).resolve().parents[2].parent / "shared" / "ROUTES.md"
+_REPO = Path(__file__).resolve().parents[2]
+# The shared ROUTES.md beside the repository is the source of truth; docs/ROUTES.md is the copy
+# the repository carries for clones that have no shared/ beside them.
+ROUTES_MD = next(p for p in (_REPO.parent / "shared" / "ROUTES.md", _REPO / "docs" / "ROUTES.md") if p.exists())
 
 
 def routes_md() -> set[tuple[str, str]]:
