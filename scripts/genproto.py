@@ -50,6 +50,14 @@ def _fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
+def _protoc(args: list[str]) -> None:
+    """Run protoc quietly (the mypy plugin chatters on stderr); show everything on failure."""
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        sys.exit(f"genproto: protoc failed ({done.returncode})")
+
+
 def main() -> None:
     import grpc_tools
 
@@ -68,9 +76,9 @@ def main() -> None:
     site = Path(grpc_tools.__file__).parent.parent
     wkt = Path(grpc_tools.__file__).parent / "_proto"
     base = [sys.executable, "-m", "grpc_tools.protoc", f"--descriptor_set_in={dset}"]
-    subprocess.run([*base, f"--python_out={GEN}", "buf/validate/validate.proto"], check=True)
+    _protoc([*base, f"--python_out={GEN}", "buf/validate/validate.proto"])
     rel = [str(f.relative_to(PROTOS)) for f in files]
-    subprocess.run(
+    _protoc(
         [
             *base,
             f"-I{PROTOS}",
@@ -84,8 +92,7 @@ def main() -> None:
             "--include_imports",
             "--include_source_info",
             *rel,
-        ],
-        check=True,
+        ]
     )
     # Namespace packages would work, but explicit packages keep mypy and tooling simple.
     for d in [p for p in GEN.rglob("*") if p.is_dir()]:
