@@ -19,7 +19,7 @@ lint: bootstrap
 	@.venv/bin/ruff check . && .venv/bin/ruff format --check .
 
 typecheck: bootstrap
-	@.venv/bin/mypy libs services gateway
+	@.venv/bin/mypy libs services gateway pggateway
 
 routes: bootstrap
 	@$(PY) -m gateway.routes_report

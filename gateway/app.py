@@ -69,10 +69,16 @@ class Edge:
         ch = self.channels.get(route.service)
         req_cls, resp_cls = route.request_class(), route.response_class()
         if route.streaming:
-            return ch.unary_stream(route.grpc_path, request_serializer=req_cls.SerializeToString,
-                                   response_deserializer=resp_cls.FromString)
-        return ch.unary_unary(route.grpc_path, request_serializer=req_cls.SerializeToString,
-                              response_deserializer=resp_cls.FromString)
+            return ch.unary_stream(
+                route.grpc_path,
+                request_serializer=req_cls.SerializeToString,
+                response_deserializer=resp_cls.FromString,
+            )
+        return ch.unary_unary(
+            route.grpc_path,
+            request_serializer=req_cls.SerializeToString,
+            response_deserializer=resp_cls.FromString,
+        )
 
     def _honour_trailers(self, trailers: Any) -> None:
         for key, value in trailers or ():
@@ -125,16 +131,27 @@ class Edge:
                         body = json.loads(raw)
                     except (json.JSONDecodeError, UnicodeDecodeError) as err:
                         return JSONResponse(
-                            errors.body("BadRequest", f"malformed JSON body: {err}", {"fields": {"body": "malformed JSON"}}),
+                            errors.body(
+                                "BadRequest",
+                                f"malformed JSON body: {err}",
+                                {"fields": {"body": "malformed JSON"}},
+                            ),
                             status_code=400,
                         )
                 elif route.body == "*":
                     body = {}
             msg = build_request(
-                route.request_class(), body_field=route.body, body=body, path_params=params,
+                route.request_class(),
+                body_field=route.body,
+                body=body,
+                path_params=params,
                 query=list(request.query_params.multi_items()),
             )
-            if route.streaming and "last_event_id" in route.input.fields_by_name and request.headers.get("last-event-id"):
+            if (
+                route.streaming
+                and "last_event_id" in route.input.fields_by_name
+                and request.headers.get("last-event-id")
+            ):
                 msg.last_event_id = request.headers["last-event-id"]  # type: ignore[attr-defined]
         except CtrlmeshError as err:
             status, payload = errors.from_ctrlmesh(err)
@@ -191,7 +208,9 @@ class Edge:
                     lines = []
                     if isinstance(data, dict) and data.get("id"):
                         lines.append(f"id: {data['id']}")
-                    lines.append(f"event: {data.get('type') or route.method.name if isinstance(data, dict) else route.method.name}")
+                    lines.append(
+                        f"event: {data.get('type') or route.method.name if isinstance(data, dict) else route.method.name}"
+                    )
                     lines.append("data: " + json.dumps(data, separators=(",", ":")))
                     yield ("\n".join(lines) + "\n\n").encode()
             except grpc.aio.AioRpcError as err:
@@ -202,8 +221,11 @@ class Edge:
                     pending.cancel()
                 call.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     # -- the edge's own routes --------------------------------------------------------------
 
@@ -212,7 +234,10 @@ class Edge:
             stub = health_pb2_grpc.HealthStub(self.channels.get(name))
             try:
                 r = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                return name, "SERVING" if r.status == health_pb2.HealthCheckResponse.SERVING else "NOT_SERVING"
+                return (
+                    name,
+                    "SERVING" if r.status == health_pb2.HealthCheckResponse.SERVING else "NOT_SERVING",
+                )
             except grpc.aio.AioRpcError as err:
                 return name, err.code().name
 

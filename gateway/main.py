@@ -17,8 +17,14 @@ def main() -> None:
     setup_tracing("ctrlmesh-edge")
     channels = Channels(settings)
     app = create_app(settings, channels, Signer(keys.internal_secret(settings), "edge"))
-    uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ class _Builder:
 
     def field_schema(self, f: FieldDescriptor) -> dict[str, Any]:
         if f.message_type is not None and f.message_type.GetOptions().map_entry:
-            return {"type": "object", "additionalProperties": self.field_schema(f.message_type.fields_by_name["value"])}
+            return {
+                "type": "object",
+                "additionalProperties": self.field_schema(f.message_type.fields_by_name["value"]),
+            }
         if f.message_type is not None:
             base = self.ref(f.message_type)
         elif f.type in _INTS:
@@ -93,14 +96,23 @@ def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
         }
         for name in r.path_fields:
             f = r.input.fields_by_name[name]
-            op["parameters"].append({"name": name, "in": "path", "required": True, "schema": _param_schema(f, b)})
+            op["parameters"].append(
+                {"name": name, "in": "path", "required": True, "schema": _param_schema(f, b)}
+            )
         if not r.body:
             for f in r.input.fields:
-                if f.name in r.path_fields or (f.message_type is not None and f.message_type.full_name not in _WKT):
+                if f.name in r.path_fields or (
+                    f.message_type is not None and f.message_type.full_name not in _WKT
+                ):
                     continue
-                op["parameters"].append({"name": f.name, "in": "query", "required": False, "schema": _param_schema(f, b)})
+                op["parameters"].append(
+                    {"name": f.name, "in": "query", "required": False, "schema": _param_schema(f, b)}
+                )
         elif r.body == "*":
-            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": b.ref(r.input)}}}
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": b.ref(r.input)}},
+            }
         else:
             op["requestBody"] = {
                 "required": True,
@@ -112,11 +124,18 @@ def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
                 "content": {"text/event-stream": {"schema": {"type": "string"}}},
             }
         else:
-            out = b.field_schema(r.output.fields_by_name[r.response_body]) if r.response_body else b.ref(r.output)
+            out = (
+                b.field_schema(r.output.fields_by_name[r.response_body])
+                if r.response_body
+                else b.ref(r.output)
+            )
             if r.status == 204:
                 op["responses"]["204"] = {"description": "Done."}
             else:
-                op["responses"][str(r.status)] = {"description": "OK", "content": {"application/json": {"schema": out}}}
+                op["responses"][str(r.status)] = {
+                    "description": "OK",
+                    "content": {"application/json": {"schema": out}},
+                }
             if r.empty_status:
                 op["responses"][str(r.empty_status)] = {"description": "Done at once; no body."}
         op["responses"]["default"] = {
@@ -128,13 +147,21 @@ def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
         paths.setdefault(r.template, {})[r.http_method.lower()] = op
     return {
         "openapi": "3.1.0",
-        "info": {"title": "ctrlmesh", "version": version,
-                 "description": "SPG99 /v2, Ctrl Plane /v1 and Zectre /api/v1, served by one edge."},
+        "info": {
+            "title": "ctrlmesh",
+            "version": version,
+            "description": "SPG99 /v2, Ctrl Plane /v1 and Zectre /api/v1, served by one edge.",
+        },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "paths": {
-            "/health": {"get": {"operationId": "Edge_Health", "security": [], "responses": {
-                "200": {"description": "healthy"}, "503": {"description": "degraded"}}}},
+            "/health": {
+                "get": {
+                    "operationId": "Edge_Health",
+                    "security": [],
+                    "responses": {"200": {"description": "healthy"}, "503": {"description": "degraded"}},
+                }
+            },
             **dict(sorted(paths.items(), key=lambda kv: re.sub(r"\{.*?\}", "", kv[0]))),
         },
         "components": {

@@ -47,7 +47,10 @@ class Route:
 
     @cached_property
     def regex(self) -> re.Pattern[str]:
-        pattern = _VAR.sub(lambda m: f"(?P<{m.group(1).replace('.', '__')}>[^/]+)", re.escape(self.template).replace(r"\{", "{").replace(r"\}", "}"))
+        pattern = _VAR.sub(
+            lambda m: f"(?P<{m.group(1).replace('.', '__')}>[^/]+)",
+            re.escape(self.template).replace(r"\{", "{").replace(r"\}", "}"),
+        )
         return re.compile(f"^{pattern}$")
 
     @cached_property
@@ -107,13 +110,22 @@ def load_routes() -> list[Route]:
                 if key in seen:
                     raise ValueError(f"route {verb} {path} is declared twice")
                 seen.add(key)
-                resp = opts.Extensions[common_pb2.http_response] if opts.HasExtension(common_pb2.http_response) else None
+                resp = (
+                    opts.Extensions[common_pb2.http_response]
+                    if opts.HasExtension(common_pb2.http_response)
+                    else None
+                )
                 empty_out = m.output_type.full_name == "google.protobuf.Empty"
                 status = resp.status if resp and resp.status else (204 if empty_out else 200)
                 routes.append(
                     Route(
-                        http_method=verb, template=path, body=rule.body, response_body=rule.response_body,
-                        method=m, status=status, empty_status=resp.empty_status if resp else 0,
+                        http_method=verb,
+                        template=path,
+                        body=rule.body,
+                        response_body=rule.response_body,
+                        method=m,
+                        status=status,
+                        empty_status=resp.empty_status if resp else 0,
                     )
                 )
     routes.sort(key=lambda r: r.literal_weight)

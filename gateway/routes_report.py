@@ -65,7 +65,11 @@ def main() -> None:
         counts[st] = counts.get(st, 0) + 1
         out.append(f"| `{r.http_method} {r.template}` | {r.service} | {st} |")
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    sys.stdout.write(f"{len(routes)} routes: {summary}" + ("" if HITS.exists() else " (run `make test` to record e2e coverage)") + "\n\n")
+    sys.stdout.write(
+        f"{len(routes)} routes: {summary}"
+        + ("" if HITS.exists() else " (run `make test` to record e2e coverage)")
+        + "\n\n"
+    )
     sys.stdout.write("\n".join(out) + "\n")
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-# The pure-Python and upb descriptor classes differ for type checkers; both expose the same API.
-Descriptor = Any
-
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from libs.errors import InvalidArgument
+
+# The pure-Python and upb descriptor classes differ for type checkers; both expose the same API.
+Descriptor = Any
 
 _WKT_JSON_SCALARS = {
     "google.protobuf.Timestamp",
@@ -30,14 +30,23 @@ _WKT_JSON_SCALARS = {
     "google.protobuf.Empty",
 }
 _INTS = {
-    FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
-    FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
-    FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED32,
+    FieldDescriptor.TYPE_INT32,
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT32,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED32,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED32,
     FieldDescriptor.TYPE_SFIXED64,
 }
 _INT64 = {
-    FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
-    FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64,
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
 }
 _FLOATS = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
 
@@ -62,7 +71,8 @@ def _scalar_from_text(f: FieldDescriptor, raw: str, where: str) -> Any:
             raise ValueError(raw)
     except ValueError:
         raise InvalidArgument(
-            f"{where} {f.name!r}: {raw!r} is not a valid {_type_name(f)}", fields={f.name: f"not a valid {_type_name(f)}"}
+            f"{where} {f.name!r}: {raw!r} is not a valid {_type_name(f)}",
+            fields={f.name: f"not a valid {_type_name(f)}"},
         ) from None
     return raw
 
@@ -92,14 +102,20 @@ def _set_path(target: dict[str, Any], desc: Descriptor, dotted: str, values: lis
             d = f.message_type
             continue
         if f.message_type is not None and f.message_type.full_name not in (
-            "google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask",
+            "google.protobuf.Timestamp",
+            "google.protobuf.Duration",
+            "google.protobuf.FieldMask",
         ):
-            raise InvalidArgument(f"{where} {dotted!r} cannot be set from text", fields={dotted: "not a scalar"})
+            raise InvalidArgument(
+                f"{where} {dotted!r} cannot be set from text", fields={dotted: "not a scalar"}
+            )
         if _is_repeated(f):
             node[part] = [_scalar_from_text(f, v, where) for v in values]
         else:
             if len(values) > 1:
-                raise InvalidArgument(f"{where} {dotted!r} given more than once", fields={dotted: "given more than once"})
+                raise InvalidArgument(
+                    f"{where} {dotted!r} given more than once", fields={dotted: "given more than once"}
+                )
             node[part] = _scalar_from_text(f, values[0], where)
 
 
@@ -117,7 +133,9 @@ def build_request(
     if body_field == "*":
         if body is not None:
             if not isinstance(body, dict):
-                raise InvalidArgument("the request body must be a JSON object", fields={"body": "not an object"})
+                raise InvalidArgument(
+                    "the request body must be a JSON object", fields={"body": "not an object"}
+                )
             data = dict(body)
     elif body_field:
         data[body_field] = body
@@ -131,7 +149,9 @@ def build_request(
         grouped.setdefault(k, []).append(v)
     for name, values in grouped.items():
         if body_field == "*" or name in bound or name.split(".")[0] == body_field:
-            raise InvalidArgument(f"query parameter {name!r} is not accepted here", fields={name: "not accepted"})
+            raise InvalidArgument(
+                f"query parameter {name!r} is not accepted here", fields={name: "not accepted"}
+            )
         _set_path(data, desc, name, values, "query parameter")
     msg = cls()
     try:
@@ -143,7 +163,7 @@ def build_request(
 
 def _parse_error_fields(text: str) -> dict[str, str]:
     # json_format names the field in its message; surface it as the failing field when it does.
-    for marker in ('Failed to parse ', 'no field named "'):
+    for marker in ("Failed to parse ", 'no field named "'):
         if marker in text:
             rest = text.split(marker, 1)[1]
             name = rest.split(" field", 1)[0].split('"', 1)[0]

@@ -42,7 +42,9 @@ class Database:
 
 
 def _lock_key(schema: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"ctrlmesh-migrate:{schema}".encode()).digest()[:8], "big", signed=True)
+    return int.from_bytes(
+        hashlib.sha256(f"ctrlmesh-migrate:{schema}".encode()).digest()[:8], "big", signed=True
+    )
 
 
 def _upgrade(conn: Connection, schema: str, script_location: Path) -> None:

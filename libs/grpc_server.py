@@ -198,7 +198,9 @@ class Pipeline(grpc.aio.ServerInterceptor):
             await self._record(info, p, request, None, "failure", "NotImplemented")
             raise
         except grpc.aio.AbortError:
-            await self._record(info, p, request, None, "failure", context.code().name if context.code() else "")
+            await self._record(
+                info, p, request, None, "failure", context.code().name if context.code() else ""
+            )
             raise
         except Exception:
             await self._record(info, p, request, None, "failure", "Internal")
@@ -229,7 +231,9 @@ class Pipeline(grpc.aio.ServerInterceptor):
         except CtrlmeshError as err:
             await self._abort(context, err)
         except NotImplementedError:
-            await self._abort(context, CtrlmeshError(f"{method} is not implemented yet", reason="NotImplemented"))
+            await self._abort(
+                context, CtrlmeshError(f"{method} is not implemented yet", reason="NotImplemented")
+            )
         finally:
             principals.reset_current(p_token)
             current_method.reset(m_token)
@@ -312,7 +316,9 @@ async def serve(
     names = service.register(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
     server.add_insecure_port(f"{host}:{port}")
     if service.on_start:
         await service.on_start()

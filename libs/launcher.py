@@ -1,7 +1,7 @@
 """`make run`: the whole mesh on one machine with embedded defaults.
 
 Starts (when CTRLMESH_DATABASE_URL is unset) an embedded PostgreSQL under the data directory,
-the five services and the edge as separate processes, waits until each answers its health
+the five services, the edge and the PG Gateway as separate processes, waits until each answers its health
 check, prints the URLs and the admin API key, and on Ctrl-C (SIGINT) or SIGTERM stops every
 process it started — services first, then PostgreSQL — leaving nothing behind.
 """
@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -56,6 +59,25 @@ async def _wait_grpc(target: str, deadline: float) -> None:
             await asyncio.sleep(0.1)
 
 
+def _wait_pg_gateway(host: str, port: int, deadline: float) -> None:
+    """Until the PG Gateway answers an SSLRequest with 'S' and completes a TLS handshake."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # only liveness here; clients verify against the CA
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1) as sock:
+                sock.sendall(struct.pack("!ii", 8, 80877103))  # SSLRequest
+                if sock.recv(1) == b"S":
+                    with ctx.wrap_socket(sock):
+                        return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the PG Gateway on {host}:{port} did not accept TLS")
+        time.sleep(0.1)
+
+
 async def _wait_http(url: str, deadline: float) -> None:
     async with httpx.AsyncClient() as client:
         while True:
@@ -77,7 +99,9 @@ class Launcher:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "gen"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "gen"), env.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        )
         env["CTRLMESH_DATA_DIR"] = str(self.settings.data_dir.resolve())
         if self.settings.database_url:
             env["CTRLMESH_DATABASE_URL"] = self.settings.database_url
@@ -113,11 +137,16 @@ class Launcher:
         self._spawn("edge", "gateway.main")
         self._write_pids()
         asyncio.run(_wait_http(f"http://{s.http_host}:{s.http_port}/health", deadline))
+        self._spawn("pggateway", "pggateway.main")
+        self._write_pids()
+        _wait_pg_gateway(s.pg_host, s.pg_port, deadline)
         base = f"http://{s.http_host}:{s.http_port}"
         _say("ctrlmesh is up")
         _say(f"  HTTP API (edge):   {base}   (OpenAPI: {base}/openapi.json, health: {base}/health)")
         for name in SERVICES:
             _say(f"  gRPC {name + ':':<12} {s.service_target(name)}")
+        ca = "operator-supplied" if s.pg_tls_cert else str(s.data_dir.resolve() / "pggateway" / "ca.crt")
+        _say(f"  PG Gateway: postgres://{s.public_pg_host}:{s.pg_port} (TLS; CA: {ca})")
         _say(f"  data directory:   {s.data_dir.resolve()}")
         if self.pg is not None:
             _say(f"  PostgreSQL:       embedded, {self.pg.dsn_for('ctrlmesh').split('@')[-1]}")
@@ -150,6 +179,15 @@ class Launcher:
         return 0
 
     def stop(self) -> None:
+        # The PG Gateway first, while the databases service can still take its lease releases.
+        pg_gateway = self.procs.get("pggateway")
+        if pg_gateway is not None and pg_gateway.poll() is None:
+            pg_gateway.send_signal(signal.SIGTERM)
+            try:
+                pg_gateway.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pg_gateway.kill()
+                pg_gateway.wait()
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

@@ -102,3 +102,23 @@ class Outbox:
                     await asyncio.wait_for(self._wake.wait(), self._poll)
                 except TimeoutError:
                     pass
+
+
+def create_outbox_table(op: Any, schema: str) -> None:
+    """The outbox as first created, for a service's initial migration (frozen: never edit;
+    later changes to the outbox get migrations of their own)."""
+    import sqlalchemy as sa
+
+    op.create_table(
+        "outbox",
+        sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=True),
+        sa.Column("type", sa.String(100), nullable=False),
+        sa.Column("account_id", sa.String(64), nullable=False, server_default=""),
+        sa.Column("tenant_id", sa.String(64), nullable=False, server_default=""),
+        sa.Column("resource", sa.String(64), nullable=False),
+        sa.Column("resource_id", sa.String(128), nullable=False),
+        sa.Column("data", JSONB, nullable=False),
+        sa.Column("created_at", DateTime(timezone=True), nullable=False),
+        schema=schema,
+    )
+    op.create_index("ix_outbox_tenant", "outbox", ["tenant_id", "seq"], schema=schema)

@@ -48,6 +48,21 @@ class Settings(BaseSettings):
     pg_host: str = "127.0.0.1"
     # The host name clients use for the PG Gateway (in dsn_template).
     public_pg_host: str = "localhost"
+    # The PG Gateway (pggateway/). TLS: a CA and a server certificate are generated into
+    # <data_dir>/pggateway/ at first start unless both files are given.
+    pg_tls_cert: Path | None = None
+    pg_tls_key: Path | None = None
+    # How long a client is held while its database boots before 57P03 "the database is starting".
+    pg_wake_timeout: Duration = timedelta(seconds=30)
+    # Backend connections per database, and how long a client waits for one before 53300.
+    pg_pool_size: int = 20
+    pg_checkout_timeout: Duration = timedelta(seconds=30)
+    # The gateway's lease on a database (renewed every third of it while clients are connected).
+    pg_lease_ttl: Duration = timedelta(seconds=30)
+    # How long looked-up tenant credentials are reused: short, so a rotation applies quickly.
+    pg_credentials_cache_ttl: Duration = timedelta(seconds=2)
+    # Prometheus /metrics of the gateway; pg_port + 1000 when unset.
+    pg_metrics_port: int | None = None
     grpc_host: str = "127.0.0.1"
     accounts_port: int = 50051
     databases_port: int = 50052
@@ -60,6 +75,8 @@ class Settings(BaseSettings):
     bootstrap_admin_key: str | None = None
     admin_email: str = "admin@localhost"
     idle_timeout: Duration = timedelta(seconds=300)
+    # How the databases service runs writers: `local` (one PostgreSQL process per database here).
+    compute_driver: str = "local"
     auth_cache_ttl: Duration = timedelta(seconds=5)
     # Signs the principal the edge hands to services; generated into the data dir when unset.
     internal_secret: str | None = None
@@ -72,7 +89,9 @@ class Settings(BaseSettings):
     providers: str = "docker"
     default_provider: str = ""
     # The Docker engine of the docker and swarm providers; DOCKER_HOST is honoured as well.
-    docker_host: str | None = Field(default=None, validation_alias=AliasChoices("CTRLMESH_DOCKER_HOST", "DOCKER_HOST"))
+    docker_host: str | None = Field(
+        default=None, validation_alias=AliasChoices("CTRLMESH_DOCKER_HOST", "DOCKER_HOST")
+    )
     # Pull an image the engine lacks (off for air-gapped engines and the test suite).
     docker_pull: bool = True
     # Grace a container gets on stop before it is killed.

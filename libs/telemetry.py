@@ -24,6 +24,12 @@ ATTR_TENANT = "ctrlmesh.tenant_id"
 ATTR_PRINCIPAL = "ctrlmesh.key_id"
 ATTR_ROUTE = "ctrlmesh.route"
 ATTR_REASON = "ctrlmesh.error_reason"
+# The PG Gateway's connection and wake-up spans.
+ATTR_DATABASE = "ctrlmesh.database"
+ATTR_PG_USER = "ctrlmesh.pg.user"
+ATTR_PG_OUTCOME = "ctrlmesh.pg.outcome"
+ATTR_PG_COLD_START = "ctrlmesh.pg.cold_start"
+ATTR_PG_PIN_REASON = "ctrlmesh.pg.pin_reason"
 
 log = logging.getLogger("ctrlmesh.telemetry")
 

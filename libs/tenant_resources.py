@@ -57,7 +57,11 @@ class TenantResources(internal_pb2_grpc.TenantResourcesServiceServicer):
         async with self._db.session() as s:
             for c in self._spec.counts:
                 t = c.table
-                q = select(t.c.tenant_id, c.aggregate(t)).where(t.c.tenant_id.in_(ids)).group_by(t.c.tenant_id)
+                q = (
+                    select(t.c.tenant_id, c.aggregate(t))
+                    .where(t.c.tenant_id.in_(ids))
+                    .group_by(t.c.tenant_id)
+                )
                 if c.where is not None:
                     q = q.where(c.where(t))
                 for tenant_id, value in (await s.execute(q)).all():

@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.fixtures.mesh", "tests.fixtures.postgres"]
+pytest_plugins = [
+    "tests.fixtures.mesh",
+    "tests.fixtures.postgres",
+    "tests.fixtures.docker",
+    "tests.fixtures.instances",
+]

@@ -100,7 +100,9 @@ def token_hash(token: str) -> str:
 
 def scram_verifier(password: str, iterations: int = 4096) -> str:
     """PostgreSQL's SCRAM-SHA-256 verifier format, which the PG Gateway authenticates against."""
-    salt, stored, server, it = ScramMechanism("SCRAM-SHA-256").make_auth_info(password, iteration_count=iterations)
+    salt, stored, server, it = ScramMechanism("SCRAM-SHA-256").make_auth_info(
+        password, iteration_count=iterations
+    )
     b64 = __import__("base64").b64encode
     return f"SCRAM-SHA-256${it}:{b64(salt).decode()}${b64(stored).decode()}:{b64(server).decode()}"
 
@@ -143,7 +145,9 @@ class BillingView:
 
 
 class AccountsDomain:
-    def __init__(self, db: Database, keyring: Keyring, outbox: Outbox, peers: Peers, *, dsn_host: str, dsn_port: int):
+    def __init__(
+        self, db: Database, keyring: Keyring, outbox: Outbox, peers: Peers, *, dsn_host: str, dsn_port: int
+    ):
         self.db = db
         self.keyring = keyring
         self.outbox = outbox
@@ -160,23 +164,42 @@ class AccountsDomain:
             if acct is None:
                 t = now()
                 acct = Account(
-                    id=ids.new_id("acct"), email=admin_email, name="Platform", company="",
-                    plan="standard_payg", is_platform=True, created_at=t, updated_at=t,
+                    id=ids.new_id("acct"),
+                    email=admin_email,
+                    name="Platform",
+                    company="",
+                    plan="standard_payg",
+                    is_platform=True,
+                    created_at=t,
+                    updated_at=t,
                 )
                 s.add(acct)
                 await s.flush()
             if admin_key is not None:
                 if await s.scalar(select(ApiKey.id).where(ApiKey.token_hash == token_hash(admin_key))):
                     return None
-                self._add_key(s, acct.id, "bootstrap admin", "global", None, dict.fromkeys(PERMISSIONS, True), None, admin_key)
+                self._add_key(
+                    s,
+                    acct.id,
+                    "bootstrap admin",
+                    "global",
+                    None,
+                    dict.fromkeys(PERMISSIONS, True),
+                    None,
+                    admin_key,
+                )
                 return None
             has_global = await s.scalar(
-                select(func.count()).select_from(ApiKey).where(ApiKey.scope == "global", ApiKey.revoked_at.is_(None))
+                select(func.count())
+                .select_from(ApiKey)
+                .where(ApiKey.scope == "global", ApiKey.revoked_at.is_(None))
             )
             if has_global:
                 return None
             token = new_token()
-            self._add_key(s, acct.id, "bootstrap admin", "global", None, dict.fromkeys(PERMISSIONS, True), None, token)
+            self._add_key(
+                s, acct.id, "bootstrap admin", "global", None, dict.fromkeys(PERMISSIONS, True), None, token
+            )
             return token
 
     # -- accounts ---------------------------------------------------------------------------
@@ -197,23 +220,39 @@ class AccountsDomain:
                 raise not_found("account", p.account_id)
             acct.email, acct.name, acct.company, acct.updated_at = email, name, company, now()
             await self.outbox.publish(
-                s, "account.updated", resource="account", resource_id=acct.id,
-                data={"account_id": acct.id, "email": email}, account_id=acct.id,
+                s,
+                "account.updated",
+                resource="account",
+                resource_id=acct.id,
+                data={"account_id": acct.id, "email": email},
+                account_id=acct.id,
             )
         await self.outbox.notify()
         return acct
 
-    async def create_account(self, p: Principal, email: str, name: str, company: str, plan: str) -> tuple[Account, ApiKey, str]:
+    async def create_account(
+        self, p: Principal, email: str, name: str, company: str, plan: str
+    ) -> tuple[Account, ApiKey, str]:
         if not is_global(p):
             raise PermissionDenied("only the platform (a global key) can create accounts")
         t = now()
         async with self.db.session() as s:
-            acct = Account(id=ids.new_id("acct"), email=email, name=name, company=company, plan=plan,
-                           is_platform=False, created_at=t, updated_at=t)
+            acct = Account(
+                id=ids.new_id("acct"),
+                email=email,
+                name=name,
+                company=company,
+                plan=plan,
+                is_platform=False,
+                created_at=t,
+                updated_at=t,
+            )
             s.add(acct)
             await s.flush()
             token = new_token()
-            key = self._add_key(s, acct.id, "account owner", "account", None, dict.fromkeys(PERMISSIONS, True), None, token)
+            key = self._add_key(
+                s, acct.id, "account owner", "account", None, dict.fromkeys(PERMISSIONS, True), None, token
+            )
         return acct, key, token
 
     async def billing(self, p: Principal) -> tuple[Account, Plan, dict[str, Any], datetime, datetime]:
@@ -221,12 +260,22 @@ class AccountsDomain:
         plan = PLANS.get(acct.plan, PLANS["standard_payg"])
         t = now()
         start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        end = (start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1))
+        end = (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else start.replace(month=start.month + 1)
+        )
         async with self.db.session() as s:
             tenant_ids = list(await s.scalars(select(Tenant.id).where(Tenant.account_id == acct.id)))
         counts = await self.peers.count(tenant_ids)
-        usage: dict[str, Any] = {"tenants": len(tenant_ids), "databases": 0, "compute_cu_hours": 0.0,
-                                 "by_profile": {}, "storage_bytes": 0, "egress_bytes": 0}
+        usage: dict[str, Any] = {
+            "tenants": len(tenant_ids),
+            "databases": 0,
+            "compute_cu_hours": 0.0,
+            "by_profile": {},
+            "storage_bytes": 0,
+            "egress_bytes": 0,
+        }
         for c in counts.values():
             usage["databases"] += c.get("databases", 0)
             usage["storage_bytes"] += c.get("storage_bytes", 0)
@@ -240,11 +289,27 @@ class AccountsDomain:
 
     # -- API keys ---------------------------------------------------------------------------
 
-    def _add_key(self, s: AsyncSession, account_id: str, name: str, scope: str, tenant_id: str | None,
-                 perms: dict[str, bool], expires_at: datetime | None, token: str) -> ApiKey:
+    def _add_key(
+        self,
+        s: AsyncSession,
+        account_id: str,
+        name: str,
+        scope: str,
+        tenant_id: str | None,
+        perms: dict[str, bool],
+        expires_at: datetime | None,
+        token: str,
+    ) -> ApiKey:
         key = ApiKey(
-            id=ids.new_id("key"), account_id=account_id, tenant_id=tenant_id, name=name, scope=scope,
-            token_hash=token_hash(token), prefix=token[:10], expires_at=expires_at, created_at=now(),
+            id=ids.new_id("key"),
+            account_id=account_id,
+            tenant_id=tenant_id,
+            name=name,
+            scope=scope,
+            token_hash=token_hash(token),
+            prefix=token[:10],
+            expires_at=expires_at,
+            created_at=now(),
             **{k: bool(perms.get(k)) for k in PERMISSIONS},
         )
         s.add(key)
@@ -292,8 +357,16 @@ class AccountsDomain:
             return ""
         return (await s.scalar(select(Tenant.name).where(Tenant.id == tenant_id))) or ""
 
-    async def create_key(self, p: Principal, name: str, scope: str, tenant: str, perms: dict[str, bool],
-                         expires_at: datetime | None, account_id: str) -> tuple[ApiKey, str, str]:
+    async def create_key(
+        self,
+        p: Principal,
+        name: str,
+        scope: str,
+        tenant: str,
+        perms: dict[str, bool],
+        expires_at: datetime | None,
+        account_id: str,
+    ) -> tuple[ApiKey, str, str]:
         if p.scope == "tenant" and scope != "tenant":
             raise PermissionDenied("a tenant-scoped key can only create tenant-scoped keys")
         if p.scope == "account" and scope == "global":
@@ -304,8 +377,10 @@ class AccountsDomain:
             mine = {k: getattr(p.permissions, k) for k in PERMISSIONS}
             escalated = [k for k, v in perms.items() if v and not mine[k]]
             if escalated:
-                raise PermissionDenied("a key cannot grant permissions its creator lacks",
-                                       details={"permissions": ",".join(escalated)})
+                raise PermissionDenied(
+                    "a key cannot grant permissions its creator lacks",
+                    details={"permissions": ",".join(escalated)},
+                )
         if expires_at is not None and expires_at <= now():
             raise InvalidArgument("expires_at is in the past", fields={"expires_at": "must be in the future"})
         target_account = account_id or p.account_id
@@ -322,9 +397,13 @@ class AccountsDomain:
             key = self._add_key(s, target_account, name, scope, tenant_id, perms, expires_at, token)
             await s.flush()
             await self.outbox.publish(
-                s, "api_key.created", resource="api_key", resource_id=key.id,
+                s,
+                "api_key.created",
+                resource="api_key",
+                resource_id=key.id,
                 data={"id": key.id, "name": name, "scope": scope, "tenant": tenant},
-                tenant_id=tenant_id or "", account_id=target_account,
+                tenant_id=tenant_id or "",
+                account_id=target_account,
             )
         await self.outbox.notify()
         return key, tenant if scope == "tenant" else "", token
@@ -343,8 +422,13 @@ class AccountsDomain:
                 raise not_found("api_key", key_id)
             key.revoked_at = now()
             await self.outbox.publish(
-                s, "api_key.revoked", resource="api_key", resource_id=key.id, data={"id": key.id},
-                tenant_id=key.tenant_id or "", account_id=key.account_id,
+                s,
+                "api_key.revoked",
+                resource="api_key",
+                resource_id=key.id,
+                data={"id": key.id},
+                tenant_id=key.tenant_id or "",
+                account_id=key.account_id,
             )
         await self.outbox.notify()
 
@@ -376,8 +460,16 @@ class AccountsDomain:
         return f"postgres://{pg_user}:{password}@{self.dsn_host}:{self.dsn_port}/<db-name>?sslmode=require"
 
     async def create_tenant(
-        self, p: Principal, name: str, *, slug: str = "", plan: str = "", external_id: str = "",
-        quota: dict[str, int] | None = None, metadata: dict[str, Any] | None = None, account_id: str = "",
+        self,
+        p: Principal,
+        name: str,
+        *,
+        slug: str = "",
+        plan: str = "",
+        external_id: str = "",
+        quota: dict[str, int] | None = None,
+        metadata: dict[str, Any] | None = None,
+        account_id: str = "",
         admin: bool = False,
     ) -> Created:
         if admin and not is_global(p):
@@ -394,10 +486,21 @@ class AccountsDomain:
         pg_user = "tnt_" + "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(10))
         t = now()
         tenant = Tenant(
-            id=ids.new_id("ten"), account_id=owner, name=name, slug=slug or slugify(name),
-            plan=plan or "free", status="active", external_id=external_id, metadata_=metadata or {},
-            quota={**DEFAULT_QUOTA, **(quota or {})}, suspended_at=None, suspend_reason="",
-            pg_user=pg_user, scram_verifier=scram_verifier(password), created_at=t, updated_at=t,
+            id=ids.new_id("ten"),
+            account_id=owner,
+            name=name,
+            slug=slug or slugify(name),
+            plan=plan or "free",
+            status="active",
+            external_id=external_id,
+            metadata_=metadata or {},
+            quota={**DEFAULT_QUOTA, **(quota or {})},
+            suspended_at=None,
+            suspend_reason="",
+            pg_user=pg_user,
+            scram_verifier=scram_verifier(password),
+            created_at=t,
+            updated_at=t,
         )
         tenant.pg_password_enc = self.keyring.encrypt_str(password, aad=tenant.id)
         async with self.db.session() as s:
@@ -407,7 +510,10 @@ class AccountsDomain:
                 raise not_found("account", owner)
             plan_limits = PLANS.get(acct.plan, PLANS["standard_payg"])
             if plan_limits.max_tenants:
-                n = await s.scalar(select(func.count()).select_from(Tenant).where(Tenant.account_id == owner)) or 0
+                n = (
+                    await s.scalar(select(func.count()).select_from(Tenant).where(Tenant.account_id == owner))
+                    or 0
+                )
                 if n >= plan_limits.max_tenants:
                     raise LimitExceeded(
                         f"the {acct.plan} plan allows {plan_limits.max_tenants} tenant(s)",
@@ -415,15 +521,22 @@ class AccountsDomain:
                     )
             for col, value in (("name", name), ("slug", tenant.slug)):
                 if await s.scalar(select(Tenant.id).where(getattr(Tenant, col) == value)):
-                    raise AlreadyExists(f"a tenant with {col} {value!r} already exists", details={"field": col})
+                    raise AlreadyExists(
+                        f"a tenant with {col} {value!r} already exists", details={"field": col}
+                    )
             s.add(tenant)
             try:
                 await s.flush()
             except IntegrityError as err:
                 raise AlreadyExists("a tenant with that name or slug already exists") from err
             await self.outbox.publish(
-                s, "tenant.created", resource="tenant", resource_id=tenant.id,
-                data={"id": tenant.id, "name": name, "status": "active"}, tenant_id=tenant.id, account_id=owner,
+                s,
+                "tenant.created",
+                resource="tenant",
+                resource_id=tenant.id,
+                data={"id": tenant.id, "name": name, "status": "active"},
+                tenant_id=tenant.id,
+                account_id=owner,
             )
         await self.outbox.notify()
         return Created(tenant, password)
@@ -432,7 +545,11 @@ class AccountsDomain:
         async with self.db.session() as s:
             q = self._visible(p)
             total = await s.scalar(select(func.count()).select_from(q.subquery())) or 0
-            rows = list(await s.scalars(q.order_by(Tenant.created_at, Tenant.id).limit(page_limit(limit, 100)).offset(offset)))
+            rows = list(
+                await s.scalars(
+                    q.order_by(Tenant.created_at, Tenant.id).limit(page_limit(limit, 100)).offset(offset)
+                )
+            )
         counts = await self._db_counts(rows)
         return [TenantView(t, counts.get(t.id, 0)) for t in rows], total
 
@@ -454,13 +571,20 @@ class AccountsDomain:
             t.scram_verifier = scram_verifier(password)
             t.updated_at = now()
             await self.outbox.publish(
-                s, "tenant.credentials_rotated", resource="tenant", resource_id=t.id,
-                data={"id": t.id, "name": t.name, "pg_user": t.pg_user}, tenant_id=t.id, account_id=t.account_id,
+                s,
+                "tenant.credentials_rotated",
+                resource="tenant",
+                resource_id=t.id,
+                data={"id": t.id, "name": t.name, "pg_user": t.pg_user},
+                tenant_id=t.id,
+                account_id=t.account_id,
             )
         await self.outbox.notify()
         return t, password
 
-    async def delete_tenant(self, p: Principal, ref: str, cascade: bool, *, admin: bool = False) -> Tenant | None:
+    async def delete_tenant(
+        self, p: Principal, ref: str, cascade: bool, *, admin: bool = False
+    ) -> Tenant | None:
         """None when the tenant is gone at once; the tenant in `deleting` when a cascade runs."""
         if admin and not is_global(p):
             raise PermissionDenied("admin routes need a global key")
@@ -471,14 +595,23 @@ class AccountsDomain:
         if t.status == "deleting":
             return t
         counts = (await self.peers.count([t.id])).get(t.id, {})
-        owned = {k: v for k, v in counts.items() if v and k in ("databases", "instances", "domains", "secrets", "managed_databases")}
+        owned = {
+            k: v
+            for k, v in counts.items()
+            if v and k in ("databases", "instances", "domains", "secrets", "managed_databases")
+        }
         async with self.db.session() as s:
             t = await self._find(s, p, ref, lock=True)
             if not owned:
                 await s.execute(delete(Tenant).where(Tenant.id == t.id))
                 await self.outbox.publish(
-                    s, "tenant.deleted", resource="tenant", resource_id=t.id,
-                    data={"id": t.id, "name": t.name}, tenant_id=t.id, account_id=t.account_id,
+                    s,
+                    "tenant.deleted",
+                    resource="tenant",
+                    resource_id=t.id,
+                    data={"id": t.id, "name": t.name},
+                    tenant_id=t.id,
+                    account_id=t.account_id,
                 )
                 result = None
             elif not cascade:
@@ -490,8 +623,13 @@ class AccountsDomain:
             else:
                 t.status, t.updated_at = "deleting", now()
                 await self.outbox.publish(
-                    s, "tenant.deleting", resource="tenant", resource_id=t.id,
-                    data={"id": t.id, "name": t.name, "status": "deleting"}, tenant_id=t.id, account_id=t.account_id,
+                    s,
+                    "tenant.deleting",
+                    resource="tenant",
+                    resource_id=t.id,
+                    data={"id": t.id, "name": t.name, "status": "deleting"},
+                    tenant_id=t.id,
+                    account_id=t.account_id,
                 )
                 result = t
         await self.outbox.notify()
@@ -508,8 +646,13 @@ class AccountsDomain:
             async with self.db.session() as s:
                 await s.execute(delete(Tenant).where(Tenant.id == t.id, Tenant.status == "deleting"))
                 await self.outbox.publish(
-                    s, "tenant.deleted", resource="tenant", resource_id=t.id,
-                    data={"id": t.id, "name": t.name}, tenant_id=t.id, account_id=t.account_id,
+                    s,
+                    "tenant.deleted",
+                    resource="tenant",
+                    resource_id=t.id,
+                    data={"id": t.id, "name": t.name},
+                    tenant_id=t.id,
+                    account_id=t.account_id,
                 )
             finished += 1
         if finished:
@@ -542,7 +685,9 @@ class AccountsDomain:
         if not is_global(p):
             raise PermissionDenied("admin routes need a global key")
 
-    async def admin_list(self, p: Principal, status: str, cursor: str, limit: int) -> tuple[list[Tenant], str, int]:
+    async def admin_list(
+        self, p: Principal, status: str, cursor: str, limit: int
+    ) -> tuple[list[Tenant], str, int]:
         self._require_global(p)
         after = decode_cursor(cursor)
         n = page_limit(limit, 50)
@@ -567,7 +712,9 @@ class AccountsDomain:
             t = await self._find(s, p, tenant_id, lock=True)
             if "name" in changes and changes["name"] != t.name:
                 if await s.scalar(select(Tenant.id).where(Tenant.name == changes["name"], Tenant.id != t.id)):
-                    raise AlreadyExists(f"a tenant named {changes['name']!r} already exists", details={"field": "name"})
+                    raise AlreadyExists(
+                        f"a tenant named {changes['name']!r} already exists", details={"field": "name"}
+                    )
                 t.name = changes["name"]
             for attr in ("plan", "external_id"):
                 if attr in changes:
@@ -576,8 +723,13 @@ class AccountsDomain:
                 t.metadata_ = changes["metadata"]
             t.updated_at = now()
             await self.outbox.publish(
-                s, "tenant.updated", resource="tenant", resource_id=t.id,
-                data={"id": t.id, "name": t.name, "plan": t.plan}, tenant_id=t.id, account_id=t.account_id,
+                s,
+                "tenant.updated",
+                resource="tenant",
+                resource_id=t.id,
+                data={"id": t.id, "name": t.name, "plan": t.plan},
+                tenant_id=t.id,
+                account_id=t.account_id,
             )
         await self.outbox.notify()
         return await self.get_tenant(p, t.id)
@@ -595,8 +747,13 @@ class AccountsDomain:
             t.updated_at = now()
             kind = "tenant.suspended" if suspended else "tenant.unsuspended"
             await self.outbox.publish(
-                s, kind, resource="tenant", resource_id=t.id,
-                data={"id": t.id, "name": t.name, "reason": reason}, tenant_id=t.id, account_id=t.account_id,
+                s,
+                kind,
+                resource="tenant",
+                resource_id=t.id,
+                data={"id": t.id, "name": t.name, "reason": reason},
+                tenant_id=t.id,
+                account_id=t.account_id,
             )
         await self.outbox.notify()
 
@@ -611,13 +768,20 @@ class AccountsDomain:
         self._require_global(p)
         bad = {k: "must be >= 0" for k, v in quota.items() if v < 0}
         if bad:
-            raise InvalidArgument("quota values must not be negative", fields={f"quota.{k}": v for k, v in bad.items()})
+            raise InvalidArgument(
+                "quota values must not be negative", fields={f"quota.{k}": v for k, v in bad.items()}
+            )
         async with self.db.session() as s:
             t = await self._find(s, p, tenant_id, lock=True)
             t.quota, t.updated_at = quota, now()
             await self.outbox.publish(
-                s, "quota.updated", resource="quota", resource_id=t.id, data={"id": t.id, "quota": quota},
-                tenant_id=t.id, account_id=t.account_id,
+                s,
+                "quota.updated",
+                resource="quota",
+                resource_id=t.id,
+                data={"id": t.id, "quota": quota},
+                tenant_id=t.id,
+                account_id=t.account_id,
             )
         await self.outbox.notify()
 
@@ -626,7 +790,10 @@ class AccountsDomain:
         async with self.db.session() as s:
             rows = (await s.execute(select(Tenant.status, func.count()).group_by(Tenant.status))).all()
             accounts = await s.scalar(select(func.count()).select_from(Account)) or 0
-            keys = await s.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.revoked_at.is_(None))) or 0
+            keys = (
+                await s.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.revoked_at.is_(None)))
+                or 0
+            )
         by_status = {status: n for status, n in rows}
         peer = await self.peers.stats()
         return {
@@ -649,7 +816,9 @@ class AccountsDomain:
         async with self.db.session() as s:
             s.add(AuditEntry(id=ids.new_id("aud"), created_at=now(), **entry))
 
-    async def query_audit(self, p: Principal, filters: dict[str, Any], cursor: str, limit: int) -> tuple[list[AuditEntry], str, int]:
+    async def query_audit(
+        self, p: Principal, filters: dict[str, Any], cursor: str, limit: int
+    ) -> tuple[list[AuditEntry], str, int]:
         self._require_global(p)
         after = decode_cursor(cursor)
         n = page_limit(limit, 50)

@@ -33,8 +33,12 @@ def _write_admin_key(rt: Runtime, token: str) -> None:
 
 async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     domain = AccountsDomain(
-        rt.db, keys.keyring(rt.settings), Outbox(outbox, rt.db), Peers(rt.channels, rt.signer),
-        dsn_host=rt.settings.public_pg_host, dsn_port=rt.settings.pg_port,
+        rt.db,
+        keys.keyring(rt.settings),
+        Outbox(outbox, rt.db),
+        Peers(rt.channels, rt.signer),
+        dsn_host=rt.settings.public_pg_host,
+        dsn_port=rt.settings.pg_port,
     )
 
     async def on_start() -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import AsyncIterator
 
 import grpc
 from ctrlmesh.common.v1 import internal_pb2, internal_pb2_grpc
+from ctrlmesh.databases.v1 import databases_pb2, databases_pb2_grpc
 
 from libs.clients import Channels, Signer
 from libs.errors import Unavailable
@@ -31,9 +33,7 @@ class Peers:
                 request, metadata=self._signer.system(), timeout=self._timeout
             )
         except grpc.aio.AioRpcError as err:
-            raise Unavailable(
-                f"the {service} service is unavailable", details={"service": service}
-            ) from err
+            raise Unavailable(f"the {service} service is unavailable", details={"service": service}) from err
 
     async def count(self, tenant_ids: list[str]) -> dict[str, dict[str, int]]:
         """Per tenant, the merged counts of every owning service."""
@@ -52,6 +52,22 @@ class Peers:
         req = internal_pb2.PurgeTenantRequest(tenant_id=tenant_id)
         answers = await asyncio.gather(*(self._call(s, "PurgeTenant", req) for s in OWNERS))
         return all(a.done for a in answers)
+
+    async def watch_databases(
+        self, after: int | None, types: list[str], *, account_id: str = "", tenant_id: str = ""
+    ) -> AsyncIterator[internal_pb2.Event]:
+        """The databases service's events after `after` (from now, led by a `stream.head` event
+        carrying the position, when None), of one account or tenant when given."""
+        req = databases_pb2.WatchDatabaseEventsRequest(
+            last_event_id="" if after is None else str(after),
+            send_head=after is None,
+            type=types,
+            account_id=account_id,
+            tenant_id=tenant_id,
+        )
+        stub = databases_pb2_grpc.DatabaseServiceStub(self._channels.get("databases"))
+        async for event in stub.WatchDatabaseEvents(req, metadata=self._signer.system()):
+            yield event
 
     async def stats(self) -> dict[str, int]:
         req = internal_pb2.GetResourceStatsRequest()

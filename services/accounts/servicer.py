@@ -12,6 +12,7 @@ from ctrlmesh.common.v1 import common_pb2, internal_pb2
 from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
 
 from libs import principal as principals
+from services.accounts import events
 from services.accounts.domain import PERMISSIONS, PLANS, AccountsDomain, TenantView
 from services.accounts.models import Account, ApiKey, AuditEntry, Tenant
 
@@ -32,15 +33,30 @@ def dt(value: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
 
 
 def profile(a: Account) -> pb.AccountProfile:
-    return pb.AccountProfile(account_id=a.id, email=a.email, name=a.name, company=a.company, plan=a.plan,
-                             created_at=ts(a.created_at), updated_at=ts(a.updated_at))
+    return pb.AccountProfile(
+        account_id=a.id,
+        email=a.email,
+        name=a.name,
+        company=a.company,
+        plan=a.plan,
+        created_at=ts(a.created_at),
+        updated_at=ts(a.updated_at),
+    )
 
 
 def api_key(k: ApiKey, tenant: str, token: str | None = None) -> pb.ApiKey:
     msg = pb.ApiKey(
-        id=k.id, name=k.name, scope=k.scope, account_id=k.account_id, tenant=tenant, tenant_id=k.tenant_id or "",
+        id=k.id,
+        name=k.name,
+        scope=k.scope,
+        account_id=k.account_id,
+        tenant=tenant,
+        tenant_id=k.tenant_id or "",
         permissions=common_pb2.Permissions(**{p: getattr(k, p) for p in PERMISSIONS}),
-        expires_at=ts(k.expires_at), created_at=ts(k.created_at), last_used_at=ts(k.last_used_at), prefix=k.prefix,
+        expires_at=ts(k.expires_at),
+        created_at=ts(k.created_at),
+        last_used_at=ts(k.last_used_at),
+        prefix=k.prefix,
     )
     if token is not None:
         msg.key = token
@@ -51,9 +67,20 @@ def tenant(t: Tenant, db_count: int = 0) -> pb.Tenant:
     md = struct_pb2.Struct()
     md.update(t.metadata_ or {})
     return pb.Tenant(
-        id=t.id, name=t.name, slug=t.slug, account_id=t.account_id, status=t.status, plan=t.plan,
-        external_id=t.external_id, metadata=md, quota=common_pb2.Quota(**t.quota), suspended_at=ts(t.suspended_at),
-        suspend_reason=t.suspend_reason, db_count=db_count, created_at=ts(t.created_at), updated_at=ts(t.updated_at),
+        id=t.id,
+        name=t.name,
+        slug=t.slug,
+        account_id=t.account_id,
+        status=t.status,
+        plan=t.plan,
+        external_id=t.external_id,
+        metadata=md,
+        quota=common_pb2.Quota(**t.quota),
+        suspended_at=ts(t.suspended_at),
+        suspend_reason=t.suspend_reason,
+        db_count=db_count,
+        created_at=ts(t.created_at),
+        updated_at=ts(t.updated_at),
         pg_user=t.pg_user,
     )
 
@@ -64,16 +91,30 @@ def view(v: TenantView) -> pb.Tenant:
 
 def plan_limits(name: str) -> pb.PlanLimits:
     p = PLANS.get(name, PLANS["standard_payg"])
-    return pb.PlanLimits(max_tenants=p.max_tenants, max_databases=p.max_databases,
-                         max_compute_cu_hours=p.max_compute_cu_hours, max_egress_bytes=p.max_egress_bytes,
-                         sizes=list(p.sizes))
+    return pb.PlanLimits(
+        max_tenants=p.max_tenants,
+        max_databases=p.max_databases,
+        max_compute_cu_hours=p.max_compute_cu_hours,
+        max_egress_bytes=p.max_egress_bytes,
+        sizes=list(p.sizes),
+    )
 
 
 def audit_entry(e: AuditEntry) -> pb.AuditEntry:
     return pb.AuditEntry(
-        id=e.id, tenant_id=e.tenant_id, actor_id=e.actor_id, actor_type=e.actor_type, resource=e.resource,
-        resource_id=e.resource_id, action=e.action, outcome=e.outcome, reason=e.reason, service=e.service,
-        method=e.method, trace_id=e.trace_id, created_at=ts(e.created_at),
+        id=e.id,
+        tenant_id=e.tenant_id,
+        actor_id=e.actor_id,
+        actor_type=e.actor_type,
+        resource=e.resource,
+        resource_id=e.resource_id,
+        action=e.action,
+        outcome=e.outcome,
+        reason=e.reason,
+        service=e.service,
+        method=e.method,
+        trace_id=e.trace_id,
+        created_at=ts(e.created_at),
     )
 
 
@@ -85,14 +126,19 @@ class AccountService(rpc.AccountServiceServicer):
         return profile(await self.d.get_account(principals.current()))
 
     async def UpdateContact(self, request, context):  # type: ignore[no-untyped-def]
-        return profile(await self.d.update_contact(principals.current(), request.email, request.name, request.company))
+        return profile(
+            await self.d.update_contact(principals.current(), request.email, request.name, request.company)
+        )
 
     async def GetBillingSummary(self, request, context):  # type: ignore[no-untyped-def]
         acct, plan, usage, start, end = await self.d.billing(principals.current())
         limits = plan_limits(acct.plan)
         used = pb.Usage(
-            tenants=usage["tenants"], databases=usage["databases"], compute_cu_hours=usage["compute_cu_hours"],
-            compute_cu_hours_by_profile=usage["by_profile"], storage_bytes=usage["storage_bytes"],
+            tenants=usage["tenants"],
+            databases=usage["databases"],
+            compute_cu_hours=usage["compute_cu_hours"],
+            compute_cu_hours_by_profile=usage["by_profile"],
+            storage_bytes=usage["storage_bytes"],
             egress_bytes=usage["egress_bytes"],
         )
         percent: dict[str, float] = {}
@@ -104,8 +150,15 @@ class AccountService(rpc.AccountServiceServicer):
         ):
             if cap:
                 percent[key] = round(100.0 * value / cap, 2)
-        return pb.BillingSummary(plan=acct.plan, period_start=ts(start), period_end=ts(end), limits=limits,
-                                 usage=used, limit_used_percent=percent, estimate=True)
+        return pb.BillingSummary(
+            plan=acct.plan,
+            period_start=ts(start),
+            period_end=ts(end),
+            limits=limits,
+            usage=used,
+            limit_used_percent=percent,
+            estimate=True,
+        )
 
     async def CreateAccount(self, request, context):  # type: ignore[no-untyped-def]
         acct, key, token = await self.d.create_account(
@@ -126,8 +179,13 @@ class ApiKeyService(rpc.ApiKeyServiceServicer):
     async def CreateApiKey(self, request, context):  # type: ignore[no-untyped-def]
         perms = {p: getattr(request.permissions, p) for p in PERMISSIONS}
         key, tname, token = await self.d.create_key(
-            principals.current(), request.name, request.scope, request.tenant, perms,
-            dt(request.expires_at, request.HasField("expires_at")), request.account_id,
+            principals.current(),
+            request.name,
+            request.scope,
+            request.tenant,
+            perms,
+            dt(request.expires_at, request.HasField("expires_at")),
+            request.account_id,
         )
         return api_key(key, tname, token)
 
@@ -147,8 +205,12 @@ class ApiKeyService(rpc.ApiKeyServiceServicer):
             raise PermissionDenied("internal RPC")
         key, acct = await self.d.authenticate(request.token)
         return common_pb2.Principal(
-            key_id=key.id, account_id=key.account_id, scope=key.scope, tenant_id=key.tenant_id or "",
-            permissions=common_pb2.Permissions(**{p: getattr(key, p) for p in PERMISSIONS}), plan=acct.plan,
+            key_id=key.id,
+            account_id=key.account_id,
+            scope=key.scope,
+            tenant_id=key.tenant_id or "",
+            permissions=common_pb2.Permissions(**{p: getattr(key, p) for p in PERMISSIONS}),
+            plan=acct.plan,
             expires_at_unix=int(key.expires_at.timestamp()) if key.expires_at else 0,
         )
 
@@ -160,7 +222,9 @@ class TenantService(rpc.TenantServiceServicer):
     async def CreateTenant(self, request, context):  # type: ignore[no-untyped-def]
         c = await self.d.create_tenant(principals.current(), request.name)
         return pb.CreateTenantResponse(
-            tenant=tenant(c.tenant), pg_user=c.tenant.pg_user, pg_password=c.pg_password,
+            tenant=tenant(c.tenant),
+            pg_user=c.tenant.pg_user,
+            pg_password=c.pg_password,
             dsn_template=self.d.dsn_template(c.tenant.pg_user, c.pg_password),
         )
 
@@ -173,13 +237,21 @@ class TenantService(rpc.TenantServiceServicer):
 
     async def GetTenantCredentials(self, request, context):  # type: ignore[no-untyped-def]
         t, password = await self.d.credentials(principals.current(), request.tenant)
-        return pb.TenantCredentials(tenant=t.name, pg_user=t.pg_user, pg_password=password,
-                                    dsn_template=self.d.dsn_template(t.pg_user, password))
+        return pb.TenantCredentials(
+            tenant=t.name,
+            pg_user=t.pg_user,
+            pg_password=password,
+            dsn_template=self.d.dsn_template(t.pg_user, password),
+        )
 
     async def RotateTenantCredentials(self, request, context):  # type: ignore[no-untyped-def]
         t, password = await self.d.rotate_credentials(principals.current(), request.tenant)
-        return pb.TenantCredentials(tenant=t.name, pg_user=t.pg_user, pg_password=password,
-                                    dsn_template=self.d.dsn_template(t.pg_user, password))
+        return pb.TenantCredentials(
+            tenant=t.name,
+            pg_user=t.pg_user,
+            pg_password=password,
+            dsn_template=self.d.dsn_template(t.pg_user, password),
+        )
 
     async def DeleteTenant(self, request, context):  # type: ignore[no-untyped-def]
         t = await self.d.delete_tenant(principals.current(), request.tenant, request.cascade)
@@ -190,13 +262,24 @@ class TenantService(rpc.TenantServiceServicer):
 
     async def LookupPgCredentials(self, request, context):  # type: ignore[no-untyped-def]
         t, password = await self.d.pg_credentials(principals.current(), request.pg_user)
-        return pb.PgCredentials(tenant_id=t.id, tenant=t.name, pg_user=t.pg_user, scram_verifier=t.scram_verifier,
-                                status=t.status, pg_password=password)
+        return pb.PgCredentials(
+            tenant_id=t.id,
+            tenant=t.name,
+            pg_user=t.pg_user,
+            scram_verifier=t.scram_verifier,
+            status=t.status,
+            pg_password=password,
+        )
 
     async def GetTenantLimits(self, request, context):  # type: ignore[no-untyped-def]
         t, acct = await self.d.limits(principals.current(), request.tenant_id)
-        return pb.TenantLimits(tenant_id=t.id, status=t.status, quota=common_pb2.Quota(**t.quota),
-                               account_plan=acct.plan, plan_limits=plan_limits(acct.plan))
+        return pb.TenantLimits(
+            tenant_id=t.id,
+            status=t.status,
+            quota=common_pb2.Quota(**t.quota),
+            account_plan=acct.plan,
+            plan_limits=plan_limits(acct.plan),
+        )
 
 
 class AdminService(rpc.AdminServiceServicer):
@@ -208,17 +291,26 @@ class AdminService(rpc.AdminServiceServicer):
 
     async def CreateTenant(self, request, context):  # type: ignore[no-untyped-def]
         c = await self.d.create_tenant(
-            principals.current(), request.name, slug=request.slug, plan=request.plan,
+            principals.current(),
+            request.name,
+            slug=request.slug,
+            plan=request.plan,
             external_id=request.external_id,
-            quota=json_format.MessageToDict(request.quota, preserving_proto_field_name=True,
-                                            always_print_fields_with_no_presence=True) if request.HasField("quota") else None,
+            quota=json_format.MessageToDict(
+                request.quota, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
+            if request.HasField("quota")
+            else None,
             metadata=json_format.MessageToDict(request.metadata) if request.HasField("metadata") else None,
-            account_id=request.account_id, admin=True,
+            account_id=request.account_id,
+            admin=True,
         )
         return tenant(c.tenant)
 
     async def ListTenants(self, request, context):  # type: ignore[no-untyped-def]
-        rows, cursor, total = await self.d.admin_list(principals.current(), request.status, request.cursor, request.limit)
+        rows, cursor, total = await self.d.admin_list(
+            principals.current(), request.status, request.cursor, request.limit
+        )
         return pb.AdminListTenantsResponse(items=[tenant(t) for t in rows], next_cursor=cursor, total=total)
 
     async def GetTenant(self, request, context):  # type: ignore[no-untyped-def]
@@ -245,22 +337,31 @@ class AdminService(rpc.AdminServiceServicer):
     async def GetQuota(self, request, context):  # type: ignore[no-untyped-def]
         t, used = await self.d.get_quota(principals.current(), request.id)
         fields = common_pb2.QuotaUsed.DESCRIPTOR.fields_by_name
-        return pb.QuotaUsage(tenant=t.id, quota=common_pb2.Quota(**t.quota),
-                             used=common_pb2.QuotaUsed(**{k: v for k, v in used.items() if k in fields}))
+        return pb.QuotaUsage(
+            tenant=t.id,
+            quota=common_pb2.Quota(**t.quota),
+            used=common_pb2.QuotaUsed(**{k: v for k, v in used.items() if k in fields}),
+        )
 
     async def SetQuota(self, request, context):  # type: ignore[no-untyped-def]
-        quota = json_format.MessageToDict(request.quota, preserving_proto_field_name=True,
-                                          always_print_fields_with_no_presence=True)
+        quota = json_format.MessageToDict(
+            request.quota, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
         await self.d.set_quota(principals.current(), request.id, {k: int(v) for k, v in quota.items()})
         return empty_pb2.Empty()
 
     async def QueryAuditLog(self, request, context):  # type: ignore[no-untyped-def]
         filters = {
-            "tenant_id": request.tenant_id, "resource": request.resource, "action": request.action,
-            "actor_id": request.actor_id, "since": dt(request.since, request.HasField("since")),
+            "tenant_id": request.tenant_id,
+            "resource": request.resource,
+            "action": request.action,
+            "actor_id": request.actor_id,
+            "since": dt(request.since, request.HasField("since")),
             "until": dt(request.until, request.HasField("until")),
         }
-        rows, cursor, total = await self.d.query_audit(principals.current(), filters, request.cursor, request.limit)
+        rows, cursor, total = await self.d.query_audit(
+            principals.current(), filters, request.cursor, request.limit
+        )
         return pb.QueryAuditLogResponse(items=[audit_entry(e) for e in rows], next_cursor=cursor, total=total)
 
 
@@ -273,8 +374,9 @@ class AuditService(rpc.AuditServiceServicer):
             from libs.errors import PermissionDenied
 
             raise PermissionDenied("internal RPC")
-        entry = json_format.MessageToDict(request, preserving_proto_field_name=True,
-                                          always_print_fields_with_no_presence=True)
+        entry = json_format.MessageToDict(
+            request, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
         entry.pop("id", None)
         entry.pop("created_at", None)
         await self.d.record_audit(entry)
@@ -286,20 +388,11 @@ class EventService(rpc.EventServiceServicer):
         self.d = domain
 
     async def WatchEvents(self, request, context) -> AsyncIterator[internal_pb2.Event]:  # type: ignore[no-untyped-def,override]
-        p = principals.current()
-        try:
-            after = int(request.last_event_id) if request.last_event_id else await self.d.outbox.last_seq()
-        except ValueError:
-            from libs.errors import InvalidArgument
-
-            raise InvalidArgument("last_event_id is not an event id", fields={"last_event_id": "not an event id"}) from None
-        async for row in self.d.outbox.watch(after, self.d.event_filter(p, list(request.type))):
-            data = struct_pb2.Struct()
-            data.update(row["data"])
-            yield internal_pb2.Event(
-                id=str(row["seq"]), type=row["type"], tenant_id=row["tenant_id"], resource=row["resource"],
-                resource_id=row["resource_id"], data=data, time=ts(row["created_at"]),
-            )
+        # Accounts' events merged with the databases service's (services/accounts/events.py).
+        async for event in events.watch(
+            self.d, principals.current(), request.last_event_id, list(request.type)
+        ):
+            yield event
 
 
 def register(server: grpc.aio.Server, domain: AccountsDomain) -> list[str]:

@@ -17,7 +17,10 @@ from services.clusters.models import SCHEMA
 
 async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     return (
-        Service(name="clusters", register=lambda server: register_unimplemented(server, clusters_pb2, clusters_pb2_grpc)),
+        Service(
+            name="clusters",
+            register=lambda server: register_unimplemented(server, clusters_pb2, clusters_pb2_grpc),
+        ),
         remote_audit_sink(rt),
     )
 

@@ -1,40 +1,103 @@
 """The databases service process: `python -m services.databases.main`.
 
-The public database routes answer 501 until the serverless PostgreSQL capability lands; the
-internal contract (resource counts, purge, stats) already runs on the real tables.
+Serves DatabaseService (the /v2 database routes, ResolveDatabase, WatchDatabaseEvents),
+LeaseService (the PG Gateway's leases) and the internal TenantResourcesService, and runs the
+reconciler's loops: resume/reconcile, the compute monitor, idle stop, storage measurement and
+the credentials-rotation follower.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import func
+from sqlalchemy import and_, func
 
-from ctrlmesh.databases.v1 import databases_pb2, databases_pb2_grpc
 from libs.grpc_server import AuditSink, Service
+from libs.outbox import Outbox
 from libs.service_main import Runtime, remote_audit_sink, run
-from libs.tenant_resources import Count, Spec, register_resources, register_unimplemented
-from services.databases.models import SCHEMA, databases
+from libs.tenant_resources import Count, Spec, register_resources
+from services.databases import servicer
+from services.databases.compute import make_driver
+from services.databases.compute.profiles import PROFILES
+from services.databases.domain import DatabasesDomain, EventsDomain, LeaseDomain
+from services.databases.lifecycle import Lifecycle
+from services.databases.models import SCHEMA, compute_runs, databases, leases, outbox
+from services.databases.peers import Accounts
 
-SPEC = Spec(
-    counts=[Count("databases", databases, where=lambda t: t.c.state != "deleting")],
-    purge=[databases],
-    stats=[
-        Count("databases", databases),
-        Count("running_databases", databases, where=lambda t: t.c.state == "ready"),
-        Count("active_connections", databases, aggregate=lambda t: func.coalesce(func.sum(t.c.active_connections), 0)),
-    ],
-)
+
+def _period_start():  # type: ignore[no-untyped-def]
+    """The start of this UTC calendar month (the billing period accounts reports)."""
+    return func.timezone("UTC", func.date_trunc("month", func.timezone("UTC", func.now())))
+
+
+def _cu_millihours(t):  # type: ignore[no-untyped-def]
+    """CU·h * 1000 of the run intervals this period (a run still open counts until now)."""
+    end = func.coalesce(t.c.ended_at, func.now())
+    seconds = func.extract("epoch", end - func.greatest(t.c.started_at, _period_start()))
+    return func.coalesce(func.sum(t.c.cu * seconds / 3.6), 0)
+
+
+def _usage(name: str) -> Count:
+    return Count(
+        f"compute_cu_millihours_{name}",
+        compute_runs,
+        aggregate=_cu_millihours,
+        where=lambda t: and_(t.c.profile == name, func.coalesce(t.c.ended_at, func.now()) > _period_start()),
+    )
+
+
+def spec(purge_hook) -> Spec:  # type: ignore[no-untyped-def]
+    return Spec(
+        counts=[
+            Count("databases", databases, where=lambda t: t.c.state != "deleting"),
+            Count(
+                "storage_bytes", databases, aggregate=lambda t: func.coalesce(func.sum(t.c.storage_bytes), 0)
+            ),
+            *(_usage(name) for name in PROFILES),
+        ],
+        # Children first; computes and storage are gone by then (before_purge).
+        purge=[leases, compute_runs, databases],
+        stats=[
+            Count("databases", databases),
+            Count("running_databases", databases, where=lambda t: t.c.state == "ready"),
+            Count(
+                "active_connections",
+                databases,
+                aggregate=lambda t: func.coalesce(func.sum(t.c.active_connections), 0),
+            ),
+        ],
+        before_purge=purge_hook,
+    )
 
 
 async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
+    accounts = Accounts(rt.channels, rt.signer)
+    events = Outbox(outbox, rt.db)
+    driver = make_driver(rt.settings)
+    lifecycle = Lifecycle(rt.db, driver, accounts, events, idle_timeout=rt.settings.idle_timeout)
+    dbs = DatabasesDomain(rt.db, accounts, events, lifecycle)
+    lease_domain = LeaseDomain(rt.db, accounts, lifecycle)
+    events_domain = EventsDomain(events)
+
     def register(server):  # type: ignore[no-untyped-def]
         return [
-            *register_unimplemented(server, databases_pb2, databases_pb2_grpc),
-            *register_resources(server, rt.db, SPEC),
+            *servicer.register(server, dbs, lease_domain, events_domain),
+            *register_resources(server, rt.db, spec(dbs.purge_tenant)),
         ]
 
-    return Service(name="databases", register=register), remote_audit_sink(rt)
+    service = Service(
+        name="databases",
+        register=register,
+        on_stop=lifecycle.shutdown,
+        background=[
+            lifecycle.reconcile_loop,
+            lifecycle.monitor_loop,
+            lifecycle.idle_loop,
+            lifecycle.storage_loop,
+            lifecycle.credentials_loop,
+        ],
+    )
+    return service, remote_audit_sink(rt)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,26 @@
-"""The databases schema: serverless databases (the compute driver and leases come with their logic)."""
+"""The databases schema: serverless databases, the leases the PG Gateway holds on them, and the
+compute run intervals that feed CU·h billing. Rows never leave the service: the servicer maps
+them to protos. The migrations (frozen once written) build these tables: 0001 the original
+`databases` and the outbox, 0002 the runtime columns, leases and compute runs.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, Integer, MetaData, String, Table, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
 
 from libs.outbox import outbox_table
 
@@ -38,7 +56,53 @@ databases = Table(
     Column("scale_failure_reason", String(200)),
     Column("created_at", TS, nullable=False),
     Column("updated_at", TS, nullable=False),
+    # 0002: the owning account (plan limits count across an account's tenants), the tenant's
+    # PostgreSQL role (created inside the compute), where the writer listens, and the last
+    # measured size of the data directory.
+    Column("account_id", String(64), nullable=False, server_default=""),
+    Column("pg_user", String(63), nullable=False, server_default=""),
+    Column("writer_host", String(255), nullable=False, server_default=""),
+    Column("writer_port", Integer, nullable=False, server_default="0"),
+    Column("storage_bytes", BigInteger, nullable=False, server_default="0"),
+    # Why the database is in `error` (operator-facing; never shown to API clients).
+    Column("last_error", Text, nullable=False, server_default=""),
     UniqueConstraint("tenant_id", "name", name="uq_databases_tenant_name"),
+)
+
+# One row per (database, Gateway process): the holder's hold on the database. A lease is live
+# while `expires_at` is in the future and its `epoch` is the database's lease_control_epoch.
+leases = Table(
+    "leases",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("db_id", String(36), ForeignKey(f"{SCHEMA}.databases.id", ondelete="CASCADE"), nullable=False),
+    Column("tenant_id", String(64), nullable=False),
+    Column("holder_id", String(128), nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("ttl_seconds", Integer, nullable=False),
+    Column("active_connections", Integer, nullable=False, server_default="0"),
+    Column("created_at", TS, nullable=False),
+    Column("renewed_at", TS, nullable=False),
+    Column("expires_at", TS, nullable=False),
+    UniqueConstraint("db_id", "holder_id", name="uq_leases_db_holder"),
+    Index("ix_leases_db_expires", "db_id", "expires_at"),
+)
+
+# One row per interval a writer ran: CU·h = cu * (ended_at or now - started_at). Kept after the
+# database is deleted (the usage happened); purged with the tenant.
+compute_runs = Table(
+    "compute_runs",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("db_id", String(36), nullable=False),
+    Column("tenant_id", String(64), nullable=False),
+    Column("worker_id", String(64), nullable=False),
+    Column("profile", String(4), nullable=False),
+    Column("cu", Integer, nullable=False),
+    Column("started_at", TS, nullable=False),
+    Column("ended_at", TS),
+    Index("ix_compute_runs_tenant", "tenant_id", "started_at"),
+    Index("ix_compute_runs_open", "db_id", unique=True, postgresql_where=text("ended_at IS NULL")),
 )
 
 outbox = outbox_table(metadata)

@@ -88,7 +88,11 @@ def test_billing_summary_reports_plan_limits_and_usage(mesh):
     assert r.status_code == 200
     b = r.json()
     assert b["plan"] == "trial" and b["estimate"] is True
-    assert b["limits"]["max_tenants"] == 1 and b["limits"]["max_databases"] == 2 and b["limits"]["sizes"] == ["L1"]
+    assert (
+        b["limits"]["max_tenants"] == 1
+        and b["limits"]["max_databases"] == 2
+        and b["limits"]["sizes"] == ["L1"]
+    )
     assert b["usage"]["tenants"] == 1 and b["limit_used_percent"]["tenants"] == 100.0
     assert b["period_start"] < b["period_end"]
 
@@ -99,12 +103,19 @@ def test_api_keys_create_list_me_revoke(mesh, account):
     c = mesh.client(key)
     tenant = unique("keys")
     c.post("/v2/tenants", json={"name": tenant})
-    r = c.post("/v2/api-keys", json={"name": "ci", "scope": "tenant", "tenant": tenant,
-                                     "permissions": {"can_create_db": True}})
+    r = c.post(
+        "/v2/api-keys",
+        json={"name": "ci", "scope": "tenant", "tenant": tenant, "permissions": {"can_create_db": True}},
+    )
     assert r.status_code == 201, r.text
     new = r.json()
     assert new["key"].startswith("cmk_") and new["scope"] == "tenant" and new["tenant"] == tenant
-    assert new["permissions"] == {"can_create_tenant": False, "can_create_db": True, "can_scale": False, "can_delete": False}
+    assert new["permissions"] == {
+        "can_create_tenant": False,
+        "can_create_db": True,
+        "can_scale": False,
+        "can_delete": False,
+    }
     listed = c.get("/v2/api-keys").json()
     assert new["id"] in [k["id"] for k in listed["items"]]
     assert all(k["key"] is None for k in listed["items"])
@@ -125,7 +136,10 @@ def test_key_scope_rules(mesh, account):
     weak = c.post("/v2/api-keys", json={"name": "weak", "scope": "tenant", "tenant": tenant}).json()["key"]
     w = mesh.client(weak)
     assert w.post("/v2/api-keys", json={"name": "x", "scope": "account"}).status_code == 403
-    r = w.post("/v2/api-keys", json={"name": "x", "scope": "tenant", "tenant": tenant, "permissions": {"can_delete": True}})
+    r = w.post(
+        "/v2/api-keys",
+        json={"name": "x", "scope": "tenant", "tenant": tenant, "permissions": {"can_delete": True}},
+    )
     assert r.status_code == 403 and r.json()["error"] == "Forbidden"
     assert c.post("/v2/api-keys", json={"name": "g", "scope": "global"}).status_code == 403
     r = c.post("/v2/api-keys", json={"name": "t", "scope": "tenant"})
@@ -140,8 +154,16 @@ def test_expired_key_is_refused(mesh, account):
     import time
 
     _, key = account
-    soon = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=2)).isoformat().replace("+00:00", "Z")
-    new = mesh.client(key).post("/v2/api-keys", json={"name": "short", "scope": "account", "expires_at": soon}).json()
+    soon = (
+        (datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=2))
+        .isoformat()
+        .replace("+00:00", "Z")
+    )
+    new = (
+        mesh.client(key)
+        .post("/v2/api-keys", json={"name": "short", "scope": "account", "expires_at": soon})
+        .json()
+    )
     assert mesh.client(new["key"]).get("/v2/api-keys/me").status_code == 200
     time.sleep(2.5)
     assert mesh.client(new["key"]).get("/v2/api-keys/me").status_code == 401
@@ -149,6 +171,11 @@ def test_expired_key_is_refused(mesh, account):
 
 def test_bad_keys_are_401(mesh):
     """No key, junk, and a key with a broken checksum are all 401 with the common body."""
-    for headers in ({}, {"Authorization": "Bearer junk"}, {"Authorization": "Bearer cmk_" + "a" * 36}, {"Authorization": "Basic x"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer junk"},
+        {"Authorization": "Bearer cmk_" + "a" * 36},
+        {"Authorization": "Basic x"},
+    ):
         r = mesh.client().get("/v2/tenants", headers=headers)
         assert r.status_code == 401 and set(r.json()) == {"error", "message", "details"}

@@ -28,15 +28,43 @@ def test_quota_usage_counts_what_owners_hold_and_cascade_purges_it(mesh):
     c = mesh.admin()
     t = c.post("/v1/admin/tenants", json={"name": unique("own")}).json()
     tid, now = t["id"], datetime.now(UTC)
-    _sql(mesh, "INSERT INTO instances.instances (id, tenant_id, name, slug, provider_name, state, cpu_millis, memory_mb, "
-               "disk_mb, replicas, created_at, updated_at) VALUES (%s, %s, 'web', 'web', 'docker', 'running', 500, 256, 1024, 2, %s, %s)",
-         f"inst_{tid[4:]}", tid, now, now)
-    _sql(mesh, "INSERT INTO network.domains (id, tenant_id, instance_id, hostname, verify_token, created_at, updated_at) "
-               "VALUES (%s, %s, 'inst_x', %s, 'tok', %s, %s)", f"dom_{tid[4:]}", tid, f"{tid}.example.test", now, now)
-    _sql(mesh, "INSERT INTO network.secrets (id, tenant_id, instance_id, key, type, version, value_enc, created_at, updated_at) "
-               "VALUES (%s, %s, 'inst_x', 'API_KEY', 'env', 1, 'x', %s, %s)", f"sec_{tid[4:]}", tid, now, now)
+    _sql(
+        mesh,
+        "INSERT INTO instances.instances (id, tenant_id, name, slug, provider_name, state, cpu_millis, memory_mb, "
+        "disk_mb, replicas, created_at, updated_at) VALUES (%s, %s, 'web', 'web', 'static', 'running', 500, 256, 1024, 2, %s, %s)",
+        f"inst_{tid[4:]}",
+        tid,
+        now,
+        now,
+    )
+    _sql(
+        mesh,
+        "INSERT INTO network.domains (id, tenant_id, instance_id, hostname, verify_token, created_at, updated_at) "
+        "VALUES (%s, %s, 'inst_x', %s, 'tok', %s, %s)",
+        f"dom_{tid[4:]}",
+        tid,
+        f"{tid}.example.test",
+        now,
+        now,
+    )
+    _sql(
+        mesh,
+        "INSERT INTO network.secrets (id, tenant_id, instance_id, key, type, version, value_enc, created_at, updated_at) "
+        "VALUES (%s, %s, 'inst_x', 'API_KEY', 'env', 1, 'x', %s, %s)",
+        f"sec_{tid[4:]}",
+        tid,
+        now,
+        now,
+    )
     used = c.get(f"/v1/admin/tenants/{tid}/quota").json()["used"]
-    assert used == {"instances": 1, "cpu_millis": 1000, "memory_mb": 512, "disk_mb": 2048, "domains": 1, "secrets": 1}
+    assert used == {
+        "instances": 1,
+        "cpu_millis": 1000,
+        "memory_mb": 512,
+        "disk_mb": 2048,
+        "domains": 1,
+        "secrets": 1,
+    }
     stats = c.get("/v1/admin/stats").json()
     assert stats["total_instances"] >= 1 and stats["running_instances"] >= 1
 

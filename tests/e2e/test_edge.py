@@ -105,7 +105,12 @@ def test_events_stream_as_sse_with_resume(mesh):
     # Resume after the first creation: the second one comes again, the first does not.
     first_id = created[0]["id"]
     replay: list[dict] = []
-    with httpx.stream("GET", f"{mesh.base_url}/v2/events", headers={"Authorization": f"Bearer {key}", "Last-Event-ID": first_id}, timeout=10) as r:
+    with httpx.stream(
+        "GET",
+        f"{mesh.base_url}/v2/events",
+        headers={"Authorization": f"Bearer {key}", "Last-Event-ID": first_id},
+        timeout=10,
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 replay.append(json.loads(line[6:]))
@@ -128,7 +133,9 @@ def test_events_are_scoped_to_the_key(mesh):
     ready = threading.Event()
 
     def listen() -> None:
-        with httpx.stream("GET", f"{mesh.base_url}/v2/events", headers={"Authorization": f"Bearer {key}"}, timeout=20) as r:
+        with httpx.stream(
+            "GET", f"{mesh.base_url}/v2/events", headers={"Authorization": f"Bearer {key}"}, timeout=20
+        ) as r:
             ready.set()
             for line in r.iter_lines():
                 if line.startswith("data: "):
@@ -180,7 +187,10 @@ def test_every_service_process_serves_prometheus_metrics(mesh):
         assert r.status_code == 200 and "ctrlmesh_grpc_server_requests_total" in r.text, service
     accounts = int(mesh.env["CTRLMESH_ACCOUNTS_PORT"]) + offset
     text = httpx.get(f"http://127.0.0.1:{accounts}/metrics").text
-    assert 'ctrlmesh_grpc_server_requests_total{code="OK",method="ListTenants",service="ctrlmesh.accounts.v1.TenantService"}' in text
+    assert (
+        'ctrlmesh_grpc_server_requests_total{code="OK",method="ListTenants",service="ctrlmesh.accounts.v1.TenantService"}'
+        in text
+    )
     # Listing tenants asked the databases service for db counts: its own counter moved too.
     databases = int(mesh.env["CTRLMESH_DATABASES_PORT"]) + offset
     assert 'method="CountTenantResources"' in httpx.get(f"http://127.0.0.1:{databases}/metrics").text

@@ -16,8 +16,15 @@ def two_tenants(mesh):
         c = mesh.client(account_key)
         name = unique(label)
         assert c.post("/v2/tenants", json={"name": name}).status_code == 201
-        key = c.post("/v2/api-keys", json={"name": label, "scope": "tenant", "tenant": name,
-                                           "permissions": {"can_create_db": True, "can_delete": True}}).json()["key"]
+        key = c.post(
+            "/v2/api-keys",
+            json={
+                "name": label,
+                "scope": "tenant",
+                "tenant": name,
+                "permissions": {"can_create_db": True, "can_delete": True},
+            },
+        ).json()["key"]
         out.append((name, key, account_key))
     return out
 
@@ -27,11 +34,19 @@ def test_other_tenants_resources_are_404_like_missing_ones(mesh, two_tenants):
     (a_name, a_key, _), (_, b_key, _) = two_tenants
     b = mesh.client(b_key)
     missing = unique("missing")
-    for method, suffix in (("GET", ""), ("GET", "/credentials"), ("POST", "/credentials/rotate"), ("DELETE", "")):
+    for method, suffix in (
+        ("GET", ""),
+        ("GET", "/credentials"),
+        ("POST", "/credentials/rotate"),
+        ("DELETE", ""),
+    ):
         theirs = b.request(method, f"/v2/tenants/{a_name}{suffix}")
         nothing = b.request(method, f"/v2/tenants/{missing}{suffix}")
         assert theirs.status_code == nothing.status_code == 404, (method, suffix, theirs.text)
-        assert theirs.json() == {**nothing.json(), "message": nothing.json()["message"].replace(missing, a_name)}
+        assert theirs.json() == {
+            **nothing.json(),
+            "message": nothing.json()["message"].replace(missing, a_name),
+        }
     a_creds = mesh.client(a_key).get(f"/v2/tenants/{a_name}/credentials").json()
     assert mesh.client(a_key).get(f"/v2/tenants/{a_name}").status_code == 200
     assert a_creds["pg_password"]  # not rotated by B's attempt
@@ -53,8 +68,12 @@ def test_admin_routes_need_a_global_key(mesh, two_tenants):
     """Account and tenant keys get 403 Forbidden on /v1/admin."""
     (_, tenant_key, account_key), _ = two_tenants
     for key in (tenant_key, account_key):
-        for method, path in (("GET", "/v1/admin/stats"), ("GET", "/v1/admin/tenants"), ("POST", "/v1/admin/tenants"),
-                             ("GET", "/v1/admin/audit")):
+        for method, path in (
+            ("GET", "/v1/admin/stats"),
+            ("GET", "/v1/admin/tenants"),
+            ("POST", "/v1/admin/tenants"),
+            ("GET", "/v1/admin/audit"),
+        ):
             r = mesh.client(key).request(method, path, json={"name": "x"} if method == "POST" else None)
             assert r.status_code == 403 and r.json()["error"] == "Forbidden", (path, r.text)
 
@@ -63,13 +82,27 @@ def test_admin_tenant_crud_suspend_and_quota(mesh):
     """Create (201) → get → patch → suspend/unsuspend (204) → quota get/put → delete (204)."""
     c = mesh.admin()
     slug = unique("acme").replace("_", "-")
-    r = c.post("/v1/admin/tenants", json={"name": "Acme Corp " + slug, "slug": slug, "plan": "pro",
-                                          "external_id": "crm-42", "metadata": {"tier": "gold"}})
+    r = c.post(
+        "/v1/admin/tenants",
+        json={
+            "name": "Acme Corp " + slug,
+            "slug": slug,
+            "plan": "pro",
+            "external_id": "crm-42",
+            "metadata": {"tier": "gold"},
+        },
+    )
     assert r.status_code == 201, r.text
     t = r.json()
     assert t["id"].startswith("ten_") and t["slug"] == slug and t["plan"] == "pro" and t["status"] == "active"
-    assert t["quota"] == {"max_instances": 5, "max_cpu_millis": 4000, "max_memory_mb": 8192,
-                          "max_disk_mb": 20480, "max_domains": 10, "max_secrets": 50}
+    assert t["quota"] == {
+        "max_instances": 5,
+        "max_cpu_millis": 4000,
+        "max_memory_mb": 8192,
+        "max_disk_mb": 20480,
+        "max_domains": 10,
+        "max_secrets": 50,
+    }
     assert t["metadata"] == {"tier": "gold"} and t["suspended_at"] is None
     tid = t["id"]
     assert c.get(f"/v1/admin/tenants/{tid}").json()["external_id"] == "crm-42"
@@ -82,8 +115,22 @@ def test_admin_tenant_crud_suspend_and_quota(mesh):
     assert c.post(f"/v1/admin/tenants/{tid}/unsuspend", json={}).status_code == 204
     assert c.get(f"/v1/admin/tenants/{tid}").json()["status"] == "active"
     q = c.get(f"/v1/admin/tenants/{tid}/quota").json()
-    assert q["tenant"] == tid and q["used"] == {"instances": 0, "cpu_millis": 0, "memory_mb": 0, "disk_mb": 0, "domains": 0, "secrets": 0}
-    new_quota = {"max_instances": 2, "max_cpu_millis": 1000, "max_memory_mb": 512, "max_disk_mb": 1024, "max_domains": 1, "max_secrets": 3}
+    assert q["tenant"] == tid and q["used"] == {
+        "instances": 0,
+        "cpu_millis": 0,
+        "memory_mb": 0,
+        "disk_mb": 0,
+        "domains": 0,
+        "secrets": 0,
+    }
+    new_quota = {
+        "max_instances": 2,
+        "max_cpu_millis": 1000,
+        "max_memory_mb": 512,
+        "max_disk_mb": 1024,
+        "max_domains": 1,
+        "max_secrets": 3,
+    }
     assert c.put(f"/v1/admin/tenants/{tid}/quota", json=new_quota).status_code == 204
     assert c.get(f"/v1/admin/tenants/{tid}/quota").json()["quota"] == new_quota
     r = c.put(f"/v1/admin/tenants/{tid}/quota", json={**new_quota, "max_instances": -1})
@@ -100,7 +147,9 @@ def test_admin_list_cursor_is_stable(mesh):
         made.add(c.post("/v1/admin/tenants", json={"name": unique("page")}).json()["id"])
     seen, cursor, pages = [], "", 0
     while True:
-        r = c.get("/v1/admin/tenants", params={"limit": 2, "cursor": cursor} if cursor else {"limit": 2}).json()
+        r = c.get(
+            "/v1/admin/tenants", params={"limit": 2, "cursor": cursor} if cursor else {"limit": 2}
+        ).json()
         seen += [t["id"] for t in r["items"]]
         pages += 1
         if not r["next_cursor"]:
@@ -137,13 +186,19 @@ def test_audit_log_records_mutations_with_filters_and_cursor(mesh):
     assert e["id"].startswith("aud_") and e["resource"] == "tenant" and e["resource_id"] == tid
     assert e["outcome"] == "success" and e["actor_type"] == "api_key" and e["actor_id"].startswith("key_")
     me = c.get("/v2/api-keys/me").json()["id"]
-    fails = c.get("/v1/admin/audit", params={"actor_id": me, "resource": "tenant", "action": "create", "limit": 1000}).json()
+    fails = c.get(
+        "/v1/admin/audit", params={"actor_id": me, "resource": "tenant", "action": "create", "limit": 1000}
+    ).json()
     assert any(x["outcome"] == "failure" and x["reason"] == "BadRequest" for x in fails["items"])
     page = c.get("/v1/admin/audit", params={"tenant_id": tid, "limit": 2}).json()
-    rest = c.get("/v1/admin/audit", params={"tenant_id": tid, "limit": 2, "cursor": page["next_cursor"]}).json()
+    rest = c.get(
+        "/v1/admin/audit", params={"tenant_id": tid, "limit": 2, "cursor": page["next_cursor"]}
+    ).json()
     assert [x["action"] for x in page["items"] + rest["items"]] == actions
     since = e["created_at"]
-    assert all(x["created_at"] >= since for x in c.get("/v1/admin/audit", params={"since": since}).json()["items"])
+    assert all(
+        x["created_at"] >= since for x in c.get("/v1/admin/audit", params={"since": since}).json()["items"]
+    )
 
 
 def test_cascade_delete_of_a_tenant(mesh):

@@ -57,8 +57,15 @@ def test_one_rest_call_is_one_trace_edge_accounts_sql(traced):
     deadline = time.monotonic() + 15
     trace_id = None
     while time.monotonic() < deadline:
-        http = [s for svc, s in collector.spans if svc == "ctrlmesh-edge" and any(
-            a.key == "ctrlmesh.route" and a.value.string_value == "GET /v2/tenants/{tenant}" for a in s.attributes)]
+        http = [
+            s
+            for svc, s in collector.spans
+            if svc == "ctrlmesh-edge"
+            and any(
+                a.key == "ctrlmesh.route" and a.value.string_value == "GET /v2/tenants/{tenant}"
+                for a in s.attributes
+            )
+        ]
         if http:
             trace_id = http[0].trace_id
             in_trace = [(svc, s) for svc, s in collector.spans if s.trace_id == trace_id]
@@ -71,13 +78,19 @@ def test_one_rest_call_is_one_trace_edge_accounts_sql(traced):
     assert trace_id is not None, "the edge exported no span for the request"
     in_trace = [(svc, s) for svc, s in collector.spans if s.trace_id == trace_id]
     by_id = {s.span_id: (svc, s) for svc, s in in_trace}
-    servers = [s for svc, s in in_trace if svc == "ctrlmesh-accounts" and s.name.endswith("TenantService/GetTenant")]
+    servers = [
+        s for svc, s in in_trace if svc == "ctrlmesh-accounts" and s.name.endswith("TenantService/GetTenant")
+    ]
     assert servers, sorted({(svc, s.name) for svc, s in in_trace})
     # The accounts server span's parent is the edge's gRPC client span, in the edge process.
     parent_svc, parent = by_id[servers[0].parent_span_id]
     assert parent_svc == "ctrlmesh-edge" and parent.kind == parent.SPAN_KIND_CLIENT
     # SQL spans of accounts sit inside the same trace; so does accounts' call to databases (db_count).
-    sql = [s for svc, s in in_trace if svc == "ctrlmesh-accounts" and any(a.key == "db.system" for a in s.attributes)]
+    sql = [
+        s
+        for svc, s in in_trace
+        if svc == "ctrlmesh-accounts" and any(a.key == "db.system" for a in s.attributes)
+    ]
     assert sql and all(s.trace_id == trace_id for s in sql)
     assert any(svc == "ctrlmesh-databases" for svc, _ in in_trace)
 

@@ -37,8 +37,14 @@ async def domain(database_url):
     await migrate(engine, SCHEMA, MIGRATIONS)
     await migrate(engine, SCHEMA, MIGRATIONS)  # a second start finds nothing to do
     db = Database(engine)
-    d = AccountsDomain(db, Keyring({"k1": b"k" * 32}, "k1"), Outbox(outbox, db), NoPeers(),  # type: ignore[arg-type]
-                       dsn_host="localhost", dsn_port=6432)
+    d = AccountsDomain(
+        db,
+        Keyring({"k1": b"k" * 32}, "k1"),
+        Outbox(outbox, db),
+        NoPeers(),  # type: ignore[arg-type]
+        dsn_host="localhost",
+        dsn_port=6432,
+    )
     yield d
     await db.dispose()
 
@@ -66,7 +72,9 @@ async def test_trial_tenant_cap_holds_under_concurrent_creates(domain):
 async def test_names_are_unique_under_concurrent_creates(domain):
     """Five concurrent creates of one name: one tenant, the rest Conflict."""
     admin = await _admin(domain)
-    results = await asyncio.gather(*(domain.create_tenant(admin, "same_name") for _ in range(5)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(domain.create_tenant(admin, "same_name") for _ in range(5)), return_exceptions=True
+    )
     assert sum(1 for r in results if not isinstance(r, Exception)) == 1
     assert all(isinstance(r, AlreadyExists) for r in results if isinstance(r, Exception))
 

@@ -15,7 +15,9 @@ from libs.errors import InvalidArgument
 _REPO = Path(__file__).resolve().parents[2]
 # The shared ROUTES.md beside the repository is the source of truth; docs/ROUTES.md is the copy
 # the repository carries for clones that have no shared/ beside them.
-ROUTES_MD = next(p for p in (_REPO.parent / "shared" / "ROUTES.md", _REPO / "docs" / "ROUTES.md") if p.exists())
+ROUTES_MD = next(
+    p for p in (_REPO.parent / "shared" / "ROUTES.md", _REPO / "docs" / "ROUTES.md") if p.exists()
+)
 
 
 def routes_md() -> set[tuple[str, str]]:
@@ -32,7 +34,9 @@ def routes_md() -> set[tuple[str, str]]:
         if len(cells) < 2:
             continue
         if re.fullmatch(verb_re, cells[0]):
-            entries = [f"{cells[0]} {e}" if i == 0 else e for i, e in enumerate(re.split(r" · |, ", cells[1]))]
+            entries = [
+                f"{cells[0]} {e}" if i == 0 else e for i, e in enumerate(re.split(r" · |, ", cells[1]))
+            ]
         else:
             entries = re.split(r" · ", cells[1])
         verbs: list[str] = []
@@ -71,7 +75,9 @@ def test_openapi_is_valid_3_1_and_lists_every_route():
     doc = build_openapi(routes, "0.1.0")
     validate(doc)
     assert doc["openapi"] == "3.1.0"
-    listed = {(verb.upper(), re.sub(r"\{[^}]+\}", "{}", p)) for p, ops in doc["paths"].items() for verb in ops}
+    listed = {
+        (verb.upper(), re.sub(r"\{[^}]+\}", "{}", p)) for p, ops in doc["paths"].items() for verb in ops
+    }
     assert routes_md() <= listed
 
 
@@ -88,11 +94,21 @@ def test_literal_segments_win_over_variables():
 
 def test_path_and_query_fill_fields_with_type_conversion():
     """Path variables and query parameters become typed request fields."""
-    msg = build_request(pb.DeleteTenantRequest, body_field="", body=None, path_params={"tenant": "acme"},
-                        query=[("cascade", "true")])
+    msg = build_request(
+        pb.DeleteTenantRequest,
+        body_field="",
+        body=None,
+        path_params={"tenant": "acme"},
+        query=[("cascade", "true")],
+    )
     assert msg.tenant == "acme" and msg.cascade is True
-    msg = build_request(pb.QueryAuditLogRequest, body_field="", body=None, path_params={},
-                        query=[("limit", "5"), ("since", "2026-01-01T00:00:00Z")])
+    msg = build_request(
+        pb.QueryAuditLogRequest,
+        body_field="",
+        body=None,
+        path_params={},
+        query=[("limit", "5"), ("since", "2026-01-01T00:00:00Z")],
+    )
     assert msg.limit == 5 and msg.since.seconds > 0
 
 
@@ -110,16 +126,28 @@ def test_bad_query_parameters_name_the_failing_field(query, field):
 def test_body_is_strict_and_body_routes_take_no_query():
     """Unknown body fields and query parameters on `body: "*"` routes are refused."""
     with pytest.raises(InvalidArgument):
-        build_request(pb.CreateTenantRequest, body_field="*", body={"name": "a", "bogus": 1}, path_params={}, query=[])
+        build_request(
+            pb.CreateTenantRequest, body_field="*", body={"name": "a", "bogus": 1}, path_params={}, query=[]
+        )
     with pytest.raises(InvalidArgument):
-        build_request(pb.CreateTenantRequest, body_field="*", body={"name": "a"}, path_params={}, query=[("name", "b")])
+        build_request(
+            pb.CreateTenantRequest, body_field="*", body={"name": "a"}, path_params={}, query=[("name", "b")]
+        )
     with pytest.raises(InvalidArgument):
-        build_request(pb.CreateTenantRequest, body_field="*", body=["not", "an", "object"], path_params={}, query=[])
+        build_request(
+            pb.CreateTenantRequest, body_field="*", body=["not", "an", "object"], path_params={}, query=[]
+        )
 
 
 def test_body_field_routes_put_the_body_into_that_field():
     """`body: "quota"` parses the JSON into the quota field; the id comes from the path."""
-    msg = build_request(pb.SetQuotaRequest, body_field="quota", body={"max_instances": 3}, path_params={"id": "ten_1"}, query=[])
+    msg = build_request(
+        pb.SetQuotaRequest,
+        body_field="quota",
+        body={"max_instances": 3},
+        path_params={"id": "ten_1"},
+        query=[],
+    )
     assert msg.id == "ten_1" and msg.quota.max_instances == 3
 
 

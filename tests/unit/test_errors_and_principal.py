@@ -14,9 +14,19 @@ from libs.grpc_server import status_details
 def test_every_reason_maps_to_its_documented_http_status():
     """Each reason's HTTP status is the one ROUTES.md gives (409 for InvalidState/LimitExceeded)."""
     expected = {
-        "BadRequest": 400, "Unauthorized": 401, "Forbidden": 403, "OperationDisabled": 403, "NotFound": 404,
-        "Conflict": 409, "InvalidState": 409, "LimitExceeded": 409, "QuotaExceeded": 429,
-        "ProviderUnavailable": 503, "Unavailable": 503, "Internal": 500, "NotImplemented": 501,
+        "BadRequest": 400,
+        "Unauthorized": 401,
+        "Forbidden": 403,
+        "OperationDisabled": 403,
+        "NotFound": 404,
+        "Conflict": 409,
+        "InvalidState": 409,
+        "LimitExceeded": 409,
+        "QuotaExceeded": 429,
+        "ProviderUnavailable": 503,
+        "Unavailable": 503,
+        "Internal": 500,
+        "NotImplemented": 501,
     }
     for name, status in expected.items():
         r = REASONS[name]
@@ -48,7 +58,12 @@ def test_principal_signature_roundtrip_and_tampering():
     assert principals.verify(md, b"s" * 32) == p
     with pytest.raises(Unauthenticated):
         principals.verify(md, b"t" * 32)
-    forged = [(k, principals.Principal(key_id="key_x", scope="global").SerializeToString()) if k == principals.PRINCIPAL_KEY else (k, v) for k, v in md]
+    forged = [
+        (k, principals.Principal(key_id="key_x", scope="global").SerializeToString())
+        if k == principals.PRINCIPAL_KEY
+        else (k, v)
+        for k, v in md
+    ]
     with pytest.raises(Unauthenticated):
         principals.verify(forged, b"s" * 32)
     with pytest.raises(Unauthenticated):
@@ -59,7 +74,9 @@ def test_stale_principal_is_rejected(monkeypatch):
     """A principal signed long ago cannot be replayed."""
     p = principals.Principal(key_id="key_x", scope="global")
     md = principals.sign(p, b"k" * 32)
-    monkeypatch.setattr(time, "time", lambda: float(dict(md)[principals.ISSUED_KEY]) + principals.MAX_AGE_SECONDS + 5)
+    monkeypatch.setattr(
+        time, "time", lambda: float(dict(md)[principals.ISSUED_KEY]) + principals.MAX_AGE_SECONDS + 5
+    )
     with pytest.raises(Unauthenticated, match="expired"):
         principals.verify(md, b"k" * 32)
 

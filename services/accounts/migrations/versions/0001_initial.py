@@ -30,8 +30,14 @@ def upgrade() -> None:
         sa.Column("updated_at", TS, nullable=False),
         schema=S,
     )
-    op.create_index("ix_accounts_platform", "accounts", ["is_platform"], schema=S,
-                    unique=True, postgresql_where=sa.text("is_platform"))
+    op.create_index(
+        "ix_accounts_platform",
+        "accounts",
+        ["is_platform"],
+        schema=S,
+        unique=True,
+        postgresql_where=sa.text("is_platform"),
+    )
     op.create_table(
         "tenants",
         sa.Column("id", sa.String(64), primary_key=True),

@@ -1,4 +1,4 @@
-"""clusters: outbox
+"""clusters: outbox (frozen: later changes are migrations of their own)
 
 Revision ID: 0001
 Revises:
@@ -6,7 +6,7 @@ Revises:
 
 from alembic import op
 
-from services.clusters.models import outbox
+from libs.outbox import create_outbox_table
 
 revision = "0001"
 down_revision = None
@@ -15,4 +15,4 @@ depends_on = None
 
 
 def upgrade() -> None:
-    outbox.create(op.get_bind())
+    create_outbox_table(op, "clusters")

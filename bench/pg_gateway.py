@@ -1,0 +1,472 @@
+"""PG Gateway throughput and latency: pgbench through the gateway, direct, and through PgBouncer.
+
+    .venv/bin/python bench/pg_gateway.py [--duration 10] [--clients 1,10,50] [--scale 10]
+
+One compute (a real PostgreSQL from libs.embedded_pg, fsync and synchronous_commit on, TLS on)
+with the tenant role and a pgbench database, and three ways to reach it, measured side by side
+(interleaved per workload and client count) with pgbench over TLS (sslmode=require) each time:
+
+- `direct`: pgbench → the compute;
+- `gateway`: pgbench → the PG Gateway (its own process, pool size 20, SCRAM, transaction pooling)
+  → the compute. The gateway's control plane here is a static one (one tenant, one always-ready
+  database), so the figures are the relay's, not the control plane's;
+- `pgbouncer`: pgbench → Debian's PgBouncer in transaction mode (default_pool_size 20, TLS to
+  clients) → the compute. `scripts/install-system-deps.sh pgbouncer` installs it when missing.
+
+Workloads: select-only (`-S`) and TPC-B (pgbench's default script), at each client count.
+Reported: TPS, latency median (from pgbench's per-transaction log), the gateway/direct and
+gateway/pgbouncer ratios, the latency the gateway adds at one client, and CPU seconds per
+transaction of the gateway (and of PgBouncer) from /proc/<pid>/stat. Writes
+bench/results/pg_gateway.json, prints a markdown table and puts it in README.md's Benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import pwd
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
+
+import psycopg  # noqa: E402
+
+from libs.embedded_pg import PG_OS_USER, EmbeddedPostgres  # noqa: E402
+from pggateway.controlplane import Credentials, LeaseInfo  # noqa: E402
+from pggateway.scram import Verifier  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+BEGIN, END = "<!-- bench:pg_gateway -->", "<!-- /bench:pg_gateway -->"
+USER = "tnt_bench"
+PASSWORD = "bench-Pw-3c9e1a"
+DATABASE = "bench"
+TENANT_ID = "ten_bench"
+TARGETS = ("direct", "gateway", "pgbouncer")
+WORKLOADS = {"select-only": ["-S"], "tpc-b": []}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tool(name: str) -> str:
+    for cand in (Path("/usr/lib/postgresql/15/bin") / name, shutil.which(name), Path("/usr/sbin") / name):
+        if cand and os.access(cand, os.X_OK):
+            return str(cand)
+    raise SystemExit(f"{name} not found")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process {proc.args!r} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} did not open")
+
+
+# -- the gateway child process ----------------------------------------------------------------
+
+
+class StaticControlPlane:
+    """One tenant and one database that is always ready at a fixed address."""
+
+    def __init__(self, compute_port: int) -> None:
+        verifier = Verifier.from_password(PASSWORD).text()
+        self._creds = Credentials(TENANT_ID, "bench", USER, verifier, "active", PASSWORD)
+        self._lease = LeaseInfo("lease-bench", "db-bench", 1, "ready", "127.0.0.1", compute_port, False)
+
+    async def lookup_credentials(self, pg_user: str) -> Credentials:
+        return self._creds
+
+    async def acquire_lease(
+        self, tenant_id: str, database: str, holder_id: str, ttl: float, wait: float
+    ) -> LeaseInfo:
+        return self._lease
+
+    async def renew_lease(self, lease_id: str, epoch: int, ttl: float, active_connections: int) -> LeaseInfo:
+        return self._lease
+
+    async def release_lease(self, lease_id: str, epoch: int) -> None:
+        return None
+
+
+def serve_gateway(port: int, compute_port: int, data_dir: Path, pool_size: int) -> None:
+    import uvloop
+
+    from pggateway.server import GatewayConfig, GatewayServer
+    from pggateway.tls import ensure_material
+
+    async def run() -> None:
+        config = GatewayConfig("127.0.0.1", port, "bench-gateway", pool_size=pool_size)
+        server = GatewayServer(
+            config, StaticControlPlane(compute_port), ensure_material(data_dir, "localhost")
+        )
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    uvloop.run(run())
+
+
+# -- set-up -----------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = Path(tempfile.mkdtemp(prefix="ctrlmesh-bench-pggw-"))
+        self.compute: EmbeddedPostgres | None = None
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.pgbouncer: subprocess.Popen[bytes] | None = None
+        self.ports: dict[str, int] = {}
+
+    def setup(self) -> None:
+        pw = pwd.getpwnam(PG_OS_USER) if os.geteuid() == 0 else None
+        # The compute: durable settings, as the databases service runs a writer, plus room for
+        # 50 direct clients next to both pools.
+        settings = {"max_connections": "200", "shared_buffers": "256MB"}
+        # Debian's server build: the one bundled with pgserver has no TLS, and `direct` is over TLS.
+        distro = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+        bindir = distro[-1].parent if distro else None
+        self.compute = EmbeddedPostgres(
+            self.work / "compute", port=_free_port(), settings=settings, bindir=bindir
+        )
+        self.compute.start()
+        from pggateway.tls import ensure_material
+
+        tls = ensure_material(self.work / "gw", "localhost")
+        cluster = self.compute.cluster_dir
+        for src, name in ((tls.cert_path, "bench.crt"), (tls.key_path, "bench.key")):
+            shutil.copy(src, cluster / name)
+            os.chmod(cluster / name, 0o600)
+            if pw is not None:
+                os.chown(cluster / name, pw.pw_uid, pw.pw_gid)
+        verifier = Verifier.from_password(PASSWORD).text()
+        with psycopg.connect(self.compute.dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {USER} LOGIN PASSWORD '{verifier}'")
+            conn.execute(f"CREATE DATABASE {DATABASE} OWNER {USER}")
+            conn.execute("ALTER SYSTEM SET ssl_cert_file = 'bench.crt'")
+            conn.execute("ALTER SYSTEM SET ssl_key_file = 'bench.key'")
+            conn.execute("ALTER SYSTEM SET ssl = on")
+            conn.execute("SELECT pg_reload_conf()")
+        self.ports["direct"] = self.compute.port
+        print(f"pgbench -i -s {self.args.scale} …", flush=True)
+        init = subprocess.run(
+            [_tool("pgbench"), "-i", "-q", "-s", str(self.args.scale), *self._conn("direct")],
+            env=self._env(),
+            capture_output=True,
+            text=True,
+        )
+        if init.returncode != 0:
+            raise SystemExit(init.stderr)
+
+        self.ports["gateway"] = _free_port()
+        self.gateway = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--serve-gateway",
+                f"--gateway-port={self.ports['gateway']}",
+                f"--compute-port={self.compute.port}",
+                f"--data-dir={self.work / 'gw'}",
+                f"--pool-size={self.args.pool_size}",
+            ],
+            cwd=ROOT,
+        )
+        _wait_port(self.ports["gateway"], self.gateway)
+
+        if "pgbouncer" in self.args.targets:
+            subprocess.run(
+                ["bash", str(ROOT / "scripts" / "install-system-deps.sh"), "pgbouncer"], check=True
+            )
+            self.ports["pgbouncer"] = _free_port()
+            bdir = self.work / "pgbouncer"
+            bdir.mkdir()
+            shutil.copy(tls.cert_path, bdir / "tls.crt")
+            shutil.copy(tls.key_path, bdir / "tls.key")
+            (bdir / "userlist.txt").write_text(f'"{USER}" "{PASSWORD}"\n')
+            (bdir / "pgbouncer.ini").write_text(
+                f"""[databases]
+{DATABASE} = host=127.0.0.1 port={self.compute.port} dbname={DATABASE}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.ports["pgbouncer"]}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {bdir / "userlist.txt"}
+pool_mode = transaction
+default_pool_size = {self.args.pool_size}
+max_client_conn = 500
+client_tls_sslmode = require
+client_tls_cert_file = {bdir / "tls.crt"}
+client_tls_key_file = {bdir / "tls.key"}
+server_tls_sslmode = disable
+ignore_startup_parameters = extra_float_digits
+log_connections = 0
+log_disconnections = 0
+logfile = {bdir / "pgbouncer.log"}
+pidfile = {bdir / "pgbouncer.pid"}
+"""
+            )
+            kw: dict[str, Any] = {}
+            if pw is not None:  # PgBouncer refuses to run as root
+                for p in [bdir, *bdir.iterdir()]:
+                    os.chown(p, pw.pw_uid, pw.pw_gid)
+                os.chmod(self.work, 0o755)
+                kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+            self.pgbouncer = subprocess.Popen([_tool("pgbouncer"), "-q", str(bdir / "pgbouncer.ini")], **kw)
+            _wait_port(self.ports["pgbouncer"], self.pgbouncer)
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "PGPASSWORD": PASSWORD, "PGSSLMODE": "require", "PGCONNECT_TIMEOUT": "30"}
+
+    def _conn(self, target: str) -> list[str]:
+        return ["-h", "127.0.0.1", "-p", str(self.ports[target]), "-U", USER, DATABASE]
+
+    def _pid(self, target: str) -> int | None:
+        proc = {"gateway": self.gateway, "pgbouncer": self.pgbouncer}.get(target)
+        return proc.pid if proc is not None else None
+
+    # -- one pgbench run ----------------------------------------------------------------------
+    def run(self, workload: str, clients: int, target: str) -> dict[str, Any]:
+        logdir = self.work / "logs" / f"{workload}-{clients}-{target}"
+        logdir.mkdir(parents=True)
+        cmd = [
+            _tool("pgbench"),
+            "-n",
+            *WORKLOADS[workload],
+            "-c",
+            str(clients),
+            "-j",
+            str(min(clients, 2)),
+            "-T",
+            str(self.args.duration),
+            "-l",
+            f"--log-prefix={logdir / 'tx'}",
+            *self._conn(target),
+        ]
+        pid = self._pid(target)
+        cpu0 = _cpu_seconds(pid) if pid else 0.0
+        r = subprocess.run(cmd, env=self._env(), capture_output=True, text=True)
+        cpu = (_cpu_seconds(pid) - cpu0) if pid else None
+        if r.returncode != 0 or "tps = " not in r.stdout:
+            raise SystemExit(f"pgbench failed ({target}, {workload}, {clients}):\n{r.stdout}\n{r.stderr}")
+        tps = float(r.stdout.split("tps = ")[1].split()[0])
+        processed = int(
+            r.stdout.split("number of transactions actually processed: ")[1].split("\n")[0].split()[0]
+        )
+        latencies = []
+        for f in logdir.iterdir():
+            with f.open() as fh:
+                latencies += [int(line.split()[2]) for line in fh]
+        shutil.rmtree(logdir)
+        out: dict[str, Any] = {
+            "workload": workload,
+            "clients": clients,
+            "target": target,
+            "tps": round(tps, 1),
+            "transactions": processed,
+            "latency_p50_ms": round(statistics.median(latencies) / 1000, 3) if latencies else None,
+            "latency_p99_ms": round(statistics.quantiles(latencies, n=100)[98] / 1000, 3)
+            if len(latencies) > 100
+            else None,
+        }
+        if cpu is not None and processed:
+            out["cpu_seconds"] = round(cpu, 2)
+            out["cpu_us_per_tx"] = round(cpu / processed * 1e6, 1)
+        print(
+            f"  {workload:12} c={clients:<3} {target:10} {tps:10.0f} tps  p50 {out['latency_p50_ms']} ms"
+            + (f"  cpu {out['cpu_us_per_tx']} µs/tx" if "cpu_us_per_tx" in out else ""),
+            flush=True,
+        )
+        return out
+
+    def teardown(self) -> None:
+        for proc in (self.gateway, self.pgbouncer):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        if self.compute is not None:
+            self.compute.destroy()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    by = {(r["workload"], r["clients"], r["target"]): r for r in runs}
+    for workload in WORKLOADS:
+        for clients in sorted({r["clients"] for r in runs}):
+            direct, gw, pgb = (by.get((workload, clients, t)) for t in TARGETS)
+            if gw is None:
+                continue
+            row: dict[str, Any] = {"workload": workload, "clients": clients, "gateway_tps": gw["tps"]}
+            row["gateway_p50_ms"] = gw["latency_p50_ms"]
+            row["gateway_cpu_us_per_tx"] = gw.get("cpu_us_per_tx")
+            if direct is not None:
+                row["direct_tps"] = direct["tps"]
+                row["direct_p50_ms"] = direct["latency_p50_ms"]
+                row["gateway_vs_direct"] = round(gw["tps"] / direct["tps"], 2)
+                row["added_latency_p50_us"] = round((gw["latency_p50_ms"] - direct["latency_p50_ms"]) * 1000)
+            if pgb is not None:
+                row["pgbouncer_tps"] = pgb["tps"]
+                row["pgbouncer_p50_ms"] = pgb["latency_p50_ms"]
+                row["gateway_vs_pgbouncer"] = round(gw["tps"] / pgb["tps"], 2)
+                row["pgbouncer_cpu_us_per_tx"] = pgb.get("cpu_us_per_tx")
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    def f(v: Any, unit: str = "") -> str:
+        return "-" if v is None else f"{v:,.0f}{unit}" if isinstance(v, float) and v >= 100 else f"{v}{unit}"
+
+    lines = [
+        "| pgbench (TLS everywhere) | clients | direct TPS | gateway TPS | PgBouncer TPS | gw/direct | gw/PgBouncer "
+        "| p50 direct / gw / PgBouncer (ms) | gw CPU per tx |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} | {r['clients']} | {f(r.get('direct_tps'))} | {f(r['gateway_tps'])} "
+            f"| {f(r.get('pgbouncer_tps'))} | {f(r.get('gateway_vs_direct'), 'x')} | {f(r.get('gateway_vs_pgbouncer'), 'x')} "
+            f"| {r.get('direct_p50_ms', '-')} / {r['gateway_p50_ms']} / {r.get('pgbouncer_p50_ms', '-')} "
+            f"| {f(r.get('gateway_cpu_us_per_tx'), ' µs')} |"
+        )
+    one = [r for r in rows if r["clients"] == 1 and "added_latency_p50_us" in r]
+    added = ", ".join(
+        f"{r['workload']} {r['added_latency_p50_us']} µs"
+        + (" (7 statements)" if r["workload"] == "tpc-b" else "")
+        for r in one
+    )
+    lines += [
+        "",
+        f"Latency the gateway adds per transaction at 1 client (p50, vs direct): {added or '-'}. "
+        f"{meta['cpus']} CPUs shared by pgbench, PostgreSQL and the pooler; {meta['duration_s']} s per run, "
+        f"scale {meta['scale']}, pool size {meta['pool_size']}, fsync on; the three targets run back to back "
+        "per row, and figures move by tens of percent between runs on this shared machine; "
+        f"`bench/pg_gateway.py`, {meta['date']}.",
+    ]
+    return "\n".join(lines)
+
+
+def write_readme(text: str) -> None:
+    """Replace this benchmark's block under README.md's Benchmarks heading (made if missing)."""
+    readme = ROOT / "README.md"
+    body = readme.read_text()
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in body:
+        head, rest = body.split(BEGIN, 1)
+        body = head + block + rest.split(END, 1)[1]
+    else:
+        if "## Benchmarks" not in body:
+            body = body.rstrip("\n") + "\n\n## Benchmarks\n"
+        head, rest = body.split("## Benchmarks", 1)
+        parts = rest.split("\n## ", 1)
+        section = parts[0].rstrip("\n") + f"\n\n{block}\n"
+        body = head + "## Benchmarks" + section + ("\n## " + parts[1] if len(parts) > 1 else "")
+    readme.write_text(body)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--duration", type=int, default=10, help="seconds per pgbench run")
+    ap.add_argument("--clients", default="1,10,50")
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--pool-size", type=int, default=20)
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--out", type=Path, default=RESULTS / "pg_gateway.json")
+    ap.add_argument("--no-readme", action="store_true", help="do not update README.md's Benchmarks table")
+    ap.add_argument(
+        "--report-only", action="store_true", help="re-render the table from --out, measure nothing"
+    )
+    ap.add_argument("--serve-gateway", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gateway-port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--compute-port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_gateway:
+        serve_gateway(args.gateway_port, args.compute_port, args.data_dir, args.pool_size)
+        return
+    if args.report_only:
+        saved = json.loads(args.out.read_text())
+        text = table(saved["summary"], saved["meta"])
+        print(text)
+        if not args.no_readme:
+            write_readme(text)
+        return
+    args.targets = [t for t in args.targets.split(",") if t]
+    clients = [int(c) for c in args.clients.split(",")]
+    workloads = [w for w in args.workloads.split(",") if w]
+
+    bench = Bench(args)
+    runs: list[dict[str, Any]] = []
+    try:
+        bench.setup()
+        for workload in workloads:
+            for c in clients:
+                for target in args.targets:
+                    runs.append(bench.run(workload, c, target))
+    finally:
+        bench.teardown()
+
+    meta = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "duration_s": args.duration,
+        "scale": args.scale,
+        "pool_size": args.pool_size,
+        "tls": "sslmode=require for every target; the pools reach the compute in plain TCP",
+        "openssl": ssl.OPENSSL_VERSION,
+    }
+    rows = summarize(runs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=2) + "\n")
+    text = table(rows, meta)
+    print()
+    print(text)
+    if not args.no_readme:
+        write_readme(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# System packages that tests and benchmarks start for real, installed from Debian's archive when
+# missing. Idempotent: a component already present is left alone, and nothing is upgraded.
+#
+#   scripts/install-system-deps.sh [component...]     (default: all)
+#
+# Components:
+#   pgbouncer   PgBouncer, the reference pooler bench/pg_gateway.py measures the PG Gateway
+#               against (run by the bench itself; Debian's own service is kept stopped, since
+#               it would listen on 6432, the PG Gateway's default port).
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+APT_UPDATED=""
+
+apt_install() {
+  if [ -z "$APT_UPDATED" ]; then
+    $SUDO apt-get update -qq
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@"
+}
+
+install_pgbouncer() {
+  if command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; then
+    return 0
+  fi
+  echo "installing pgbouncer (Debian package)"
+  apt_install pgbouncer
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now pgbouncer >/dev/null 2>&1 || true
+  else
+    $SUDO service pgbouncer stop >/dev/null 2>&1 || true
+  fi
+}
+
+components=("$@")
+if [ ${#components[@]} -eq 0 ]; then components=(pgbouncer); fi
+for c in "${components[@]}"; do
+  case "$c" in
+    pgbouncer) install_pgbouncer ;;
+    *) echo "unknown component: $c" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Builds the test images locally, never pulling from a registry: `docker import` of a tiny rootfs
+# holding Debian's busybox-static, serving /www with busybox httpd on port 8080.
+#
+#   ctrlmesh-test/httpd:v1      index.html says "v1"; /healthz answers 200
+#   ctrlmesh-test/httpd:v2      index.html says "v2"; /healthz answers 200
+#   ctrlmesh-test/httpd:broken  serves, but has no /healthz (its http health check fails)
+#
+# Every image writes $GREETING (when set) to /www/env.txt at start, so tests can see the
+# environment a deploy gave it, and logs each request to stderr.
+#
+# Usage: DOCKER_HOST=... scripts/test-images.sh   (idempotent: present images are kept)
+set -euo pipefail
+
+REPO=ctrlmesh-test/httpd
+# Bump when the recipe changes so existing images are rebuilt.
+RECIPE=3
+
+log() { echo "test-images: $*" >&2; }
+
+have() {
+  [ "$(docker image inspect --format '{{index .Config.Labels "ctrlmesh.recipe"}}' "$1" 2>/dev/null || true)" = "$RECIPE" ]
+}
+
+if have "$REPO:v1" && have "$REPO:v2" && have "$REPO:broken"; then
+  exit 0
+fi
+
+BUSYBOX=/bin/busybox
+if ! [ -x "$BUSYBOX" ] || ! "$BUSYBOX" --list 2>/dev/null | grep -qx httpd || ldd "$BUSYBOX" >/dev/null 2>&1; then
+  # Debian's busybox-static is a static binary with httpd; the dynamic `busybox` package is not
+  # usable inside an empty rootfs.
+  export DEBIAN_FRONTEND=noninteractive
+  if ! dpkg -s busybox-static >/dev/null 2>&1; then
+    log "installing Debian's busybox-static"
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends busybox-static >&2
+  fi
+fi
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+build() {
+  local tag=$1 content=$2 healthz=$3
+  local root="$work/$tag"
+  mkdir -p "$root/bin" "$root/www" "$root/tmp" "$root/etc"
+  cp "$BUSYBOX" "$root/bin/busybox"
+  for applet in $("$BUSYBOX" --list); do
+    [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
+  done
+  echo "root:x:0:0:root:/:/bin/sh" >"$root/etc/passwd"
+  echo "root:x:0:" >"$root/etc/group"
+  echo "$content" >"$root/www/index.html"
+  if [ "$healthz" = yes ]; then echo ok >"$root/www/healthz"; fi
+  tar -C "$root" -cf "$work/$tag.tar" .
+  docker import \
+    --change 'ENV PATH=/bin' \
+    --change 'EXPOSE 8080' \
+    --change "LABEL ctrlmesh.recipe=$RECIPE" \
+    --change 'CMD ["/bin/sh", "-c", "[ -z \"$GREETING\" ] || echo \"$GREETING\" > /www/env.txt; echo \"serving on 8080\"; exec httpd -f -v -p 8080 -h /www"]' \
+    "$work/$tag.tar" "$REPO:$tag" >/dev/null
+  log "built $REPO:$tag"
+}
+
+build v1 "ctrlmesh-test v1" yes
+build v2 "ctrlmesh-test v2" yes
+build broken "ctrlmesh-test broken" no

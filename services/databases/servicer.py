@@ -1,0 +1,200 @@
+"""Transport for databases: proto ⇄ domain, nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import grpc
+from ctrlmesh.common.v1 import internal_pb2
+from ctrlmesh.databases.v1 import databases_pb2 as pb
+from ctrlmesh.databases.v1 import databases_pb2_grpc as rpc
+from google.protobuf import duration_pb2, empty_pb2, struct_pb2, timestamp_pb2
+
+from libs import principal as principals
+from services.databases import events
+from services.databases.domain import DatabasesDomain, EventsDomain, LeaseDomain, deadline_after
+from services.databases.repository import Db, LeaseRow
+from services.databases.state import State
+
+
+def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    t = timestamp_pb2.Timestamp()
+    t.FromDatetime(value)
+    return t
+
+
+def duration(value: duration_pb2.Duration, present: bool) -> timedelta | None:
+    return value.ToTimedelta() if present else None
+
+
+def database(d: Db, tenant: str = "") -> pb.Database:
+    msg = pb.Database(
+        db_id=d.id,
+        name=d.name,
+        tenant=tenant,
+        tenant_id=d.tenant_id,
+        size=d.size,
+        state=d.state,
+        timeline=d.timeline,
+        worker_id=d.worker_id,
+        active_connections=d.active_connections,
+        last_used_at=ts(d.last_used_at),
+        current_scale=d.current_scale,
+        target_scale=d.target_scale,
+        current_profile=d.current_profile,
+        target_profile=d.target_profile,
+        scale_state=d.scale_state,
+        freeze_new_checkouts=d.freeze_new_checkouts,
+        lease_control_epoch=d.lease_control_epoch,
+        autoscale_cooldown_until=ts(d.autoscale_cooldown_until),
+        scale_phase_started_at=ts(d.scale_phase_started_at),
+        scale_phase_deadline_at=ts(d.scale_phase_deadline_at),
+        created_at=ts(d.created_at),
+        updated_at=ts(d.updated_at),
+    )
+    for f in ("candidate_profile", "candidate_worker_id", "candidate_writer_term", "scale_failure_reason"):
+        value = getattr(d, f)
+        if value is not None:
+            setattr(msg, f, value)
+    return msg
+
+
+def writer(d: Db) -> tuple[str, int]:
+    """The address to route to, only while the writer is `ready`."""
+    return (d.writer_host, d.writer_port) if d.state == State.READY else ("", 0)
+
+
+def lease(row: LeaseRow, d: Db) -> pb.Lease:
+    host, port = writer(d)
+    return pb.Lease(
+        lease_id=row.id,
+        db_id=row.db_id,
+        epoch=row.epoch,
+        expires_at=ts(row.expires_at),
+        writer_host=host,
+        writer_port=port,
+        state=d.state,
+        freeze_new_checkouts=d.freeze_new_checkouts,
+    )
+
+
+class DatabaseService(rpc.DatabaseServiceServicer):
+    def __init__(self, domain: DatabasesDomain, events_: EventsDomain):
+        self.d = domain
+        self.e = events_
+
+    async def CreateDatabase(self, request, context):  # type: ignore[no-untyped-def]
+        row, t = await self.d.create(
+            principals.current(),
+            request.tenant,
+            request.name,
+            request.size,
+            start_immediately=request.start_immediately,
+            initial_scale=request.initial_scale,
+        )
+        return database(row, t.name)
+
+    async def ListDatabases(self, request, context):  # type: ignore[no-untyped-def]
+        rows, total, t = await self.d.list(
+            principals.current(),
+            request.tenant,
+            state=request.state,
+            name_prefix=request.name_prefix,
+            limit=request.limit,
+            offset=request.offset,
+        )
+        return pb.ListDatabasesResponse(items=[database(r, t.name) for r in rows], total=total)
+
+    async def GetDatabase(self, request, context):  # type: ignore[no-untyped-def]
+        row, t = await self.d.get(principals.current(), request.tenant, request.db)
+        return database(row, t.name)
+
+    async def GetDatabaseById(self, request, context):  # type: ignore[no-untyped-def]
+        row, t = await self.d.get_by_id(principals.current(), request.db_id)
+        return database(row, t.name)
+
+    async def DeleteDatabase(self, request, context):  # type: ignore[no-untyped-def]
+        row, t = await self.d.delete(principals.current(), request.tenant, request.db, force=request.force)
+        return database(row, t.name)
+
+    async def StartDatabase(self, request, context):  # type: ignore[no-untyped-def]
+        self.d.manual_lifecycle("start")
+        return empty_pb2.Empty()
+
+    async def StopDatabase(self, request, context):  # type: ignore[no-untyped-def]
+        self.d.manual_lifecycle("stop")
+        return empty_pb2.Empty()
+
+    async def ScaleDatabase(self, request, context):  # type: ignore[no-untyped-def]
+        self.d.manual_lifecycle("scale")
+        return empty_pb2.Empty()
+
+    async def ResolveDatabase(self, request, context):  # type: ignore[no-untyped-def]
+        row = await self.d.resolve(principals.current(), request.tenant_id, request.name)
+        host, port = writer(row)
+        return pb.ResolveDatabaseResponse(database=database(row), writer_host=host, writer_port=port)
+
+    async def WatchDatabaseEvents(self, request, context) -> AsyncIterator[internal_pb2.Event]:  # type: ignore[no-untyped-def,override]
+        after = await self.e.start(principals.current(), request.last_event_id)
+        if request.send_head and not request.last_event_id:
+            yield internal_pb2.Event(id=str(after), type=events.STREAM_HEAD, time=ts(datetime.now(UTC)))
+        rows = self.e.watch(
+            after,
+            tenant_id=request.tenant_id,
+            account_id=request.account_id,
+            db_id=request.db_id,
+            types=list(request.type),
+        )
+        async for row in rows:
+            data = struct_pb2.Struct()
+            data.update(row["data"])
+            yield internal_pb2.Event(
+                id=str(row["seq"]),
+                type=row["type"],
+                tenant_id=row["tenant_id"],
+                resource=row["resource"],
+                resource_id=row["resource_id"],
+                data=data,
+                time=ts(row["created_at"]),
+            )
+
+
+class LeaseService(rpc.LeaseServiceServicer):
+    def __init__(self, domain: LeaseDomain):
+        self.d = domain
+
+    async def AcquireLease(self, request, context):  # type: ignore[no-untyped-def]
+        row, db = await self.d.acquire(
+            principals.current(),
+            request.tenant_id,
+            request.database,
+            request.holder_id,
+            duration(request.ttl, request.HasField("ttl")),
+            wait_until=deadline_after(context.time_remaining()) if request.wait else None,
+        )
+        return lease(row, db)
+
+    async def RenewLease(self, request, context):  # type: ignore[no-untyped-def]
+        row, db = await self.d.renew(
+            principals.current(),
+            request.lease_id,
+            request.epoch,
+            duration(request.ttl, request.HasField("ttl")),
+            request.active_connections,
+        )
+        return lease(row, db)
+
+    async def ReleaseLease(self, request, context):  # type: ignore[no-untyped-def]
+        await self.d.release(principals.current(), request.lease_id, request.epoch)
+        return empty_pb2.Empty()
+
+
+def register(
+    server: grpc.aio.Server, databases: DatabasesDomain, leases: LeaseDomain, events_: EventsDomain
+) -> list[str]:
+    rpc.add_DatabaseServiceServicer_to_server(DatabaseService(databases, events_), server)
+    rpc.add_LeaseServiceServicer_to_server(LeaseService(leases), server)
+    return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

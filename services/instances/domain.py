@@ -1,0 +1,442 @@
+"""Instance lifecycle: create, read, change and delete instances, with tenant scoping, quotas and
+suspension. Plain Python over SQLAlchemy sessions; no gRPC here.
+
+Every change is recorded as desired state and answered at once with the instance in its
+transitional state; the reconciler (reconciler.py) drives the engine there. Quota decisions take
+a per-tenant advisory lock, so concurrent creates and scales cannot together exceed a quota.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from libs import ids
+from libs.db import Database
+from libs.errors import InvalidArgument, InvalidState, PermissionDenied, QuotaExceeded, not_found
+from libs.outbox import Outbox
+from libs.pagination import decode_cursor, encode_cursor, page_limit
+from libs.principal import Principal, is_global, is_system
+from services.instances import repository as repo
+from services.instances import specs
+from services.instances.providers import Registry
+from services.instances.repository import Row, Scope, now
+from services.instances.tenants import Limits, Tenants
+
+# Upstream event names for state changes (ctrlplane's instance.* events).
+STATE_EVENTS = {"running": "instance.started", "stopped": "instance.stopped", "failed": "instance.failed"}
+
+
+@dataclass
+class Page:
+    items: list[Row]
+    next_cursor: str
+    total: int
+
+
+def event_data(row: Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "tenant_id": row["tenant_id"],
+        "name": row["name"],
+        "state": row["state"],
+        "provider_name": row["provider_name"],
+        "current_release": row.get("current_release", ""),
+    }
+
+
+def check_quota(limits: Limits, used: dict[str, int], add: dict[str, int]) -> None:
+    """Refuse when an increase would pass a cap (0 = no cap). Decreases are always allowed."""
+    caps = {
+        "instances": ("max_instances", limits.max_instances),
+        "cpu_millis": ("max_cpu_millis", limits.max_cpu_millis),
+        "memory_mb": ("max_memory_mb", limits.max_memory_mb),
+        "disk_mb": ("max_disk_mb", limits.max_disk_mb),
+    }
+    for key, (quota, cap) in caps.items():
+        want = add.get(key, 0)
+        if cap and want > 0 and used.get(key, 0) + want > cap:
+            raise QuotaExceeded(
+                f"quota {quota} of {cap} would be exceeded: {used.get(key, 0)} in use, {want} more requested",
+                details={"quota": quota, "limit": cap, "used": used.get(key, 0), "requested": want},
+            )
+
+
+class InstancesDomain:
+    def __init__(
+        self, db: Database, registry: Registry, tenants: Tenants, outbox: Outbox, wake: Callable[[], None]
+    ):
+        self.db = db
+        self.registry = registry
+        self.tenants = tenants
+        self.outbox = outbox
+        self.wake = wake
+
+    # -- shared helpers ----------------------------------------------------------------------
+
+    async def publish(self, s: AsyncSession, type_: str, row: Row, **extra: Any) -> None:
+        await self.outbox.publish(
+            s,
+            type_,
+            resource="instance",
+            resource_id=row["id"],
+            tenant_id=row["tenant_id"],
+            account_id=row.get("account_id", ""),
+            data={**event_data(row), **extra},
+        )
+
+    async def transition(self, s: AsyncSession, row: Row, state: str, **values: Any) -> bool:
+        """Move an instance to `state` if it is still where `row` saw it; records the events."""
+        if not specs.can_transition(row["state"], state):
+            raise InvalidState(
+                f"instance {row['id']!r} cannot go from {row['state']} to {state}",
+                details={"state": row["state"], "target": state},
+            )
+        if not await repo.update_instance(
+            s, row["id"], {"state": state, **values}, expect_state=row["state"]
+        ):
+            return False
+        new = {**row, "state": state, **values}
+        await self.publish(s, "instance.state_changed", new, previous_state=row["state"])
+        if state in STATE_EVENTS:
+            await self.publish(s, STATE_EVENTS[state], new)
+        return True
+
+    async def _load(self, s: AsyncSession, p: Principal, instance_id: str, *, lock: bool = False) -> Row:
+        row = await repo.get_instance(s, Scope.of(p), instance_id, lock=lock)
+        if row is None:
+            raise not_found("instance", instance_id)
+        return row
+
+    async def writable(self, p: Principal, tenant_id: str) -> Limits | None:
+        """Refuse writes in a suspended tenant (platform operators may still clean up)."""
+        if is_system(p):
+            return None
+        limits = await self.tenants.limits(p, tenant_id)
+        if limits.suspended and not is_global(p):
+            raise PermissionDenied(
+                "the tenant is suspended; its instances are read-only", details={"tenant_id": tenant_id}
+            )
+        return limits
+
+    @staticmethod
+    def _not_suspended(row: Row) -> None:
+        if row["suspended_at"] is not None:
+            raise InvalidState(
+                f"instance {row['id']!r} is suspended; unsuspend it first", details={"state": row["state"]}
+            )
+
+    def _target_tenant(self, p: Principal, tenant_id: str) -> str:
+        if p.scope == "tenant":
+            if tenant_id and tenant_id != p.tenant_id:
+                raise not_found("tenant", tenant_id)
+            return p.tenant_id
+        if not tenant_id:
+            raise InvalidArgument(
+                "tenant_id is required with a global or account key",
+                fields={"tenant_id": "required for this key"},
+            )
+        return tenant_id
+
+    # -- create and read ---------------------------------------------------------------------
+
+    async def create(
+        self,
+        p: Principal,
+        *,
+        tenant_id: str,
+        name: str,
+        provider_name: str,
+        services: list[dict[str, Any]],
+        replicas: int,
+        labels: dict[str, str],
+    ) -> Row:
+        target = self._target_tenant(p, tenant_id)
+        limits = await self.tenants.limits(p, target)
+        if limits.suspended:
+            raise PermissionDenied(
+                "the tenant is suspended; it cannot create instances", details={"tenant_id": target}
+            )
+        provider = self.registry.resolve(provider_name)
+        per = specs.per_replica(services)
+        main = specs.main_service(services)
+        t = now()
+        instance_id, release_id = ids.new_id("inst"), ids.new_id("rel")
+        row: Row = {
+            "id": instance_id,
+            "tenant_id": limits.tenant_id,
+            "account_id": limits.account_id,
+            "name": name,
+            "slug": specs.slugify(name),
+            "provider_name": provider,
+            "state": "provisioning",
+            "desired_state": "running",
+            "image": main["image"],
+            **per,
+            "replicas": replicas,
+            "spec": {"services": services},
+            "labels": labels,
+            "suspended_at": None,
+            "suspend_reason": "",
+            "current_release": release_id,
+            "endpoints": [],
+            "generation": 0,
+            "observed_generation": 0,
+            "last_error": "",
+            "created_at": t,
+            "updated_at": t,
+        }
+        async with self.db.session() as s:
+            await repo.lock_tenant(s, limits.tenant_id)
+            used = await repo.tenant_usage(s, limits.tenant_id)
+            check_quota(limits, used, {"instances": 1, **{k: v * replicas for k, v in per.items()}})
+            await repo.insert_instance(s, row)
+            # The first release is what the instance was created with, so it can be rolled back to.
+            await repo.insert_release(
+                s,
+                {
+                    "id": release_id,
+                    "tenant_id": limits.tenant_id,
+                    "instance_id": instance_id,
+                    "version": 1,
+                    "snapshot": {"services": services, "replicas": replicas},
+                    "notes": "initial provisioning",
+                    "commit_sha": "",
+                    "active": True,
+                    "created_at": t,
+                },
+            )
+            await self.publish(s, "instance.created", row)
+        await self.outbox.notify()
+        self.wake()
+        return row
+
+    async def get(self, p: Principal, instance_id: str) -> Row:
+        async with self.db.session() as s:
+            return await self._load(s, p, instance_id)
+
+    async def find(
+        self, p: Principal, *, state: str, label: str, provider: str, tenant_id: str, cursor: str, limit: int
+    ) -> Page:
+        after = decode_cursor(cursor)
+        n = page_limit(limit)
+        pair = None
+        if label:
+            k, _, v = label.partition("=")
+            pair = (k, v)
+        async with self.db.session() as s:
+            rows, total = await repo.list_instances(
+                s,
+                Scope.of(p),
+                state=state,
+                label=pair,
+                provider=provider,
+                tenant_id=tenant_id,
+                after=after,
+                limit=n,
+            )
+        return Page(rows[:n], encode_cursor(rows[n - 1]["id"]) if len(rows) > n else "", total)
+
+    # -- changes -----------------------------------------------------------------------------
+
+    async def update(
+        self,
+        p: Principal,
+        instance_id: str,
+        *,
+        name: str | None,
+        labels: dict[str, str],
+        services: list[dict[str, Any]],
+    ) -> Row:
+        if services:
+            raise InvalidArgument(
+                "services change through a deployment (POST /v1/instances/{id}/deploy), not PATCH",
+                fields={"services": "use deploy"},
+            )
+        row = await self.get(p, instance_id)
+        await self.writable(p, row["tenant_id"])
+        values: dict[str, Any] = {}
+        if name is not None:
+            values.update(name=name, slug=specs.slugify(name))
+        if labels:
+            values["labels"] = labels
+        async with self.db.session() as s:
+            row = await self._load(s, p, instance_id, lock=True)
+            if values:
+                await repo.update_instance(s, instance_id, values)
+                row = {**row, **values, "updated_at": now()}
+                await self.publish(s, "instance.updated", row)
+        await self.outbox.notify()
+        return row
+
+    async def _act(self, p: Principal, instance_id: str, action: Callable[[AsyncSession, Row], Any]) -> Row:
+        """Common frame of the state-changing actions: visibility, suspension of the tenant, the
+        row lock, the action, then wake the reconciler."""
+        row = await self.get(p, instance_id)
+        await self.writable(p, row["tenant_id"])
+        async with self.db.session() as s:
+            row = await self._load(s, p, instance_id, lock=True)
+            await action(s, row)
+        await self.outbox.notify()
+        self.wake()
+        return await self.get(p, instance_id)
+
+    async def start(self, p: Principal, instance_id: str) -> Row:
+        async def act(s: AsyncSession, row: Row) -> None:
+            self._not_suspended(row)
+            if row["state"] == "provisioning":
+                await repo.update_instance(s, row["id"], {"desired_state": "running"})
+                return
+            if row["state"] not in ("stopped", "failed"):
+                raise InvalidState(
+                    f"instance {row['id']!r} is {row['state']}; start needs provisioning, stopped or failed",
+                    details={"state": row["state"]},
+                )
+            await self.transition(s, row, "starting", desired_state="running", last_error="")
+
+        return await self._act(p, instance_id, act)
+
+    async def stop(self, p: Principal, instance_id: str) -> Row:
+        async def act(s: AsyncSession, row: Row) -> None:
+            self._not_suspended(row)
+            if row["state"] != "running":
+                raise InvalidState(
+                    f"instance {row['id']!r} is {row['state']}; stop needs running",
+                    details={"state": row["state"]},
+                )
+            await self._cancel_in_flight(s, row["id"])
+            await self.transition(s, row, "stopping", desired_state="stopped")
+
+        return await self._act(p, instance_id, act)
+
+    async def restart(self, p: Principal, instance_id: str) -> Row:
+        async def act(s: AsyncSession, row: Row) -> None:
+            self._not_suspended(row)
+            if row["state"] == "running":
+                # Down and up again: stopping, then the reconciler starts it (desired running).
+                await self.transition(s, row, "stopping", desired_state="running")
+            elif row["state"] in ("stopped", "failed"):
+                await self.transition(s, row, "starting", desired_state="running", last_error="")
+            else:
+                raise InvalidState(
+                    f"instance {row['id']!r} is {row['state']}; restart needs running, stopped or failed",
+                    details={"state": row["state"]},
+                )
+            await self.publish(s, "instance.restarted", row)
+
+        return await self._act(p, instance_id, act)
+
+    async def scale(
+        self, p: Principal, instance_id: str, *, resources: dict[str, int], replicas: int | None
+    ) -> Row:
+        row = await self.get(p, instance_id)
+        limits = await self.writable(p, row["tenant_id"])
+
+        async def act(s: AsyncSession, row: Row) -> None:
+            self._not_suspended(row)
+            if row["state"] not in ("running", "stopped", "failed"):
+                raise InvalidState(
+                    f"instance {row['id']!r} is {row['state']}; scale needs running, stopped or failed",
+                    details={"state": row["state"]},
+                )
+            if await repo.in_flight_deployment(s, row["id"]):
+                raise InvalidState(
+                    "a deployment is in progress; scale after it finishes", details={"state": row["state"]}
+                )
+            services = [dict(x, resources=dict(x["resources"])) for x in row["spec"]["services"]]
+            main = specs.main_service(services)
+            for k in ("cpu_millis", "memory_mb", "disk_mb"):
+                if resources.get(k):
+                    main["resources"][k] = int(resources[k])
+            n = row["replicas"] if replicas is None else replicas
+            per = specs.per_replica(services)
+            await repo.lock_tenant(s, row["tenant_id"])
+            if limits is not None:
+                used = await repo.tenant_usage(s, row["tenant_id"])
+                check_quota(limits, used, {k: per[k] * n - row[k] * row["replicas"] for k in per})
+            values = {"spec": {**row["spec"], "services": services}, **per, "replicas": n}
+            if row["state"] == "running":
+                values["generation"] = row["generation"] + 1
+            await repo.update_instance(s, row["id"], values)
+            await self.publish(
+                s, "instance.scaled", {**row, **values}, replicas=n, resources=main["resources"]
+            )
+
+        return await self._act(p, instance_id, act)
+
+    async def suspend(self, p: Principal, instance_id: str, reason: str) -> Row:
+        async def act(s: AsyncSession, row: Row) -> None:
+            if row["suspended_at"] is not None:
+                raise InvalidState(
+                    f"instance {row['id']!r} is already suspended", details={"state": row["state"]}
+                )
+            if row["state"] not in ("running", "stopped", "failed"):
+                raise InvalidState(
+                    f"instance {row['id']!r} is {row['state']}; suspend needs running, stopped or failed",
+                    details={"state": row["state"]},
+                )
+            values = {"suspended_at": now(), "suspend_reason": reason, "desired_state": "stopped"}
+            await self._cancel_in_flight(s, row["id"])
+            if row["state"] == "running":
+                await self.transition(s, row, "stopping", **values)
+            else:
+                await repo.update_instance(s, row["id"], values)
+            await self.publish(s, "instance.suspended", {**row, **values}, reason=reason)
+
+        return await self._act(p, instance_id, act)
+
+    async def unsuspend(self, p: Principal, instance_id: str, reason: str) -> Row:
+        async def act(s: AsyncSession, row: Row) -> None:
+            if row["suspended_at"] is None:
+                raise InvalidState(
+                    f"instance {row['id']!r} is not suspended", details={"state": row["state"]}
+                )
+            values = {"suspended_at": None, "suspend_reason": "", "desired_state": "running"}
+            if row["state"] in ("stopped", "failed"):
+                await self.transition(s, row, "starting", last_error="", **values)
+            else:
+                await repo.update_instance(s, row["id"], values)
+            await self.publish(s, "instance.unsuspended", {**row, **values}, reason=reason)
+
+        return await self._act(p, instance_id, act)
+
+    async def delete(self, p: Principal, instance_id: str) -> Row:
+        async def act(s: AsyncSession, row: Row) -> None:
+            if row["state"] in ("destroying", "destroyed"):
+                return
+            await self._cancel_in_flight(s, row["id"])
+            # Convergent: from any state; the reconciler removes whatever the engine holds.
+            await repo.update_instance(s, row["id"], {"state": "destroying", "desired_state": "destroyed"})
+            await self.publish(
+                s, "instance.state_changed", {**row, "state": "destroying"}, previous_state=row["state"]
+            )
+
+        return await self._act(p, instance_id, act)
+
+    async def _cancel_in_flight(self, s: AsyncSession, instance_id: str) -> None:
+        dep = await repo.in_flight_deployment(s, instance_id)
+        if dep is not None:
+            await repo.update_deployment(s, dep["id"], {"cancel_requested": True})
+
+    # -- tenant suspension -------------------------------------------------------------------
+
+    async def on_tenant_suspended(self, tenant_id: str) -> int:
+        """Stop every instance of a suspended tenant (they stay stopped after unsuspend)."""
+        stopped = 0
+        async with self.db.session() as s:
+            for row in await repo.tenant_instances(s, tenant_id):
+                if row["state"] in ("destroying", "destroyed", "stopped", "stopping", "failed"):
+                    continue
+                await self._cancel_in_flight(s, row["id"])
+                if row["state"] == "running":
+                    await self.transition(s, row, "stopping", desired_state="stopped")
+                else:
+                    await repo.update_instance(s, row["id"], {"desired_state": "stopped"})
+                await self.publish(s, "instance.tenant_suspended", row)
+                stopped += 1
+        await self.outbox.notify()
+        self.wake()
+        return stopped

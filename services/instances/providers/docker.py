@@ -1,0 +1,374 @@
+"""The `docker` provider: one Docker engine, one container per replica.
+
+Containers carry CPU and memory limits, the service's environment, our labels
+(`ctrlmesh.instance=<id>`, service, release, replica index), an `unless-stopped` restart policy
+and an init process (so SIGTERM stops them promptly); every container port is published on
+127.0.0.1 on a host port the engine picks. The engine is the source of truth for what exists:
+everything is found again by label, which is what makes deletes convergent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import aiodocker
+from aiodocker.exceptions import DockerError
+
+from services.instances.providers.base import (
+    CAPABILITIES,
+    GroupSpec,
+    ImageNotFound,
+    LogLine,
+    ProviderError,
+    Replica,
+    Usage,
+    engine_protocol,
+    group_name,
+    labels_for,
+)
+
+log = logging.getLogger("ctrlmesh.instances.docker")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value or value.startswith("0001-"):
+        return None
+    # Docker gives nanoseconds; Python parses microseconds.
+    head, _, rest = value.partition(".")
+    frac = "".join(ch for ch in rest if ch.isdigit())[:6]
+    try:
+        return datetime.fromisoformat(f"{head}.{frac or '0'}+00:00").astimezone(UTC)
+    except ValueError:
+        return None
+
+
+def split_log_line(raw: str) -> tuple[datetime, str]:
+    """`<RFC3339Nano timestamp> <message>` (logs requested with timestamps=1)."""
+    ts, _, msg = raw.partition(" ")
+    return parse_time(ts) or datetime.now(UTC), msg.rstrip("\n")
+
+
+def container_env(service: dict[str, Any]) -> list[str]:
+    return [f"{k}={v}" for k, v in sorted((service.get("env") or {}).items())]
+
+
+def cpu_percent(stats: dict[str, Any]) -> float:
+    """Docker's own formula (the one `docker stats` shows)."""
+    cpu, pre = stats.get("cpu_stats") or {}, stats.get("precpu_stats") or {}
+    delta = (cpu.get("cpu_usage", {}).get("total_usage", 0) or 0) - (
+        pre.get("cpu_usage", {}).get("total_usage", 0) or 0
+    )
+    system = (cpu.get("system_cpu_usage") or 0) - (pre.get("system_cpu_usage") or 0)
+    cpus = cpu.get("online_cpus") or len(cpu.get("cpu_usage", {}).get("percpu_usage") or []) or 1
+    if delta > 0 and system > 0:
+        return round(delta / system * cpus * 100.0, 3)
+    return 0.0
+
+
+class DockerProvider:
+    name = "docker"
+    region = "local"
+    capabilities: tuple[str, ...] = CAPABILITIES
+
+    def __init__(self, url: str | None, *, pull: bool, stop_timeout: float, name: str = "docker"):
+        self.name = name
+        self._url = url
+        self._pull = pull
+        self._stop_timeout = max(0, round(stop_timeout))
+        self._docker: aiodocker.Docker | None = None
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        if self._docker is None:
+            self._docker = aiodocker.Docker(url=self._url)
+        return self._docker
+
+    async def close(self) -> None:
+        if self._docker is not None:
+            await self._docker.close()
+            self._docker = None
+
+    async def ping(self) -> None:
+        try:
+            await asyncio.wait_for(self.docker.version(), 5)
+        except (DockerError, OSError, TimeoutError, Exception) as err:
+            raise ProviderError(f"docker engine does not answer: {err}") from err
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def _containers(self, instance_id: str) -> list[dict[str, Any]]:
+        filters = json.dumps({"label": [f"ctrlmesh.instance={instance_id}"]})
+        try:
+            return await self.docker._query_json("containers/json", params={"all": "1", "filters": filters})
+        except DockerError as err:
+            raise ProviderError(f"listing containers failed: {err.message}") from err
+
+    async def replicas(self, instance_id: str) -> list[Replica]:
+        return await self._container_replicas(instance_id)
+
+    async def _container_replicas(self, instance_id: str) -> list[Replica]:
+        out = []
+        for c in await self._containers(instance_id):
+            labels = c.get("Labels") or {}
+            ports = {
+                int(p["PrivatePort"]): int(p["PublicPort"])
+                for p in c.get("Ports") or []
+                if p.get("PublicPort") and p.get("IP", "127.0.0.1") in ("127.0.0.1", "0.0.0.0")
+            }
+            out.append(
+                Replica(
+                    ref=c["Id"],
+                    service=labels.get("ctrlmesh.service", ""),
+                    release_id=labels.get("ctrlmesh.release", ""),
+                    index=int(labels.get("ctrlmesh.replica", "0")),
+                    state=c.get("State", ""),
+                    ports=ports,
+                    container_id=c["Id"],
+                    started_at=datetime.fromtimestamp(c.get("Created", 0), UTC),
+                )
+            )
+        out.sort(key=lambda r: (r.service, r.release_id, r.index))
+        return out
+
+    # -- changing ----------------------------------------------------------------------------
+
+    def _config(self, group: GroupSpec, index: int) -> dict[str, Any]:
+        svc = group.service
+        res = svc.get("resources") or {}
+        exposed: dict[str, Any] = {}
+        bindings: dict[str, Any] = {}
+        for p in svc.get("ports") or []:
+            key = f"{int(p['container_port'])}/{engine_protocol(p.get('protocol', ''))}"
+            exposed[key] = {}
+            bindings[key] = [{"HostIp": "127.0.0.1", "HostPort": ""}]
+        memory = int(res.get("memory_mb") or 0) * 1024 * 1024
+        host: dict[str, Any] = {
+            "NanoCpus": int(res.get("cpu_millis") or 0) * 1_000_000,
+            "Memory": memory,
+            "MemorySwap": memory,  # no swap beyond the limit: the limit means what it says
+            "RestartPolicy": {"Name": "unless-stopped"},
+            "PortBindings": bindings,
+            "Init": True,
+        }
+        config: dict[str, Any] = {
+            "Image": svc["image"],
+            "Env": container_env(svc),
+            "Labels": labels_for(group, index),
+            "ExposedPorts": exposed,
+            "HostConfig": host,
+        }
+        if svc.get("command"):
+            config["Entrypoint"] = list(svc["command"])
+        if svc.get("args"):
+            config["Cmd"] = list(svc["args"])
+        return config
+
+    async def _create(self, group: GroupSpec, index: int) -> None:
+        name = f"{group_name(group)}-{index}"
+        config = self._config(group, index)
+        try:
+            container = await self.docker.containers.create(config, name=name)
+        except DockerError as err:
+            if err.status == 409:  # a previous attempt created it: adopt it
+                container = self.docker.containers.container(name)
+            elif err.status == 404 and self._pull:
+                await self._pull_image(group.service["image"])
+                container = await self.docker.containers.create(config, name=name)
+            elif err.status == 404:
+                raise ImageNotFound(f"image {group.service['image']!r} is not on the engine") from err
+            else:
+                raise ProviderError(f"creating {name} failed: {err.message}") from err
+        try:
+            await container.start()
+        except DockerError as err:
+            if err.status != 304:  # 304: an adopted container that already runs
+                raise ProviderError(f"starting {name} failed: {err.message}") from err
+
+    async def _pull_image(self, image: str) -> None:
+        try:
+            await self.docker.images.pull(image)
+        except DockerError as err:
+            raise ImageNotFound(f"image {image!r} could not be pulled: {err.message}") from err
+
+    async def _remove(self, container_id: str) -> None:
+        c = self.docker.containers.container(container_id)
+        try:
+            await c.stop(t=self._stop_timeout)
+        except DockerError:
+            pass  # already stopped or gone; delete below decides
+        try:
+            await c.delete(force=True, v=True)
+        except DockerError as err:
+            if err.status != 404:
+                raise ProviderError(f"removing container failed: {err.message}") from err
+
+    async def scale_group(self, group: GroupSpec, count: int) -> None:
+        mine = [
+            r
+            for r in await self.replicas(group.instance_id)
+            if r.service == group.service_name and r.release_id == group.release_id
+        ]
+        keep = [r for r in mine if r.index < count]
+        drop = [r for r in mine if r.index >= count]
+        # Highest indexes go first, as in a swarm scale-down.
+        for r in sorted(drop, key=lambda r: -r.index):
+            await self._remove(r.ref)
+        for r in keep:
+            if r.state in ("created", "exited", "dead"):
+                try:
+                    await self.docker.containers.container(r.ref).start()
+                except DockerError as err:
+                    raise ProviderError(f"starting a replica failed: {err.message}") from err
+        present = {r.index for r in keep}
+        for index in range(count):
+            if index not in present:
+                await self._create(group, index)
+
+    async def remove_group(self, instance_id: str, service: str, release_id: str) -> None:
+        for r in await self.replicas(instance_id):
+            if r.service == service and r.release_id == release_id:
+                await self._remove(r.ref)
+
+    async def remove_all(self, instance_id: str) -> int:
+        found = await self._container_replicas(instance_id)
+        await asyncio.gather(*(self._remove(r.ref) for r in found))
+        return len(found)
+
+    async def stop(self, instance_id: str) -> None:
+        async def stop_one(ref: str) -> None:
+            try:
+                await self.docker.containers.container(ref).stop(t=self._stop_timeout)
+            except DockerError as err:
+                if err.status not in (304, 404):
+                    raise ProviderError(f"stopping a replica failed: {err.message}") from err
+
+        await asyncio.gather(*(stop_one(r.ref) for r in await self.replicas(instance_id) if r.running))
+
+    async def update_resources(self, group: GroupSpec) -> None:
+        res = group.service.get("resources") or {}
+        memory = int(res.get("memory_mb") or 0) * 1024 * 1024
+        body = {
+            "NanoCpus": int(res.get("cpu_millis") or 0) * 1_000_000,
+            "Memory": memory,
+            "MemorySwap": memory,
+        }
+        for r in await self.replicas(group.instance_id):
+            if r.service != group.service_name or r.release_id != group.release_id:
+                continue
+            try:
+                await self.docker._query_json(f"containers/{r.ref}/update", method="POST", data=body)
+            except DockerError as err:
+                raise ProviderError(f"updating resources failed: {err.message}") from err
+
+    # -- observing ---------------------------------------------------------------------------
+
+    async def usage(self, instance_id: str) -> Usage:
+        running = [r for r in await self.replicas(instance_id) if r.running and r.container_id]
+
+        async def one(ref: str) -> dict[str, Any]:
+            try:
+                got = await self.docker.containers.container(ref).stats(stream=False)
+            except DockerError:
+                return {}
+            return got[0] if got else {}
+
+        total = Usage(containers=len(running))
+        for s in await asyncio.gather(*(one(r.container_id) for r in running)):
+            if not s:
+                continue
+            mem = s.get("memory_stats") or {}
+            cache = (mem.get("stats") or {}).get("inactive_file", 0) or 0
+            total.cpu_percent += cpu_percent(s)
+            total.memory_used_mb += int(max(0, (mem.get("usage") or 0) - cache) / 1024 / 1024)
+            total.memory_limit_mb += int((mem.get("limit") or 0) / 1024 / 1024)
+            for net in (s.get("networks") or {}).values():
+                total.network_in_mb += (net.get("rx_bytes") or 0) / 1024 / 1024
+                total.network_out_mb += (net.get("tx_bytes") or 0) / 1024 / 1024
+        total.cpu_percent = round(total.cpu_percent, 3)
+        total.network_in_mb = round(total.network_in_mb, 6)
+        total.network_out_mb = round(total.network_out_mb, 6)
+        return total
+
+    async def _log_list(self, r: Replica, stream: str, tail: int, since: datetime | None) -> list[LogLine]:
+        params: dict[str, Any] = {stream: True, "timestamps": True, "tail": str(tail)}
+        if since is not None:
+            params["since"] = str(int(since.timestamp()))
+        try:
+            lines = await self.docker.containers.container(r.container_id).log(**params)
+        except DockerError:
+            return []
+        out = []
+        for chunk in lines:
+            for raw in chunk.splitlines():
+                if raw.strip():
+                    ts, msg = split_log_line(raw)
+                    out.append(LogLine(ts, stream, msg, r.service))
+        return out
+
+    async def logs(
+        self, instance_id: str, *, tail: int, since: datetime | None, follow: bool
+    ) -> AsyncIterator[LogLine]:
+        reps = [r for r in await self.replicas(instance_id) if r.container_id]
+        history: list[LogLine] = []
+        for got in await asyncio.gather(
+            *(self._log_list(r, s, tail, since) for r in reps for s in ("stdout", "stderr"))
+        ):
+            history.extend(got)
+        history.sort(key=lambda ln: ln.timestamp)
+        for line in history[-tail:] if tail else []:
+            yield line
+        if not follow:
+            return
+        queue: asyncio.Queue[LogLine] = asyncio.Queue(maxsize=1000)
+        started = datetime.now(UTC)
+
+        async def pump(r: Replica, stream: str) -> None:
+            params: dict[str, Any] = {
+                stream: True,
+                "timestamps": True,
+                "follow": True,
+                "tail": "0",
+                "since": str(int(started.timestamp())),
+            }
+            try:
+                async for chunk in self.docker.containers.container(r.container_id).log(**params):
+                    for raw in chunk.splitlines():
+                        if raw.strip():
+                            ts, msg = split_log_line(raw)
+                            if queue.full():
+                                queue.get_nowait()  # a slow reader loses the oldest lines
+                            queue.put_nowait(LogLine(ts, stream, msg, r.service))
+            except (DockerError, asyncio.CancelledError):
+                pass
+
+        tasks = [asyncio.create_task(pump(r, s)) for r in reps for s in ("stdout", "stderr")]
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def exec(self, container_id: str, command: list[str], limit_s: float) -> tuple[int, str]:
+        async def run() -> tuple[int, str]:
+            c = self.docker.containers.container(container_id)
+            ex = await c.exec(command, stdout=True, stderr=True)
+            chunks: list[bytes] = []
+            async with ex.start(detach=False) as stream:
+                while True:
+                    msg = await stream.read_out()
+                    if msg is None:
+                        break
+                    chunks.append(msg.data)
+            info = await ex.inspect()
+            return int(info.get("ExitCode") or 0), b"".join(chunks).decode(errors="replace")
+
+        try:
+            return await asyncio.wait_for(run(), limit_s)
+        except DockerError as err:
+            raise ProviderError(f"exec failed: {err.message}") from err

@@ -1,0 +1,266 @@
+"""The reconciler: drives each instance's engine state toward its persisted desired state.
+
+The API only records decisions (state `provisioning`/`starting`/`stopping`/`destroying`, a
+bumped generation, a pending deployment) and wakes this loop. One task per instance does the
+engine work, one step at a time, each step a conditional state change; on start the loop finds
+every unfinished instance and deployment again, so a restarted service resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from libs.db import Database
+from services.instances import repository as repo
+from services.instances import specs
+from services.instances.deploys import Executor
+from services.instances.domain import InstancesDomain
+from services.instances.providers import Registry
+from services.instances.providers.base import GroupSpec, Provider, ProviderError, Replica
+from services.instances.repository import Row, Scope
+
+log = logging.getLogger("ctrlmesh.instances.reconciler")
+
+
+def endpoints_of(instance: Row, replicas: list[Replica]) -> list[dict[str, Any]]:
+    """Where the current release answers: one endpoint per published port of each replica."""
+    out = []
+    by_name = {s["name"]: s for s in instance["spec"]["services"]}
+    for r in replicas:
+        if not r.running or r.release_id != instance["current_release"] or r.service not in by_name:
+            continue
+        for p in by_name[r.service]["ports"]:
+            host = r.ports.get(p["container_port"])
+            if not host:
+                continue
+            proto = p.get("protocol") or "tcp"
+            scheme = {"udp": "udp", "grpc": "grpc"}.get(proto, "http")
+            out.append(
+                {
+                    "service_name": r.service,
+                    "url": f"{scheme}://127.0.0.1:{host}",
+                    "port": host,
+                    "protocol": proto,
+                    "public": True,
+                    "container_port": p["container_port"],
+                }
+            )
+    return out
+
+
+class Reconciler:
+    def __init__(
+        self,
+        db: Database,
+        domain: InstancesDomain,
+        registry: Registry,
+        executor: Executor,
+        *,
+        start_timeout: float = 60.0,
+        interval: float = 1.0,
+    ):
+        self.db = db
+        self.domain = domain
+        self.registry = registry
+        self.executor = executor
+        self.start_timeout = start_timeout
+        self.interval = interval
+        self._event = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with self.db.session() as s:
+                    todo = await repo.instances_needing_work(s)
+                for row in todo:
+                    iid = row["id"]
+                    if iid not in self._tasks:
+                        self._tasks[iid] = asyncio.create_task(self._converge(iid), name=f"reconcile-{iid}")
+                        self._tasks[iid].add_done_callback(self._forget)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("reconcile pass failed", exc_info=True)
+            self._event.clear()
+            try:
+                await asyncio.wait_for(self._event.wait(), self.interval)
+            except TimeoutError:
+                pass
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task.get_name().removeprefix("reconcile-"), None)
+
+    async def _converge(self, instance_id: str) -> None:
+        """Steps until the instance needs nothing more (or must wait for the provider)."""
+        for _ in range(50):
+            async with self.db.session() as s:
+                row = await repo.get_instance(s, Scope.system(), instance_id)
+                dep = await repo.in_flight_deployment(s, instance_id) if row else None
+            if row is None:
+                return
+            try:
+                more = await self._step(row, dep)
+            except Exception as err:
+                log.warning("reconciling %s failed", instance_id, exc_info=True)
+                await self._fail(row, str(err) if isinstance(err, ProviderError) else type(err).__name__)
+                return
+            if not more:
+                return
+        self.wake()
+
+    async def _fail(self, row: Row, error: str) -> None:
+        async with self.db.session() as s:
+            fresh = await repo.get_instance(s, Scope.system(), row["id"], lock=True)
+            if fresh is None or fresh["state"] == "failed":
+                return
+            if specs.can_transition(fresh["state"], "failed"):
+                await self.domain.transition(s, fresh, "failed", last_error=error[:2000])
+            elif fresh["state"] == "running":
+                await repo.update_instance(
+                    s, fresh["id"], {"last_error": error[:2000], "observed_generation": fresh["generation"]}
+                )
+        await self.domain.outbox.notify()
+
+    async def _set(self, row: Row, state: str, **values: Any) -> bool:
+        async with self.db.session() as s:
+            ok = await self.domain.transition(s, row, state, **values)
+        await self.domain.outbox.notify()
+        return ok
+
+    def _groups(self, row: Row) -> list[GroupSpec]:
+        return [
+            GroupSpec(row["id"], row["tenant_id"], row["current_release"], svc, row["labels"])
+            for svc in specs.long_running(row["spec"]["services"])
+        ]
+
+    async def _bring_up(self, provider: Provider, row: Row) -> list[Replica]:
+        """Every group of the current release at full strength and running; returns replicas."""
+        # Leftovers of other releases (an interrupted rollout) must not serve beside this one.
+        for r in await provider.replicas(row["id"]):
+            if r.release_id != row["current_release"]:
+                await provider.remove_group(row["id"], r.service, r.release_id)
+        for g in self._groups(row):
+            await provider.scale_group(g, row["replicas"])
+            await provider.update_resources(g)
+        deadline = time.monotonic() + self.start_timeout
+        want = row["replicas"] * len(self._groups(row))
+        while True:
+            reps = [r for r in await provider.replicas(row["id"]) if r.release_id == row["current_release"]]
+            bad = [r for r in reps if r.state in ("exited", "dead", "failed", "rejected")]
+            if bad:
+                raise ProviderError(f"replica {bad[0].index} of {bad[0].service} stopped ({bad[0].state})")
+            if sum(r.running for r in reps) >= want:
+                return reps
+            if time.monotonic() > deadline:
+                raise ProviderError(f"replicas did not start within {self.start_timeout:g}s")
+            await asyncio.sleep(0.2)
+
+    async def _step(self, row: Row, dep: Row | None) -> bool:
+        state = row["state"]
+        if state == "destroying":
+            return await self._destroy(row)
+        provider = self.registry.get(row["provider_name"])
+        if dep is not None and state == "running" and row["desired_state"] == "running":
+            await self.executor.run(row, dep, provider)
+            await self._refresh_endpoints(provider, row["id"])
+            return True
+        if dep is not None and dep["state"] in ("pending", "running"):
+            # The instance is leaving `running`: the rollout cannot go on.
+            await self._abandon(dep)
+            return True
+        if state == "provisioning":
+            if not await self._set(row, "starting"):
+                return True
+            row = {**row, "state": "starting"}
+            state = "starting"
+        if state == "starting":
+            reps = await self._bring_up(provider, row)
+            return await self._reach_running(row, reps)
+        if state == "stopping":
+            await provider.stop(row["id"])
+            if row["desired_state"] == "running":  # a restart: down, then up again
+                return await self._set(row, "stopped") and await self._set(
+                    {**row, "state": "stopped"}, "starting"
+                )
+            await self._set(row, "stopped", endpoints=[])
+            return False
+        if state == "running" and row["desired_state"] != "running":
+            return await self._set(row, "stopping")
+        if state == "running" and row["generation"] != row["observed_generation"]:
+            reps = await self._bring_up(provider, row)
+            async with self.db.session() as s:
+                await repo.update_instance(
+                    s,
+                    row["id"],
+                    {"observed_generation": row["generation"], "endpoints": endpoints_of(row, reps)},
+                )
+            return True
+        return False
+
+    async def _reach_running(self, row: Row, reps: list[Replica]) -> bool:
+        async with self.db.session() as s:
+            fresh = await repo.get_instance(s, Scope.system(), row["id"], lock=True)
+            if fresh is None or fresh["state"] != "starting":
+                return True
+            await self.domain.transition(
+                s,
+                fresh,
+                "running",
+                endpoints=endpoints_of(fresh, reps),
+                last_error="",
+                observed_generation=fresh["generation"],
+            )
+        await self.domain.outbox.notify()
+        return True
+
+    async def _refresh_endpoints(self, provider: Provider, instance_id: str) -> None:
+        async with self.db.session() as s:
+            row = await repo.get_instance(s, Scope.system(), instance_id)
+        if row is None:
+            return
+        reps = await provider.replicas(instance_id)
+        async with self.db.session() as s:
+            await repo.update_instance(s, instance_id, {"endpoints": endpoints_of(row, reps)})
+
+    async def _abandon(self, dep: Row) -> None:
+        async with self.db.session() as s:
+            await repo.update_deployment(
+                s,
+                dep["id"],
+                {
+                    "state": "cancelled",
+                    "finished_at": repo.now(),
+                    "error": "the instance stopped or was deleted",
+                },
+            )
+
+    async def _destroy(self, row: Row) -> bool:
+        if self.registry.has(row["provider_name"]):
+            removed = await self.registry.get(row["provider_name"]).remove_all(row["id"])
+            # A second look: a replica being created while we removed would be left behind.
+            if removed:
+                await self.registry.get(row["provider_name"]).remove_all(row["id"])
+            warning = ""
+        elif row["provider_name"] in self.registry.configured:
+            return False  # its engine is away; keep `destroying` and try again later
+        else:
+            warning = (
+                f"provider {row['provider_name']!r} is no longer configured; engine resources not removed"
+            )
+        async with self.db.session() as s:
+            await repo.delete_instance(s, row["id"])
+            await self.domain.publish(
+                s,
+                "instance.deleted",
+                {**row, "state": "destroyed"},
+                **({"warning": warning} if warning else {}),
+            )
+        await self.domain.outbox.notify()
+        return False

@@ -1,0 +1,409 @@
+"""SQLAlchemy access to the instances schema. Every read of tenant data takes a `Scope`, so a row
+outside the caller's tenants is simply not found. Rows come back as plain dicts."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import Table, delete, func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
+
+from libs.principal import Principal, is_global
+from services.instances.models import (
+    cursors,
+    deployments,
+    health_checks,
+    health_results,
+    instance_health,
+    instances,
+    providers,
+    releases,
+)
+
+Row = dict[str, Any]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The tenants a caller may see: one tenant, every tenant of one account, or all (global
+    keys and the service itself)."""
+
+    tenant_id: str | None = None
+    account_id: str | None = None
+
+    @classmethod
+    def of(cls, p: Principal) -> Scope:
+        if is_global(p):
+            return cls()
+        if p.scope == "account":
+            return cls(account_id=p.account_id)
+        return cls(tenant_id=p.tenant_id or "\x00")  # a tenant key without a tenant sees nothing
+
+    @classmethod
+    def tenant(cls, tenant_id: str) -> Scope:
+        return cls(tenant_id=tenant_id)
+
+    @classmethod
+    def system(cls) -> Scope:
+        return cls()
+
+    def instance_filter(self) -> ColumnElement[bool] | None:
+        if self.tenant_id is not None:
+            return instances.c.tenant_id == self.tenant_id
+        if self.account_id is not None:
+            return instances.c.account_id == self.account_id
+        return None
+
+    def child_filter(self, t: Table) -> ColumnElement[bool] | None:
+        """Children of instances carry the tenant; an account scope goes through the parent."""
+        if self.tenant_id is not None:
+            return t.c.tenant_id == self.tenant_id
+        if self.account_id is not None:
+            return t.c.instance_id.in_(
+                select(instances.c.id).where(instances.c.account_id == self.account_id)
+            )
+        return None
+
+
+def _scoped(q: Any, cond: ColumnElement[bool] | None) -> Any:
+    return q if cond is None else q.where(cond)
+
+
+# -- instances --------------------------------------------------------------------------------
+
+
+async def get_instance(s: AsyncSession, scope: Scope, instance_id: str, *, lock: bool = False) -> Row | None:
+    q = _scoped(select(instances).where(instances.c.id == instance_id), scope.instance_filter())
+    if lock:
+        q = q.with_for_update()
+    row = (await s.execute(q)).mappings().first()
+    return dict(row) if row else None
+
+
+async def list_instances(
+    s: AsyncSession,
+    scope: Scope,
+    *,
+    state: str,
+    label: tuple[str, str] | None,
+    provider: str,
+    tenant_id: str,
+    after: str | None,
+    limit: int,
+) -> tuple[list[Row], int]:
+    q = _scoped(select(instances), scope.instance_filter())
+    if state:
+        q = q.where(instances.c.state == state)
+    if label is not None:
+        q = q.where(instances.c.labels.contains({label[0]: label[1]}))
+    if provider:
+        q = q.where(instances.c.provider_name == provider)
+    if tenant_id:
+        q = q.where(instances.c.tenant_id == tenant_id)
+    total = await s.scalar(select(func.count()).select_from(q.subquery())) or 0
+    if after:
+        q = q.where(instances.c.id < after)
+    rows = (await s.execute(q.order_by(instances.c.id.desc()).limit(limit + 1))).mappings().all()
+    return [dict(r) for r in rows], int(total)
+
+
+async def insert_instance(s: AsyncSession, values: Row) -> None:
+    await s.execute(insert(instances).values(**values))
+
+
+async def update_instance(
+    s: AsyncSession, instance_id: str, values: Row, *, expect_state: str | None = None
+) -> bool:
+    """Conditional on the state when given, so the worker never overwrites a newer decision."""
+    q = update(instances).where(instances.c.id == instance_id)
+    if expect_state is not None:
+        q = q.where(instances.c.state == expect_state)
+    result = await s.execute(q.values(updated_at=now(), **values))
+    return bool(cast(CursorResult[Any], result).rowcount)
+
+
+async def delete_instance(s: AsyncSession, instance_id: str) -> None:
+    for t in (health_results, health_checks, instance_health, deployments, releases):
+        await s.execute(delete(t).where(t.c.instance_id == instance_id))
+    await s.execute(delete(instances).where(instances.c.id == instance_id))
+
+
+async def lock_tenant(s: AsyncSession, tenant_id: str) -> None:
+    """Serialise quota decisions of one tenant until the transaction ends."""
+    key = int.from_bytes(
+        hashlib.sha256(f"ctrlmesh-quota:{tenant_id}".encode()).digest()[:8], "big", signed=True
+    )
+    await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+
+async def tenant_usage(s: AsyncSession, tenant_id: str, *, exclude: str = "") -> dict[str, int]:
+    t = instances
+    q = select(
+        func.count(),
+        func.coalesce(func.sum(t.c.cpu_millis * t.c.replicas), 0),
+        func.coalesce(func.sum(t.c.memory_mb * t.c.replicas), 0),
+        func.coalesce(func.sum(t.c.disk_mb * t.c.replicas), 0),
+    ).where(t.c.tenant_id == tenant_id, t.c.state != "destroyed")
+    if exclude:
+        q = q.where(t.c.id != exclude)
+    n, cpu, mem, disk = (await s.execute(q)).one()
+    return {"instances": int(n), "cpu_millis": int(cpu), "memory_mb": int(mem), "disk_mb": int(disk)}
+
+
+async def instances_needing_work(s: AsyncSession) -> list[Row]:
+    t = instances
+    q = select(t.c.id).where(
+        t.c.state.in_(("provisioning", "starting", "stopping", "destroying"))
+        | ((t.c.state == "running") & (t.c.desired_state != "running"))
+        | ((t.c.state == "running") & (t.c.generation != t.c.observed_generation))
+        | t.c.id.in_(select(deployments.c.instance_id).where(deployments.c.state.in_(("pending", "running"))))
+    )
+    return [dict(r) for r in (await s.execute(q)).mappings().all()]
+
+
+async def tenant_instances(s: AsyncSession, tenant_id: str) -> list[Row]:
+    rows = (await s.execute(select(instances).where(instances.c.tenant_id == tenant_id))).mappings().all()
+    return [dict(r) for r in rows]
+
+
+async def running_instances(s: AsyncSession) -> list[Row]:
+    rows = (await s.execute(select(instances).where(instances.c.state == "running"))).mappings().all()
+    return [dict(r) for r in rows]
+
+
+async def count_by_provider(s: AsyncSession) -> dict[str, int]:
+    q = (
+        select(instances.c.provider_name, func.count())
+        .where(instances.c.state != "destroyed")
+        .group_by(instances.c.provider_name)
+    )
+    return {name: int(n) for name, n in (await s.execute(q)).all()}
+
+
+# -- releases ---------------------------------------------------------------------------------
+
+
+async def next_release_version(s: AsyncSession, instance_id: str) -> int:
+    v = await s.scalar(select(func.max(releases.c.version)).where(releases.c.instance_id == instance_id))
+    return int(v or 0) + 1
+
+
+async def insert_release(s: AsyncSession, values: Row) -> None:
+    await s.execute(insert(releases).values(**values))
+
+
+async def get_release(s: AsyncSession, scope: Scope, release_id: str) -> Row | None:
+    q = _scoped(select(releases).where(releases.c.id == release_id), scope.child_filter(releases))
+    row = (await s.execute(q)).mappings().first()
+    return dict(row) if row else None
+
+
+async def list_releases(
+    s: AsyncSession, scope: Scope, instance_id: str, after: str | None, limit: int
+) -> tuple[list[Row], int]:
+    q = _scoped(select(releases).where(releases.c.instance_id == instance_id), scope.child_filter(releases))
+    total = await s.scalar(select(func.count()).select_from(q.subquery())) or 0
+    if after:
+        q = q.where(releases.c.id < after)
+    rows = (await s.execute(q.order_by(releases.c.id.desc()).limit(limit + 1))).mappings().all()
+    return [dict(r) for r in rows], int(total)
+
+
+async def activate_release(s: AsyncSession, instance_id: str, release_id: str) -> None:
+    await s.execute(
+        update(releases).where(releases.c.instance_id == instance_id, releases.c.active).values(active=False)
+    )
+    await s.execute(update(releases).where(releases.c.id == release_id).values(active=True))
+
+
+# -- deployments ------------------------------------------------------------------------------
+
+
+async def insert_deployment(s: AsyncSession, values: Row) -> None:
+    await s.execute(insert(deployments).values(**values))
+
+
+async def get_deployment(
+    s: AsyncSession, scope: Scope, deployment_id: str, *, lock: bool = False
+) -> Row | None:
+    q = _scoped(select(deployments).where(deployments.c.id == deployment_id), scope.child_filter(deployments))
+    if lock:
+        q = q.with_for_update()
+    row = (await s.execute(q)).mappings().first()
+    return dict(row) if row else None
+
+
+async def list_deployments(
+    s: AsyncSession, scope: Scope, instance_id: str, after: str | None, limit: int
+) -> tuple[list[Row], int]:
+    q = _scoped(
+        select(deployments).where(deployments.c.instance_id == instance_id), scope.child_filter(deployments)
+    )
+    total = await s.scalar(select(func.count()).select_from(q.subquery())) or 0
+    if after:
+        q = q.where(deployments.c.id < after)
+    rows = (await s.execute(q.order_by(deployments.c.id.desc()).limit(limit + 1))).mappings().all()
+    return [dict(r) for r in rows], int(total)
+
+
+async def in_flight_deployment(s: AsyncSession, instance_id: str) -> Row | None:
+    q = select(deployments).where(
+        deployments.c.instance_id == instance_id, deployments.c.state.in_(("pending", "running"))
+    )
+    row = (await s.execute(q)).mappings().first()
+    return dict(row) if row else None
+
+
+async def update_deployment(s: AsyncSession, deployment_id: str, values: Row) -> None:
+    await s.execute(
+        update(deployments).where(deployments.c.id == deployment_id).values(updated_at=now(), **values)
+    )
+
+
+async def last_succeeded_for_release(s: AsyncSession, instance_id: str, release_id: str) -> Row | None:
+    q = (
+        select(deployments)
+        .where(
+            deployments.c.instance_id == instance_id,
+            deployments.c.release_id == release_id,
+            deployments.c.state == "succeeded",
+        )
+        .order_by(deployments.c.id.desc())
+        .limit(1)
+    )
+    row = (await s.execute(q)).mappings().first()
+    return dict(row) if row else None
+
+
+async def count_recent_deployments(s: AsyncSession, instance_id: str, since: datetime) -> int:
+    q = (
+        select(func.count())
+        .select_from(deployments)
+        .where(deployments.c.instance_id == instance_id, deployments.c.created_at >= since)
+    )
+    return int(await s.scalar(q) or 0)
+
+
+# -- health -----------------------------------------------------------------------------------
+
+
+async def insert_check(s: AsyncSession, values: Row) -> None:
+    await s.execute(insert(health_checks).values(**values))
+
+
+async def get_check(s: AsyncSession, scope: Scope, check_id: str) -> Row | None:
+    q = _scoped(
+        select(health_checks).where(health_checks.c.id == check_id), scope.child_filter(health_checks)
+    )
+    row = (await s.execute(q)).mappings().first()
+    return dict(row) if row else None
+
+
+async def list_checks(s: AsyncSession, scope: Scope, instance_id: str) -> list[Row]:
+    q = _scoped(
+        select(health_checks).where(health_checks.c.instance_id == instance_id),
+        scope.child_filter(health_checks),
+    )
+    rows = (await s.execute(q.order_by(health_checks.c.id))).mappings().all()
+    return [dict(r) for r in rows]
+
+
+async def enabled_checks(s: AsyncSession) -> list[Row]:
+    q = (
+        select(health_checks)
+        .join(instances, instances.c.id == health_checks.c.instance_id)
+        .where(health_checks.c.enabled, instances.c.state == "running")
+    )
+    return [dict(r) for r in (await s.execute(q)).mappings().all()]
+
+
+async def delete_check(s: AsyncSession, check_id: str) -> None:
+    await s.execute(delete(health_results).where(health_results.c.check_id == check_id))
+    await s.execute(delete(health_checks).where(health_checks.c.id == check_id))
+
+
+async def update_check(s: AsyncSession, check_id: str, values: Row) -> None:
+    await s.execute(
+        update(health_checks).where(health_checks.c.id == check_id).values(updated_at=now(), **values)
+    )
+
+
+async def insert_result(s: AsyncSession, values: Row) -> None:
+    await s.execute(insert(health_results).values(**values))
+
+
+async def latest_results(s: AsyncSession, check_ids: list[str]) -> dict[str, Row]:
+    if not check_ids:
+        return {}
+    q = (
+        select(health_results)
+        .where(health_results.c.check_id.in_(check_ids))
+        .distinct(health_results.c.check_id)
+        .order_by(health_results.c.check_id, health_results.c.checked_at.desc())
+    )
+    return {r["check_id"]: dict(r) for r in (await s.execute(q)).mappings().all()}
+
+
+async def recent_results(s: AsyncSession, instance_id: str, since: datetime) -> list[Row]:
+    q = (
+        select(health_results.c.status, health_results.c.checked_at)
+        .where(health_results.c.instance_id == instance_id, health_results.c.checked_at >= since)
+        .order_by(health_results.c.checked_at.desc())
+    )
+    return [dict(r) for r in (await s.execute(q)).mappings().all()]
+
+
+async def prune_results(s: AsyncSession, keep: timedelta) -> None:
+    await s.execute(delete(health_results).where(health_results.c.checked_at < now() - keep))
+
+
+async def swap_instance_health(s: AsyncSession, instance_id: str, tenant_id: str, status: str) -> str:
+    """Store the aggregate; returns the previous one ("unknown" the first time)."""
+    prev = await s.scalar(
+        select(instance_health.c.status).where(instance_health.c.instance_id == instance_id).with_for_update()
+    )
+    stmt = pg_insert(instance_health).values(
+        instance_id=instance_id, tenant_id=tenant_id, status=status, updated_at=now()
+    )
+    await s.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["instance_id"], set_={"status": status, "updated_at": now()}
+        )
+    )
+    return str(prev or "unknown")
+
+
+# -- providers and cursors --------------------------------------------------------------------
+
+
+async def upsert_provider(s: AsyncSession, values: Row) -> None:
+    stmt = pg_insert(providers).values(**values)
+    await s.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["name"], set_={k: v for k, v in values.items() if k != "name"}
+        )
+    )
+
+
+async def list_providers(s: AsyncSession) -> list[Row]:
+    return [dict(r) for r in (await s.execute(select(providers).order_by(providers.c.name))).mappings().all()]
+
+
+async def get_cursor(s: AsyncSession, name: str) -> int | None:
+    v = await s.scalar(select(cursors.c.value).where(cursors.c.name == name))
+    return None if v is None else int(v)
+
+
+async def set_cursor(s: AsyncSession, name: str, value: int) -> None:
+    stmt = pg_insert(cursors).values(name=name, value=value)
+    await s.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={"value": value}))

@@ -1,0 +1,141 @@
+"""Telemetry read from the engine: resource usage (docker stats), logs (docker logs, also
+followed), and the dashboard that combines them with health and deployments.
+
+Metrics and traces have no source yet (no agent collects them), so those routes stay
+NotImplemented rather than answer with invented data. Log levels are inferred per line: a JSON
+line's `level`/`severity` field, else the first level word in the line, else `info`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from libs.db import Database
+from libs.errors import CtrlmeshError, NotFound
+from libs.principal import Principal
+from services.instances import repository as repo
+from services.instances.domain import InstancesDomain
+from services.instances.health import HealthDomain
+from services.instances.providers import Registry
+from services.instances.providers.base import LogLine, ProviderError, Usage
+from services.instances.repository import Row, now
+
+LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3}
+_WORD = re.compile(r"\b(DEBUG|TRACE|INFO|WARN|WARNING|ERROR|ERR|FATAL|CRITICAL|PANIC)\b", re.IGNORECASE)
+_ALIASES = {
+    "trace": "debug",
+    "warning": "warn",
+    "err": "error",
+    "fatal": "error",
+    "critical": "error",
+    "panic": "error",
+}
+
+
+def level_of(message: str) -> tuple[str, dict[str, object]]:
+    """(level, structured fields) of one log line."""
+    text = message.strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            raw = str(data.get("level") or data.get("severity") or data.get("lvl") or "info").lower()
+            return _ALIASES.get(raw, raw if raw in LEVELS else "info"), data
+    m = _WORD.search(text)
+    if m:
+        word = m.group(1).lower()
+        return _ALIASES.get(word, word), {}
+    return "info", {}
+
+
+@dataclass
+class Entry:
+    line: LogLine
+    level: str
+    fields: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    instance: Row
+    usage: Usage
+    taken_at: datetime
+
+
+@dataclass
+class Dashboard:
+    instance: Row
+    snapshot: Snapshot | None
+    health_status: str
+    uptime_percent: float
+    recent_deploys_24h: int
+
+
+class TelemetryDomain:
+    def __init__(self, db: Database, instances: InstancesDomain, health: HealthDomain, registry: Registry):
+        self.db = db
+        self.instances = instances
+        self.health = health
+        self.registry = registry
+
+    async def resources(self, p: Principal, instance_id: str) -> Snapshot:
+        inst = await self.instances.get(p, instance_id)
+        provider = self.registry.get(inst["provider_name"])
+        try:
+            usage = await provider.usage(instance_id)
+        except ProviderError as err:
+            raise NotFound(
+                f"no resource snapshot of instance {instance_id!r}: {err}",
+                details={"resource": "resource_snapshot"},
+            ) from err
+        if usage.containers == 0:
+            raise NotFound(
+                f"no resource snapshot of instance {instance_id!r}: nothing is running",
+                details={"resource": "resource_snapshot"},
+            )
+        return Snapshot(inst, usage, now())
+
+    async def logs(
+        self, p: Principal, instance_id: str, *, level: str, limit: int, since: datetime | None
+    ) -> list[Entry]:
+        inst = await self.instances.get(p, instance_id)
+        provider = self.registry.get(inst["provider_name"])
+        n = limit or 100
+        out: list[Entry] = []
+        # Ask for more than `n` when filtering by level, so the filter still fills the page.
+        async for line in provider.logs(
+            instance_id, tail=n if not level else n * 10, since=since, follow=False
+        ):
+            lvl, fields = level_of(line.message)
+            if level and LEVELS.get(lvl, 1) < LEVELS[level]:
+                continue
+            out.append(Entry(line, lvl, fields))
+        return out[-n:]
+
+    async def watch_logs(
+        self, p: Principal, instance_id: str, *, tail: int, follow: bool, level: str
+    ) -> AsyncIterator[Entry]:
+        inst = await self.instances.get(p, instance_id)
+        provider = self.registry.get(inst["provider_name"])
+        async for line in provider.logs(instance_id, tail=tail, since=None, follow=follow):
+            lvl, fields = level_of(line.message)
+            if level and LEVELS.get(lvl, 1) < LEVELS[level]:
+                continue
+            yield Entry(line, lvl, fields)
+
+    async def dashboard(self, p: Principal, instance_id: str) -> Dashboard:
+        inst = await self.instances.get(p, instance_id)
+        try:
+            snap: Snapshot | None = await self.resources(p, instance_id)
+        except (CtrlmeshError, ProviderError):
+            snap = None  # not running, or its engine is away: the rest of the dashboard still shows
+        h = await self.health.instance_health(p, instance_id)
+        async with self.db.session() as s:
+            deploys = await repo.count_recent_deployments(s, instance_id, now() - timedelta(hours=24))
+        return Dashboard(inst, snap, h.status, h.uptime_percent, deploys)

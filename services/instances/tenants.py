@@ -1,0 +1,105 @@
+"""The instances service's view of tenants, through accounts' gRPC API (never its tables).
+
+Calls made on behalf of a caller carry the caller's own principal (re-signed), so accounts
+applies the caller's visibility: another tenant answers NOT_FOUND, exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+
+from libs import principal as principals
+from libs.clients import Channels, Signer
+from libs.errors import CtrlmeshError, NotFound, Unavailable, not_found
+
+log = logging.getLogger("ctrlmesh.instances.tenants")
+
+
+@dataclass(frozen=True)
+class Limits:
+    tenant_id: str
+    account_id: str
+    status: str
+    max_instances: int
+    max_cpu_millis: int
+    max_memory_mb: int
+    max_disk_mb: int
+
+    @property
+    def suspended(self) -> bool:
+        return self.status == "suspended"
+
+
+class Tenants:
+    def __init__(self, channels: Channels, signer: Signer, timeout: float = 5.0):
+        self._channels = channels
+        self._signer = signer
+        self._timeout = timeout
+
+    def _stub(self) -> accounts_pb2_grpc.TenantServiceStub:
+        return accounts_pb2_grpc.TenantServiceStub(self._channels.get("accounts"))
+
+    async def limits(self, p: principals.Principal, tenant_id: str) -> Limits:
+        """The tenant's status, quota and account, as visible to `p` (NotFound otherwise)."""
+        md = self._signer.metadata(p)
+        try:
+            tenant, lim = await asyncio.gather(
+                self._stub().ResolveTenant(
+                    accounts_pb2.ResolveTenantRequest(tenant=tenant_id), metadata=md, timeout=self._timeout
+                ),
+                self._stub().GetTenantLimits(
+                    accounts_pb2.GetTenantLimitsRequest(tenant_id=tenant_id),
+                    metadata=md,
+                    timeout=self._timeout,
+                ),
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                raise not_found("tenant", tenant_id) from None
+            raise Unavailable("the accounts service is unavailable", details={"service": "accounts"}) from err
+        q = lim.quota
+        return Limits(
+            tenant_id=tenant.id,
+            account_id=tenant.account_id,
+            status=lim.status,
+            max_instances=q.max_instances,
+            max_cpu_millis=q.max_cpu_millis,
+            max_memory_mb=q.max_memory_mb,
+            max_disk_mb=q.max_disk_mb,
+        )
+
+    async def watch_suspensions(
+        self,
+        load_cursor: Callable[[], Awaitable[int | None]],
+        save_cursor: Callable[[int], Awaitable[None]],
+        on_suspended: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """Follow accounts' `tenant.suspended` events forever, resuming where the last process
+        stopped, and hand each suspended tenant to `on_suspended`."""
+        stub = accounts_pb2_grpc.EventServiceStub(self._channels.get("accounts"))
+        while True:
+            try:
+                after = await load_cursor()
+                req = accounts_pb2.WatchEventsRequest(
+                    type=["tenant.suspended"], last_event_id=str(after) if after is not None else ""
+                )
+                call = stub.WatchEvents(req, metadata=self._signer.system())
+                async for event in call:
+                    try:
+                        await on_suspended(event.tenant_id)
+                    except CtrlmeshError as err:
+                        if not isinstance(err, NotFound):
+                            raise
+                    await save_cursor(int(event.id))
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                # Accounts restarting, or our principal aged out on a long stream: reopen.
+                log.info("tenant event stream interrupted (%s); reopening", type(err).__name__)
+            await asyncio.sleep(1.0)

@@ -1,0 +1,77 @@
+"""Pure rules of the instances service: the state machine, specs, quotas, health aggregation,
+log levels."""
+
+from __future__ import annotations
+
+import pytest
+
+from libs.errors import InvalidArgument, QuotaExceeded
+from services.instances import specs
+from services.instances.domain import check_quota
+from services.instances.health import aggregate, transition_event, validate_target
+from services.instances.telemetry import level_of
+from services.instances.tenants import Limits
+
+
+def test_state_machine_allows_only_the_listed_transitions():
+    """Start from stopped/failed, stop from running, destroyed is terminal."""
+    assert specs.can_transition("stopped", "starting") and specs.can_transition("running", "stopping")
+    assert not specs.can_transition("running", "starting") and not specs.can_transition("stopped", "stopping")
+    assert not specs.TRANSITIONS["destroyed"]
+
+
+def test_create_specs_default_and_validate():
+    """`image` makes a single main service with defaults; two mains or duplicates are refused."""
+    [main] = specs.services_from_create("img:1", {}, [{"container_port": 80}], {"A": "1"}, [])
+    assert main["name"] == "main" and main["resources"]["cpu_millis"] == specs.DEFAULT_CPU_MILLIS
+    assert main["ports"] == [{"container_port": 80, "host_port": 0, "protocol": "tcp"}]
+    with pytest.raises(InvalidArgument):
+        specs.services_from_create("img:1", {}, [], {}, [{"name": "x", "image": "i"}])
+    with pytest.raises(InvalidArgument):
+        specs.services_from_create("", {}, [], {}, [{"name": "a", "image": "i"}, {"name": "a", "image": "i"}])
+
+
+def test_deploy_merges_env_and_keeps_unlisted_services():
+    base = [
+        specs.normalize_service({"name": "main", "image": "a:1", "env": {"X": "1"}}),
+        specs.normalize_service({"name": "side", "image": "s:1", "role": "sidecar"}),
+    ]
+    out = specs.apply_deploy(base, "a:2", {"Y": "2"}, [])
+    assert out[0]["image"] == "a:2" and out[0]["env"] == {"X": "1", "Y": "2"} and out[1]["image"] == "s:1"
+    assert base[0]["env"] == {"X": "1"}  # the old snapshot is untouched
+    with pytest.raises(InvalidArgument):
+        specs.apply_deploy(base, "", {}, [{"name": "nope", "image": "x"}])
+
+
+def test_quota_counts_increases_only():
+    lim = Limits("t", "a", "active", 2, 1000, 0, 0)
+    check_quota(lim, {"instances": 1, "cpu_millis": 500}, {"instances": 1, "cpu_millis": 500})
+    with pytest.raises(QuotaExceeded) as err:
+        check_quota(lim, {"instances": 2}, {"instances": 1})
+    assert err.value.details["quota"] == "max_instances"
+    check_quota(lim, {"instances": 2, "cpu_millis": 2000}, {"cpu_millis": -500})  # shrinking is fine
+    check_quota(lim, {"memory_mb": 10**6}, {"memory_mb": 10})  # 0 = no cap
+
+
+def test_health_aggregate_and_events():
+    assert aggregate([]) == "unknown" and aggregate(["unknown"]) == "unknown"
+    assert aggregate(["healthy", "healthy"]) == "healthy" and aggregate(["unhealthy"]) == "unhealthy"
+    assert aggregate(["healthy", "unknown"]) == "degraded"
+    assert transition_event("unknown", "healthy") == "health.passed"
+    assert transition_event("unhealthy", "healthy") == "health.recovered"
+    assert transition_event("healthy", "healthy") is None
+
+
+def test_localhost_targets_must_be_instance_ports():
+    validate_target("http", "http://localhost:8080/healthz", {8080})
+    validate_target("grpc", "127.0.0.1:50051", set())
+    with pytest.raises(InvalidArgument):
+        validate_target("tcp", "localhost:22", {8080})
+    with pytest.raises(InvalidArgument):
+        validate_target("http", "ftp://x", {8080})
+
+
+def test_log_levels_are_inferred():
+    assert level_of('{"level":"warning","msg":"x"}')[0] == "warn"
+    assert level_of("2024 ERROR boom")[0] == "error"
+    assert level_of("plain line")[0] == "info"
