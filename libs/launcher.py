@@ -202,7 +202,13 @@ class Launcher:
             self.pg.stop()
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # A SIGTERM while still starting unwinds like Ctrl-C, so `finally` stops what already runs.
+    signal.signal(signal.SIGTERM, _interrupt)
     launcher = Launcher(Settings.load())
     code = 1
     try:
