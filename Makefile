@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 
-.PHONY: run test bootstrap proto lint typecheck routes openapi clean
+.PHONY: run test bootstrap proto lint typecheck routes openapi bench clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -26,6 +26,11 @@ routes: bootstrap
 
 openapi: bootstrap
 	@$(PY) -m gateway.openapi > openapi.json
+
+# Benchmarks write bench/results/*.json and their table into README.md (several minutes).
+bench: bootstrap
+	@$(PY) bench/cold_start.py && $(PY) bench/pg_gateway.py
+	@DOCKER_HOST=$$(bash scripts/docker-up.sh) $(PY) bench/instances.py
 
 clean:
 	rm -rf gen .venv

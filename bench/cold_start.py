@@ -35,12 +35,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 
+from bench.readme import write_block  # noqa: E402
 from tests.fixtures.databases import Leases  # noqa: E402
 from tests.fixtures.mesh import Mesh, free_port, start_mesh  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 IDLE_TIMEOUT = "300ms"
-BEGIN, END = "<!-- bench:cold_start -->", "<!-- /bench:cold_start -->"
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -127,24 +127,6 @@ async def run_direct(leases: Leases, tenant: dict[str, Any]) -> tuple[float, flo
     await conn.close()
     await leases.release(lease)
     return elapsed, t_lease
-
-
-def write_readme(text: str) -> None:
-    """Replace this benchmark's block under README.md's Benchmarks heading (made if missing)."""
-    readme = ROOT / "README.md"
-    body = readme.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in body:
-        head, rest = body.split(BEGIN, 1)
-        body = head + block + rest.split(END, 1)[1]
-    else:
-        if "## Benchmarks" not in body:
-            body = body.rstrip("\n") + "\n\n## Benchmarks\n"
-        head, rest = body.split("## Benchmarks", 1)
-        parts = rest.split("\n## ", 1)
-        section = parts[0].rstrip("\n") + f"\n\n{block}\n"
-        body = head + "## Benchmarks" + section + ("\n## " + parts[1] if len(parts) > 1 else "")
-    readme.write_text(body)
 
 
 def main() -> None:
@@ -244,7 +226,7 @@ def main() -> None:
     )
     (args.out.with_suffix(".md")).write_text(table + "\n" + footer + "\n")
     if not args.no_readme:
-        write_readme(table + "\n" + footer)
+        write_block("cold_start", table + "\n" + footer)
     sys.stdout.write(table + "\n" + footer + f"\nwrote {args.out}\n")
 
 

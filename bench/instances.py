@@ -22,10 +22,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
+from bench.readme import write_block  # noqa: E402
 from tests.fixtures.mesh import Mesh, start_mesh  # noqa: E402
 
 IMAGE = "ctrlmesh-test/httpd"
-BEGIN, END = "<!-- bench:instances -->", "<!-- /bench:instances -->"
 
 
 def sh(script: str, env: dict[str, str]) -> str:
@@ -134,23 +134,6 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def write_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    body = readme.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in body:
-        head, rest = body.split(BEGIN, 1)
-        body = head + block + rest.split(END, 1)[1]
-    else:
-        if "## Benchmarks" not in body:
-            body = body.rstrip("\n") + "\n\n## Benchmarks\n"
-        head, rest = body.split("## Benchmarks", 1)
-        lines = rest.split("\n## ", 1)
-        section = lines[0].rstrip("\n") + f"\n\n{block}\n"
-        body = head + "## Benchmarks" + section + ("\n## " + lines[1] if len(lines) > 1 else "")
-    readme.write_text(body)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
@@ -200,7 +183,7 @@ def main() -> None:
     }
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "instances.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_readme(table(results))
+    write_block("instances", table(results))
     print(json.dumps(results, indent=2))
 
 

@@ -46,12 +46,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
 import psycopg  # noqa: E402
 
+from bench.readme import write_block  # noqa: E402
 from libs.embedded_pg import PG_OS_USER, EmbeddedPostgres  # noqa: E402
 from pggateway.controlplane import Credentials, LeaseInfo  # noqa: E402
 from pggateway.scram import Verifier  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-BEGIN, END = "<!-- bench:pg_gateway -->", "<!-- /bench:pg_gateway -->"
 USER = "tnt_bench"
 PASSWORD = "bench-Pw-3c9e1a"
 DATABASE = "bench"
@@ -386,24 +386,6 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(text: str) -> None:
-    """Replace this benchmark's block under README.md's Benchmarks heading (made if missing)."""
-    readme = ROOT / "README.md"
-    body = readme.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in body:
-        head, rest = body.split(BEGIN, 1)
-        body = head + block + rest.split(END, 1)[1]
-    else:
-        if "## Benchmarks" not in body:
-            body = body.rstrip("\n") + "\n\n## Benchmarks\n"
-        head, rest = body.split("## Benchmarks", 1)
-        parts = rest.split("\n## ", 1)
-        section = parts[0].rstrip("\n") + f"\n\n{block}\n"
-        body = head + "## Benchmarks" + section + ("\n## " + parts[1] if len(parts) > 1 else "")
-    readme.write_text(body)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--duration", type=int, default=10, help="seconds per pgbench run")
@@ -430,7 +412,7 @@ def main() -> None:
         text = table(saved["summary"], saved["meta"])
         print(text)
         if not args.no_readme:
-            write_readme(text)
+            write_block("pg_gateway", text)
         return
     args.targets = [t for t in args.targets.split(",") if t]
     clients = [int(c) for c in args.clients.split(",")]
@@ -465,7 +447,7 @@ def main() -> None:
     print()
     print(text)
     if not args.no_readme:
-        write_readme(text)
+        write_block("pg_gateway", text)
 
 
 if __name__ == "__main__":
