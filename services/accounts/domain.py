@@ -33,7 +33,7 @@ from libs.errors import (
     not_found,
 )
 from libs.outbox import Outbox
-from libs.pagination import decode_cursor, encode_cursor, page_limit
+from libs.pagination import keyset_page, page_limit
 from libs.principal import Principal, is_global, is_system
 from services.accounts.models import Account, ApiKey, AuditEntry, Tenant
 from services.accounts.peers import Peers
@@ -689,18 +689,11 @@ class AccountsDomain:
         self, p: Principal, status: str, cursor: str, limit: int
     ) -> tuple[list[Tenant], str, int]:
         self._require_global(p)
-        after = decode_cursor(cursor)
-        n = page_limit(limit, 50)
+        q = select(Tenant)
+        if status:
+            q = q.where(Tenant.status == status)
         async with self.db.session() as s:
-            q = select(Tenant)
-            if status:
-                q = q.where(Tenant.status == status)
-            total = await s.scalar(select(func.count()).select_from(q.subquery())) or 0
-            if after:
-                q = q.where(Tenant.id < after)
-            rows = list(await s.scalars(q.order_by(Tenant.id.desc()).limit(n + 1)))
-        next_cursor = encode_cursor(rows[n - 1].id) if len(rows) > n else ""
-        return rows[:n], next_cursor, total
+            return await keyset_page(s, q, Tenant.id, cursor, limit, 50)
 
     async def admin_get(self, p: Principal, tenant_id: str) -> TenantView:
         self._require_global(p)
@@ -820,8 +813,6 @@ class AccountsDomain:
         self, p: Principal, filters: dict[str, Any], cursor: str, limit: int
     ) -> tuple[list[AuditEntry], str, int]:
         self._require_global(p)
-        after = decode_cursor(cursor)
-        n = page_limit(limit, 50)
         q = select(AuditEntry)
         for col in ("tenant_id", "resource", "action", "actor_id"):
             if filters.get(col):
@@ -831,12 +822,7 @@ class AccountsDomain:
         if filters.get("until"):
             q = q.where(AuditEntry.created_at <= filters["until"])
         async with self.db.session() as s:
-            total = await s.scalar(select(func.count()).select_from(q.subquery())) or 0
-            if after:
-                q = q.where(AuditEntry.id < after)
-            rows = list(await s.scalars(q.order_by(AuditEntry.id.desc()).limit(n + 1)))
-        next_cursor = encode_cursor(rows[n - 1].id) if len(rows) > n else ""
-        return rows[:n], next_cursor, total
+            return await keyset_page(s, q, AuditEntry.id, cursor, limit, 50)
 
     # -- events -----------------------------------------------------------------------------
 

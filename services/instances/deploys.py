@@ -22,7 +22,7 @@ from libs import ids
 from libs.db import Database
 from libs.errors import InvalidArgument, InvalidState, not_found
 from libs.outbox import Outbox
-from libs.pagination import decode_cursor, encode_cursor, page_limit
+from libs.pagination import decode_cursor, next_page, page_limit
 from libs.principal import Principal
 from services.instances import repository as repo
 from services.instances import specs
@@ -254,7 +254,7 @@ class DeploymentsDomain:
         after, n = decode_cursor(cursor), page_limit(limit)
         async with self.db.session() as s:
             rows, total = await repo.list_deployments(s, Scope.of(p), instance_id, after, n)
-        return Page(rows[:n], encode_cursor(rows[n - 1]["id"]) if len(rows) > n else "", total)
+        return Page(*next_page(rows, n, lambda r: r["id"]), total)
 
     async def get_release(self, p: Principal, release_id: str) -> Row:
         async with self.db.session() as s:
@@ -268,7 +268,7 @@ class DeploymentsDomain:
         after, n = decode_cursor(cursor), page_limit(limit)
         async with self.db.session() as s:
             rows, total = await repo.list_releases(s, Scope.of(p), instance_id, after, n)
-        return Page(rows[:n], encode_cursor(rows[n - 1]["id"]) if len(rows) > n else "", total)
+        return Page(*next_page(rows, n, lambda r: r["id"]), total)
 
 
 class Executor:

@@ -18,7 +18,7 @@ from libs import ids
 from libs.db import Database
 from libs.errors import InvalidArgument, InvalidState, PermissionDenied, QuotaExceeded, not_found
 from libs.outbox import Outbox
-from libs.pagination import decode_cursor, encode_cursor, page_limit
+from libs.pagination import decode_cursor, next_page, page_limit
 from libs.principal import Principal, is_global, is_system
 from services.instances import repository as repo
 from services.instances import specs
@@ -238,7 +238,7 @@ class InstancesDomain:
                 after=after,
                 limit=n,
             )
-        return Page(rows[:n], encode_cursor(rows[n - 1]["id"]) if len(rows) > n else "", total)
+        return Page(*next_page(rows, n, lambda r: r["id"]), total)
 
     # -- changes -----------------------------------------------------------------------------
 
