@@ -118,6 +118,7 @@ def services(database_url: str) -> Iterator[Services]:
     marker = data_dir / "COMPUTES_LOCATION"
     if marker.exists():
         shutil.rmtree(marker.read_text().strip(), ignore_errors=True)
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _postmasters(db_id: str) -> list[int]:
