@@ -44,6 +44,20 @@ def poll(fetch: Any, done: Any, timeout: float = 120) -> Any:
     raise TimeoutError(str(value)[:500])
 
 
+def add_http_check(c: Any, instance_id: str) -> None:
+    """The health check both measurements wait on: GET /healthz every second."""
+    c.post(
+        f"/v1/instances/{instance_id}/health/checks",
+        json={
+            "name": "http",
+            "type": "http",
+            "target": "http://localhost:8080/healthz",
+            "interval": "1s",
+            "timeout": "1s",
+        },
+    )
+
+
 def create_to_healthy(m: Mesh, tenant: str) -> tuple[float, float]:
     c = m.admin()
     started = time.perf_counter()
@@ -58,16 +72,7 @@ def create_to_healthy(m: Mesh, tenant: str) -> tuple[float, float]:
             "ports": [{"container_port": 8080, "protocol": "tcp"}],
         },
     ).json()
-    c.post(
-        f"/v1/instances/{inst['id']}/health/checks",
-        json={
-            "name": "http",
-            "type": "http",
-            "target": "http://localhost:8080/healthz",
-            "interval": "1s",
-            "timeout": "1s",
-        },
-    )
+    add_http_check(c, inst["id"])
     poll(lambda: c.get(f"/v1/instances/{inst['id']}").json()["state"], lambda s: s == "running")
     running = time.perf_counter() - started
     poll(lambda: c.get(f"/v1/instances/{inst['id']}/health").json()["status"], lambda s: s == "healthy")
@@ -90,16 +95,7 @@ def rolling_deploys(m: Mesh, tenant: str, runs: int) -> list[float]:
             "ports": [{"container_port": 8080, "protocol": "tcp"}],
         },
     ).json()
-    c.post(
-        f"/v1/instances/{inst['id']}/health/checks",
-        json={
-            "name": "http",
-            "type": "http",
-            "target": "http://localhost:8080/healthz",
-            "interval": "1s",
-            "timeout": "1s",
-        },
-    )
+    add_http_check(c, inst["id"])
     poll(lambda: c.get(f"/v1/instances/{inst['id']}").json()["state"], lambda s: s == "running")
     out = []
     for i in range(runs):

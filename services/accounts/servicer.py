@@ -3,33 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
 
 import grpc
 from ctrlmesh.accounts.v1 import accounts_pb2 as pb
 from ctrlmesh.accounts.v1 import accounts_pb2_grpc as rpc
 from ctrlmesh.common.v1 import common_pb2, internal_pb2
-from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf import empty_pb2, json_format, struct_pb2
 
 from libs import principal as principals
+from libs.protoconv import dt, ts
 from services.accounts import events
 from services.accounts.domain import PERMISSIONS, PLANS, AccountsDomain, TenantView
 from services.accounts.models import Account, ApiKey, AuditEntry, Tenant
 
 # Trailing metadata telling the edge to forget cached principals of a key (see gateway/auth.py).
 INVALIDATE_KEY = "x-ctrlmesh-invalidate-key"
-
-
-def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    t = timestamp_pb2.Timestamp()
-    t.FromDatetime(value)
-    return t
-
-
-def dt(value: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
-    return value.ToDatetime(tzinfo=__import__("datetime").UTC) if present else None
 
 
 def profile(a: Account) -> pb.AccountProfile:

@@ -9,21 +9,14 @@ import grpc
 from ctrlmesh.common.v1 import internal_pb2
 from ctrlmesh.databases.v1 import databases_pb2 as pb
 from ctrlmesh.databases.v1 import databases_pb2_grpc as rpc
-from google.protobuf import duration_pb2, empty_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, empty_pb2, struct_pb2
 
 from libs import principal as principals
+from libs.protoconv import ts
 from services.databases import events
 from services.databases.domain import DatabasesDomain, EventsDomain, LeaseDomain, deadline_after
 from services.databases.repository import Db, LeaseRow
 from services.databases.state import State
-
-
-def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    t = timestamp_pb2.Timestamp()
-    t.FromDatetime(value)
-    return t
 
 
 def duration(value: duration_pb2.Duration, present: bool) -> timedelta | None:

@@ -9,11 +9,12 @@ from typing import Any
 import grpc
 from ctrlmesh.instances.v1 import instances_pb2 as pb
 from ctrlmesh.instances.v1 import instances_pb2_grpc as rpc
-from google.protobuf import duration_pb2, empty_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, empty_pb2, json_format, struct_pb2
 
 from libs import principal as principals
 from libs.errors import PermissionDenied
 from libs.principal import is_global
+from libs.protoconv import ts
 from services.instances import specs
 from services.instances.deploys import DeploymentsDomain, validate_strategy
 from services.instances.domain import InstancesDomain
@@ -21,14 +22,6 @@ from services.instances.health import HealthDomain
 from services.instances.providers import Registry
 from services.instances.repository import Row
 from services.instances.telemetry import Dashboard, Entry, Snapshot, TelemetryDomain
-
-
-def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    t = timestamp_pb2.Timestamp()
-    t.FromDatetime(value)
-    return t
 
 
 def dur_s(seconds: float) -> duration_pb2.Duration:
