@@ -31,7 +31,7 @@ from pggateway.metrics import GatewayMetrics
 from pggateway.route import RouteConfig, Router
 from pggateway.scram import SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramError, ScramServer, Verifier
 from pggateway.session import ClientSession, client_settings
-from pggateway.tls import TlsMaterial, channel_binding_data, server_context
+from pggateway.tls import TlsMaterial, channel_binding_data, server_context, write_records
 
 log = logging.getLogger("ctrlmesh.pggateway.server")
 tracer = trace.get_tracer("ctrlmesh.pggateway")
@@ -132,7 +132,7 @@ class _StartupConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
-            self.transport.write(data)
+            write_records(self.transport, data)
 
     def leftover(self) -> bytes:
         data = bytes(self._buf)

@@ -27,6 +27,7 @@ from pggateway import classify, errors
 from pggateway import protocol as pq
 from pggateway.backend import Backend
 from pggateway.route import Route
+from pggateway.tls import write_records
 
 if TYPE_CHECKING:
     from pggateway.server import GatewayServer
@@ -319,7 +320,7 @@ class ClientSession(asyncio.Protocol):
                 self.route.pool.discard(b)
             self.fatal(errors.compute_lost())
             return
-        self.transport.write(data)
+        write_records(self.transport, data)
         if not events:
             return
         ready = False

@@ -11,6 +11,7 @@ signs an order of magnitude faster than RSA-2048.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import ipaddress
@@ -26,6 +27,30 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 log = logging.getLogger("ctrlmesh.pggateway.tls")
+
+# The largest plaintext the gateway puts in one TLS record towards a client. libpq makes room for
+# at least 8 KiB before every read and, in non-blocking mode (psycopg, every async driver built
+# on libpq), returns to the caller after one SSL_read. A larger record (OpenSSL's default is 16 KiB)
+# is then only partly read: the rest waits decrypted inside OpenSSL while the socket is empty, so
+# the application's wait for readability never ends (libpq before 18 has no check of
+# SSL_pending there). PostgreSQL itself never sends more than 8 KiB per SSL_write, which is why
+# the same clients never hang against it directly; the gateway keeps to the same bound.
+TLS_RECORD_PLAINTEXT = 8192
+
+
+def write_records(transport: asyncio.WriteTransport, data: bytes | bytearray | memoryview) -> None:
+    """Write `data` so that no TLS record carries more than TLS_RECORD_PLAINTEXT bytes.
+
+    Both asyncio's and uvloop's TLS transports turn each buffer given to `writelines` into its
+    own SSL_write, and one SSL_write of at most 16 KiB is one record.
+    """
+    size = len(data)
+    if size <= TLS_RECORD_PLAINTEXT:
+        transport.write(data)
+        return
+    view = memoryview(data)
+    transport.writelines([view[i : i + TLS_RECORD_PLAINTEXT] for i in range(0, size, TLS_RECORD_PLAINTEXT)])
+
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"

@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -722,3 +723,21 @@ def test_pgbench_select_only_through_the_gateway(env: Env) -> None:
     assert "number of failed transactions: 0" in run.stdout
     tps = float(run.stdout.split("tps = ")[1].split()[0])
     assert tps > 100
+
+
+@pytest.mark.parametrize("impl", ["python", "binary"])
+def test_large_results_and_copy_to_never_hang_non_blocking_libpq(env: Env, impl: str) -> None:
+    """Wide rows from 1,000 B to 40,000 B and COPY TO of 8 MB complete through the gateway with
+    psycopg's non-blocking libpq, sync and async, on the system's libpq 15 (`python`: the one
+    that hung at 8,976 B while the gateway sent 16 KiB TLS records) and on the wheel's."""
+    e = dict(os.environ, PSYCOPG_IMPL=impl)
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.clients.large_results", env.dsn(), "--copy-mb", "8"],
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    for check in ("sync wide rows", "sync copy to stdout", "async wide rows", "async copy to stdout"):
+        assert f"ok {check}" in r.stdout, r.stdout
