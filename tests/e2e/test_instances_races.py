@@ -80,8 +80,8 @@ def test_suspend_then_unsuspend_at_once_ends_running(running_instance, docker_ho
 
 
 def test_stop_then_start_at_once_ends_running(running_instance):
-    """start right after stop (the instance still `stopping`) is accepted and the instance
-    comes back running; a start while running stays 409."""
+    """start (or restart) right after stop, the instance still `stopping`, is accepted and the
+    instance comes back running; a start while running stays 409."""
     tenant, inst = running_instance
     c = tenant.client()
     iid = inst["id"]
@@ -91,6 +91,11 @@ def test_stop_then_start_at_once_ends_running(running_instance):
     assert r.status_code == 204, r.text
     _running_with_page(c, iid)
     assert c.post(f"/v1/instances/{iid}/start").status_code == 409
+    # restart while stopping likewise brings it back.
+    assert c.post(f"/v1/instances/{iid}/stop").status_code == 204
+    _stopping(c, iid)
+    assert c.post(f"/v1/instances/{iid}/restart").status_code == 204
+    _running_with_page(c, iid)
     # And the plain order still works: stop to the end, then start.
     assert c.post(f"/v1/instances/{iid}/stop").status_code == 204
     wait_state(c, iid, "stopped")
