@@ -664,12 +664,13 @@ class AccountsDomain:
         return t, self.keyring.decrypt_str(t.pg_password_enc, aad=t.id)
 
     async def rotate_credentials(self, p: Principal, ref: str) -> tuple[Tenant, str]:
-        # A new password cuts off every application of the tenant, so a tenant key needs the flag.
-        if p.scope == "tenant" and not p.permissions.can_rotate_credentials:
-            raise PermissionDenied("this key lacks can_rotate_credentials")
         password = secrets.token_urlsafe(24)
         async with self.db.session() as s:
+            # Visibility first, so another tenant's name is 404 exactly like a missing one.
             t = await self._find(s, p, ref, lock=True)
+            # A new password cuts off every application of the tenant: a tenant key needs the flag.
+            if p.scope == "tenant" and not p.permissions.can_rotate_credentials:
+                raise PermissionDenied("this key lacks can_rotate_credentials")
             t.pg_password_enc = self.keyring.encrypt_str(password, aad=t.id)
             t.scram_verifier = scram_verifier(password)
             t.updated_at = now()
