@@ -30,9 +30,11 @@ from libs.errors import (
 from libs.outbox import Outbox
 from libs.pagination import page_limit
 from libs.principal import Principal, is_global, is_system
+from libs.timeutil import now
 from services.databases import events
 from services.databases import repository as repo
-from services.databases.lifecycle import Lifecycle, now, spec_of
+from services.databases.actions.common import spec_of
+from services.databases.lifecycle import Lifecycle
 from services.databases.peers import Accounts, TenantRef
 from services.databases.repository import Db, LeaseRow
 from services.databases.state import RUNNING, WAKEABLE, State
