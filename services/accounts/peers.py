@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from typing import Any
 
 from ctrlmesh.common.v1 import internal_pb2, internal_pb2_grpc
-from ctrlmesh.databases.v1 import databases_pb2, databases_pb2_grpc
 
+from libs import events
 from libs.clients import Channels, Signer
 from libs.peers import Peer
 
@@ -53,21 +52,13 @@ class Peers:
         answers = await asyncio.gather(*(self._call(s, "PurgeTenant", req) for s in OWNERS))
         return all(a.done for a in answers)
 
-    async def watch_databases(
-        self, after: int | None, types: list[str], *, account_id: str = "", tenant_id: str = ""
-    ) -> AsyncIterator[internal_pb2.Event]:
-        """The databases service's events after `after` (from now, led by a `stream.head` event
-        carrying the position, when None), of one account or tenant when given."""
-        req = databases_pb2.WatchDatabaseEventsRequest(
-            last_event_id="" if after is None else str(after),
-            send_head=after is None,
-            type=types,
-            account_id=account_id,
-            tenant_id=tenant_id,
+    def event_source(
+        self, service: str, types: list[str], *, account_id: str = "", tenant_id: str = ""
+    ) -> events.Source:
+        """Another service's event stream, filtered to a visibility (for /v2/events)."""
+        return events.remote_source(
+            self._channels, self._signer, service, types=types, account_id=account_id, tenant_id=tenant_id
         )
-        stub = databases_pb2_grpc.DatabaseServiceStub(self._channels.get("databases"))
-        async for event in stub.WatchDatabaseEvents(req, metadata=self._signer.system()):
-            yield event
 
     async def stats(self) -> dict[str, int]:
         req = internal_pb2.GetResourceStatsRequest()

@@ -12,7 +12,6 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_
 from sqlalchemy.exc import IntegrityError
 
 from libs.db import Database
@@ -362,37 +361,3 @@ def deadline_after(seconds: float | None, default: float = 30.0, margin: float =
     """A monotonic deadline shortly before the caller's, so the answer arrives in time."""
     budget = default if seconds is None else seconds
     return time.monotonic() + max(0.0, budget - margin)
-
-
-class EventsDomain:
-    """The databases outbox as an internal, resumable stream (merged into /v2/events by accounts)."""
-
-    def __init__(self, outbox: Outbox):
-        self.outbox = outbox
-
-    async def start(self, p: Principal, last_event_id: str) -> int:
-        """The sequence number to stream after: the given id, or the current head."""
-        _require_system(p)
-        if not last_event_id:
-            return await self.outbox.last_seq()
-        try:
-            return int(last_event_id)
-        except ValueError:
-            raise InvalidArgument(
-                "last_event_id is not an event id", fields={"last_event_id": "not an event id"}
-            ) from None
-
-    def watch(self, after: int, *, tenant_id: str, account_id: str, db_id: str, types: list[str]):  # type: ignore[no-untyped-def]
-        def where(t):  # type: ignore[no-untyped-def]
-            conds = []
-            if tenant_id:
-                conds.append(t.c.tenant_id == tenant_id)
-            if account_id:
-                conds.append(t.c.account_id == account_id)
-            if db_id:
-                conds.append(t.c.resource_id == db_id)
-            if types:
-                conds.append(t.c.type.in_(types))
-            return and_(*conds) if conds else None
-
-        return self.outbox.watch(after, where)

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.db import Database
 from libs.errors import CtrlmeshError
+from libs.events import STREAM_HEAD
 from libs.outbox import Outbox
 from libs.reconcile import KeyedRunner, every
 from libs.timeutil import now
@@ -284,11 +285,13 @@ class Lifecycle:
     async def credentials_loop(self) -> None:
         """Follow accounts' `tenant.credentials_rotated` events and give the running writers of
         that tenant the new verifier at once (stopped ones get it at their next boot)."""
-        last = ""
+        last: int | None = None
         while True:
             try:
                 async for ev in self.accounts.watch(["tenant.credentials_rotated"], last):
-                    last = ev.id
+                    last = int(ev.id)
+                    if ev.type == STREAM_HEAD:
+                        continue
                     async with self.db.session() as s:
                         ids = await repo.tenant_database_ids(s, ev.tenant_id)
                     for db_id in ids:

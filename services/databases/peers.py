@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from ctrlmesh.common.v1 import internal_pb2
 
+from libs import events
 from libs.peers import Peer
 from libs.principal import Principal
 
@@ -71,12 +72,7 @@ class Accounts(Peer):
         )
         return c.scram_verifier
 
-    async def watch(self, types: list[str], last_event_id: str) -> AsyncIterator[internal_pb2.Event]:
-        """accounts' event stream (system principal: every tenant), from after `last_event_id`."""
-        stub = accounts_pb2_grpc.EventServiceStub(self.channel)
-        call = stub.WatchEvents(
-            accounts_pb2.WatchEventsRequest(type=types, last_event_id=last_event_id),
-            metadata=self.metadata(),
-        )
-        async for event in call:
-            yield event
+    def watch(self, types: list[str], after: int | None) -> AsyncIterator[internal_pb2.Event]:
+        """accounts' own event stream (every tenant), from after `after` or from now (then led
+        by a `stream.head` event)."""
+        return events.remote_source(self._channels, self._signer, "accounts", types=types)(after)

@@ -172,6 +172,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         register=register,
         on_start=on_start,
         on_stop=on_stop,
+        events=box,
         background=[reconciler.run, Runner(health, rt.db).run, probe_loop, suspensions],
     )
     return service, remote_audit_sink(rt)

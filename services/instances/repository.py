@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Table, delete, func, insert, select, text, update
@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from libs.principal import Principal, is_global
+from libs.timeutil import now
 from services.instances.models import (
     cursors,
     deployments,
@@ -29,8 +30,10 @@ from services.instances.models import (
 Row = dict[str, Any]
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
+def account_of(instance_id: str) -> ColumnElement[str]:
+    """The account of an instance, as a scalar subquery: events about an instance's checks and
+    deployments carry its account without a second read."""
+    return select(instances.c.account_id).where(instances.c.id == instance_id).scalar_subquery()
 
 
 @dataclass(frozen=True)

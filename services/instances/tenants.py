@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 
+from libs import events
 from libs import principal as principals
 from libs.errors import CtrlmeshError, NotFound
 from libs.peers import Peer
@@ -79,15 +80,13 @@ class Tenants(Peer):
     ) -> None:
         """Follow accounts' `tenant.suspended` events forever, resuming where the last process
         stopped, and hand each suspended tenant to `on_suspended`."""
-        stub = accounts_pb2_grpc.EventServiceStub(self.channel)
+        stream = events.remote_source(self._channels, self._signer, "accounts", types=["tenant.suspended"])
         while True:
             try:
-                after = await load_cursor()
-                req = accounts_pb2.WatchEventsRequest(
-                    type=["tenant.suspended"], last_event_id=str(after) if after is not None else ""
-                )
-                call = stub.WatchEvents(req, metadata=self.metadata())
-                async for event in call:
+                async for event in stream(await load_cursor()):
+                    if event.type == events.STREAM_HEAD:
+                        await save_cursor(int(event.id))
+                        continue
                     try:
                         await on_suspended(event.tenant_id)
                     except CtrlmeshError as err:
