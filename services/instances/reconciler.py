@@ -185,12 +185,7 @@ class Reconciler:
             return await self._reach_running(row, reps)
         if state == "stopping":
             await provider.stop(row["id"])
-            if row["desired_state"] == "running":  # a restart: down, then up again
-                return await self._set(row, "stopped") and await self._set(
-                    {**row, "state": "stopped"}, "starting"
-                )
-            await self._set(row, "stopped", endpoints=[])
-            return False
+            return await self._stopped(row["id"])
         if state == "running" and row["desired_state"] != "running":
             return await self._set(row, "stopping")
         if state == "running" and row["generation"] != row["observed_generation"]:
@@ -203,6 +198,23 @@ class Reconciler:
                 )
             return True
         return False
+
+    async def _stopped(self, instance_id: str) -> bool:
+        """After the engine stopped an instance: `stopped`, or up again when its desired state is
+        `running` (a restart, or an unsuspend or start that came while it stopped). Decided on the
+        row as it is now, under its lock: the desired state read before the stop may be stale,
+        and both transitions commit together, so a crash between them cannot strand the instance
+        stopped while it should run."""
+        async with self.db.session() as s:
+            fresh = await repo.get_instance(s, Scope.system(), instance_id, lock=True)
+            if fresh is None or fresh["state"] != "stopping":
+                return True
+            await self.domain.transition(s, fresh, "stopped", endpoints=[])
+            again = fresh["desired_state"] == "running"
+            if again:
+                await self.domain.transition(s, {**fresh, "state": "stopped", "endpoints": []}, "starting")
+        await self.domain.outbox.notify()
+        return again
 
     async def _reach_running(self, row: Row, reps: list[Replica]) -> bool:
         async with self.db.session() as s:
