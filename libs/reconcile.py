@@ -231,14 +231,22 @@ async def every(
     *,
     jitter: float = 0.1,
     first: float | None = None,
+    wake: asyncio.Event | None = None,
 ) -> None:
     """Run `fn` every `interval` seconds (± `jitter` of it) until cancelled; a failing pass is
     logged and counted and the next one runs on time. `first`: the delay before the first pass
-    (default: one interval)."""
+    (default: one interval). `wake`: setting it runs the next pass at once."""
     delay = interval if first is None else first
     while True:
         if delay > 0:
-            await asyncio.sleep(delay)
+            if wake is None:
+                await asyncio.sleep(delay)
+            else:
+                try:
+                    await asyncio.wait_for(wake.wait(), delay)
+                except TimeoutError:
+                    pass
+                wake.clear()
         try:
             await fn()
         except asyncio.CancelledError:
