@@ -297,6 +297,7 @@ class AccountsDomain:
                 resource="account",
                 resource_id=acct.id,
                 data={"account_id": acct.id, "email": email},
+                tenant_id="",  # an account-wide event: no tenant key sees it
                 account_id=acct.id,
             )
         await self.outbox.notify()
@@ -927,22 +928,3 @@ class AccountsDomain:
             q = q.where(AuditEntry.created_at <= filters["until"])
         async with self.db.session() as s:
             return await keyset_page(s, q, AuditEntry.id, cursor, limit, 50)
-
-    # -- events -----------------------------------------------------------------------------
-
-    def event_filter(self, p: Principal, types: list[str]):  # type: ignore[no-untyped-def]
-        def where(t):  # type: ignore[no-untyped-def]
-            conds = []
-            if p.scope == "account":
-                conds.append(t.c.account_id == p.account_id)
-            elif p.scope == "tenant":
-                conds.append(t.c.tenant_id == p.tenant_id)
-            if types:
-                conds.append(t.c.type.in_(types))
-            if not conds:
-                return None
-            from sqlalchemy import and_
-
-            return and_(*conds)
-
-        return where

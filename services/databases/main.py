@@ -1,6 +1,6 @@
 """The databases service process: `python -m services.databases.main`.
 
-Serves DatabaseService (the /v2 database routes, ResolveDatabase, WatchDatabaseEvents),
+Serves DatabaseService (the /v2 database routes, ResolveDatabase), its EventStreamService,
 LeaseService (the PG Gateway's leases) and the internal TenantResourcesService, and runs the
 reconciler's loops: resume/reconcile, the compute monitor, idle stop, storage measurement and
 the credentials-rotation follower.
@@ -19,7 +19,7 @@ from libs.tenant_resources import Count, Spec, register_resources
 from services.databases import servicer
 from services.databases.compute import make_driver
 from services.databases.compute.profiles import PROFILES
-from services.databases.domain import DatabasesDomain, EventsDomain, LeaseDomain
+from services.databases.domain import DatabasesDomain, LeaseDomain
 from services.databases.lifecycle import Lifecycle
 from services.databases.models import SCHEMA, compute_runs, databases, leases, outbox
 from services.databases.peers import Accounts
@@ -77,11 +77,10 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     lifecycle = Lifecycle(rt.db, driver, accounts, events, idle_timeout=rt.settings.idle_timeout)
     dbs = DatabasesDomain(rt.db, accounts, events, lifecycle)
     lease_domain = LeaseDomain(rt.db, accounts, lifecycle)
-    events_domain = EventsDomain(events)
 
     def register(server):  # type: ignore[no-untyped-def]
         return [
-            *servicer.register(server, dbs, lease_domain, events_domain),
+            *servicer.register(server, dbs, lease_domain),
             *register_resources(server, rt.db, spec(dbs.purge_tenant)),
         ]
 
@@ -89,6 +88,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         name="databases",
         register=register,
         on_stop=lifecycle.shutdown,
+        events=events,
         background=[
             lifecycle.reconcile_loop,
             lifecycle.monitor_loop,

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import grpc
-from ctrlmesh.common.v1 import internal_pb2
 from ctrlmesh.databases.v1 import databases_pb2 as pb
 from ctrlmesh.databases.v1 import databases_pb2_grpc as rpc
-from google.protobuf import duration_pb2, empty_pb2, struct_pb2
+from google.protobuf import duration_pb2, empty_pb2
 
 from libs import principal as principals
 from libs.protoconv import ts
-from services.databases import events
-from services.databases.domain import DatabasesDomain, EventsDomain, LeaseDomain, deadline_after
+from services.databases.domain import DatabasesDomain, LeaseDomain, deadline_after
 from services.databases.repository import Db, LeaseRow
 from services.databases.state import State
 
@@ -75,9 +72,8 @@ def lease(row: LeaseRow, d: Db) -> pb.Lease:
 
 
 class DatabaseService(rpc.DatabaseServiceServicer):
-    def __init__(self, domain: DatabasesDomain, events_: EventsDomain):
+    def __init__(self, domain: DatabasesDomain):
         self.d = domain
-        self.e = events_
 
     async def CreateDatabase(self, request, context):  # type: ignore[no-untyped-def]
         row, t = await self.d.create(
@@ -130,30 +126,6 @@ class DatabaseService(rpc.DatabaseServiceServicer):
         host, port = writer(row)
         return pb.ResolveDatabaseResponse(database=database(row), writer_host=host, writer_port=port)
 
-    async def WatchDatabaseEvents(self, request, context) -> AsyncIterator[internal_pb2.Event]:  # type: ignore[no-untyped-def,override]
-        after = await self.e.start(principals.current(), request.last_event_id)
-        if request.send_head and not request.last_event_id:
-            yield internal_pb2.Event(id=str(after), type=events.STREAM_HEAD, time=ts(datetime.now(UTC)))
-        rows = self.e.watch(
-            after,
-            tenant_id=request.tenant_id,
-            account_id=request.account_id,
-            db_id=request.db_id,
-            types=list(request.type),
-        )
-        async for row in rows:
-            data = struct_pb2.Struct()
-            data.update(row["data"])
-            yield internal_pb2.Event(
-                id=str(row["seq"]),
-                type=row["type"],
-                tenant_id=row["tenant_id"],
-                resource=row["resource"],
-                resource_id=row["resource_id"],
-                data=data,
-                time=ts(row["created_at"]),
-            )
-
 
 class LeaseService(rpc.LeaseServiceServicer):
     def __init__(self, domain: LeaseDomain):
@@ -185,9 +157,7 @@ class LeaseService(rpc.LeaseServiceServicer):
         return empty_pb2.Empty()
 
 
-def register(
-    server: grpc.aio.Server, databases: DatabasesDomain, leases: LeaseDomain, events_: EventsDomain
-) -> list[str]:
-    rpc.add_DatabaseServiceServicer_to_server(DatabaseService(databases, events_), server)
+def register(server: grpc.aio.Server, databases: DatabasesDomain, leases: LeaseDomain) -> list[str]:
+    rpc.add_DatabaseServiceServicer_to_server(DatabaseService(databases), server)
     rpc.add_LeaseServiceServicer_to_server(LeaseService(leases), server)
     return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]
