@@ -110,9 +110,14 @@ class GatewayMetrics:
             ["outcome"],
             registry=r,
         )
+        self.backends_lost_total = Counter(
+            "pggateway_backends_lost_total",
+            "Backend connections the compute closed unexpectedly (terminated, timed out, crashed).",
+            registry=r,
+        )
         self.compute_lost_total = Counter(
             "pggateway_compute_lost_total",
-            "Backend connections that broke while in use (pool dropped).",
+            "Lost backends whose compute was then found gone (no login): pool dropped, writer re-resolved.",
             registry=r,
         )
         self.tls_handshake_failures_total = Counter(

@@ -288,6 +288,12 @@ def parse_fields(payload: bytes) -> dict[str, str]:
     return out
 
 
+def is_fatal(error_body: bytes) -> bool:
+    """Whether an ErrorResponse body is FATAL or PANIC (the server closes the connection next)."""
+    fields = parse_fields(error_body)
+    return fields.get("V", fields.get("S", "")) in ("FATAL", "PANIC")
+
+
 def parse_parameter_status(payload: bytes) -> tuple[str, str]:
     name, pos = read_cstr(payload, 0)
     value, _ = read_cstr(payload, pos)
@@ -340,14 +346,15 @@ class ServerStreamScanner:
     """Follows message boundaries in the backend → client stream without buffering it.
 
     The relay forwards every byte as it arrives; this only remembers where the current message
-    ends, and collects the bodies of the two messages pooling needs: ReadyForQuery (whose status
-    byte says when the backend can be returned) and ParameterStatus (the backend's reported
-    settings). Large DataRows therefore pass through with no copy.
+    ends, and collects the bodies of the few messages pooling needs: ReadyForQuery (whose status
+    byte says when the backend can be returned), ParameterStatus (the backend's reported
+    settings) and ErrorResponse (rare; a FATAL one means the compute is ending this backend).
+    Large DataRows therefore pass through with no copy.
     """
 
     __slots__ = ("_body", "_head", "_kind", "_remaining")
 
-    WANTED = frozenset((READY_FOR_QUERY, PARAMETER_STATUS))
+    WANTED = frozenset((READY_FOR_QUERY, PARAMETER_STATUS, ERROR_RESPONSE))
 
     def __init__(self) -> None:
         self._head = b""  # a partial 5-byte header

@@ -23,7 +23,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from libs.telemetry import ATTR_DATABASE, ATTR_PG_OUTCOME, ATTR_PG_USER, ATTR_TENANT
-from pggateway import errors
+from pggateway import errors, keys
 from pggateway import protocol as pq
 from pggateway.backend import send_cancel
 from pggateway.controlplane import ControlPlane, ControlPlaneError, CredentialCache, Credentials
@@ -54,6 +54,8 @@ class GatewayConfig:
     credentials_ttl: float = 2.0
     # A database's lease is released this long after its last client left.
     release_grace: float = 1.0
+    # This process's place among the gateway workers sharing the port (`pggateway.workers`).
+    worker_index: int = 0
 
     def route_config(self) -> RouteConfig:
         return RouteConfig(
@@ -383,8 +385,9 @@ class GatewayServer:
         return creds
 
     def _new_cancel_key(self) -> tuple[int, int]:
+        """An id no real backend can have (see `pggateway.keys`), and a random secret."""
         while True:
-            key = (secrets.randbits(31), secrets.randbits(31))
+            key = keys.new_key(self.config.worker_index)
             if key not in self._sessions:
                 return key
 

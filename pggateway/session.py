@@ -103,6 +103,7 @@ class ClientSession(asyncio.Protocol):
         self._finished = False
         self._client_paused = False  # the client's socket is full: backend reading paused
         self._client_reading_paused = False  # the backend's socket is full: client reading paused
+        self._server_fatal = False  # the attached backend sent a FATAL error: it closes next
 
     # -- set-up -------------------------------------------------------------------------------
     async def apply_settings(self, b: Backend) -> None:
@@ -294,6 +295,7 @@ class ClientSession(asyncio.Protocol):
         self.backend = b
         b.session = self
         self._scanner.reset()
+        self._server_fatal = False
         if self._client_paused and b.transport is not None:
             b.transport.pause_reading()
 
@@ -330,6 +332,9 @@ class ClientSession(asyncio.Protocol):
                 self.pending -= 1
                 self.tx_status = body[:1]
                 ready = True
+            elif kind == pq.ERROR_RESPONSE:
+                if pq.is_fatal(body):
+                    self._server_fatal = True
             elif b is not None:
                 name, value = pq.parse_parameter_status(body)
                 b.reported[name] = value
@@ -349,6 +354,12 @@ class ClientSession(asyncio.Protocol):
     def backend_lost(self) -> None:
         """The compute closed our backend mid-use (crash, stop, terminate)."""
         self.backend = None
+        if self._server_fatal:
+            # PostgreSQL said why (FATAL 57P01 after a pg_terminate_backend, ...) and the client
+            # has it: it ends the way it would directly, with no second error of ours.
+            self.server.metrics.connection_errors_total.labels(errors.COMPUTE).inc()
+            self.finish()
+            return
         self.fatal(errors.compute_lost())
 
     # -- flow control -------------------------------------------------------------------------
