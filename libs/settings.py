@@ -61,8 +61,11 @@ class Settings(BaseSettings):
     pg_lease_ttl: Duration = timedelta(seconds=30)
     # How long looked-up tenant credentials are reused: short, so a rotation applies quickly.
     pg_credentials_cache_ttl: Duration = timedelta(seconds=2)
-    # Prometheus /metrics of the gateway; pg_port + 1000 when unset.
+    # Prometheus /metrics of the gateway; pg_port + 1000 when unset. Worker i of the gateway
+    # serves its own figures on this port + i.
     pg_metrics_port: int | None = None
+    # Gateway worker processes sharing pg_port (SO_REUSEPORT); the number of CPUs when unset.
+    pg_workers: int | None = None
     grpc_host: str = "127.0.0.1"
     accounts_port: int = 50051
     databases_port: int = 50052

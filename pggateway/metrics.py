@@ -106,7 +106,7 @@ class GatewayMetrics:
         )
         self.cancel_requests_total = Counter(
             "pggateway_cancel_requests_total",
-            "CancelRequests, by whether they reached a backend.",
+            "CancelRequests by outcome: forwarded to a backend, passed_on to the worker that owns the session, ignored.",
             ["outcome"],
             registry=r,
         )
