@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     pg_tls_key: Path | None = None
     # How long a client is held while its database boots before 57P03 "the database is starting".
     pg_wake_timeout: Duration = timedelta(seconds=30)
-    # Backend connections per database, and how long a client waits for one before 53300.
+    # Backend connections per database (split between the gateway workers), and how long a
+    # client waits for one before 53300.
     pg_pool_size: int = 20
     pg_checkout_timeout: Duration = timedelta(seconds=30)
     # The gateway's lease on a database (renewed every third of it while clients are connected).

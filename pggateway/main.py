@@ -39,6 +39,7 @@ from pggateway.workers import (
     module_command,
     slot_from_args,
     worker_count,
+    worker_pool_size,
 )
 
 log = logging.getLogger("ctrlmesh.pggateway")
@@ -58,7 +59,7 @@ def config_from(settings: Settings, slot: WorkerSlot | None = None) -> GatewayCo
         port=settings.pg_port,
         # This process: one lease per (holder, database), so a restarted worker is a new holder.
         holder_id=f"pggateway:{socket.gethostname()}:{os.getpid()}:w{slot.index}:{uuid.uuid4().hex[:8]}",
-        pool_size=settings.pg_pool_size,
+        pool_size=worker_pool_size(settings.pg_pool_size, slot.count),
         wake_timeout=settings.pg_wake_timeout.total_seconds(),
         checkout_timeout=settings.pg_checkout_timeout.total_seconds(),
         lease_ttl=settings.pg_lease_ttl.total_seconds(),

@@ -31,6 +31,9 @@ class HotPathMetrics(Collector):
 
     def checkout(self, waited: float) -> None:
         self.checkouts += 1
+        if waited <= 0.0:  # an idle backend at once: the common case, no search
+            self._wait_counts[0] += 1
+            return
         self._wait_counts[bisect.bisect_left(_WAIT_BUCKETS, waited)] += 1
         self._wait_sum += waited
 

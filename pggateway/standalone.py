@@ -32,6 +32,7 @@ from pggateway.workers import (
     die_with_parent,
     module_command,
     slot_from_args,
+    worker_pool_size,
 )
 
 PASSWORD_ENV = "CTRLMESH_STANDALONE_PG_PASSWORD"
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--user", required=True)
     ap.add_argument("--tenant-id", default="ten_standalone")
     ap.add_argument("--data-dir", type=Path, required=True, help="where the TLS material is made")
-    ap.add_argument("--pool-size", type=int, default=20)
+    ap.add_argument("--pool-size", type=int, default=20, help="backends per database, shared by the workers")
     ap.add_argument("--workers", dest="count", type=int, default=1, help="worker processes")
     ap.add_argument("--metrics-port", type=int, default=None, help="worker i serves metrics on this + i")
     add_worker_arguments(ap)
@@ -91,7 +92,7 @@ async def _serve(args: argparse.Namespace, slot: WorkerSlot) -> None:
         args.host,
         args.port,
         f"standalone-{os.getpid()}",
-        pool_size=args.pool_size,
+        pool_size=worker_pool_size(args.pool_size, slot.count),
         worker_index=slot.index,
         peers=slot.peers(),
     )

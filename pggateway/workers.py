@@ -93,6 +93,12 @@ def worker_count(configured: int | None) -> int:
     return count
 
 
+def worker_pool_size(pool_size: int, workers: int) -> int:
+    """Each worker's share of CTRLMESH_PG_POOL_SIZE, so the compute sees at most about that many
+    backends per database whatever the number of workers."""
+    return max(1, -(-pool_size // workers))
+
+
 def die_with_parent() -> None:
     """Ask the kernel for SIGTERM when the supervisor dies (Linux only; a no-op elsewhere)."""
     parent = os.getppid()
