@@ -222,6 +222,25 @@ pidfile = {bdir / "pgbouncer.pid"}
         proc = {"gateway": self.gateway, "pgbouncer": self.pgbouncer}.get(target)
         return proc.pid if proc is not None else None
 
+    def _profile(self, workload: str, clients: int, workers: list[int]) -> list[subprocess.Popen[bytes]]:
+        """py-spy (a sampling profiler) on each gateway worker for the run, with --profile."""
+        out: Path | None = self.args.profile
+        if out is None:
+            return []
+        out.mkdir(parents=True, exist_ok=True)
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        return [
+            subprocess.Popen(
+                [
+                    *(spy, "record", "--nonblocking", "-r", "250", "-d", str(self.args.duration)),
+                    *("-p", str(pid), "-o", str(out / f"{workload}-c{clients}-w{i}.svg")),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for i, pid in enumerate(workers)
+        ]
+
     # -- one pgbench run ----------------------------------------------------------------------
     def run(self, workload: str, clients: int, target: str) -> dict[str, Any]:
         logdir = self.work / "logs" / f"{workload}-{clients}-{target}"
@@ -242,9 +261,12 @@ pidfile = {bdir / "pgbouncer.pid"}
         ]
         pid = self._pid(target)
         pids = _with_children(pid) if pid else []
+        spies = self._profile(workload, clients, pids[1:]) if target == "gateway" else []
         cpu0 = sum(map(_cpu_seconds, pids))
         r = subprocess.run(cmd, env=self._env(), capture_output=True, text=True)
         cpu = (sum(map(_cpu_seconds, pids)) - cpu0) if pids else None
+        for spy in spies:
+            spy.wait(30)
         if r.returncode != 0 or "tps = " not in r.stdout:
             raise SystemExit(f"pgbench failed ({target}, {workload}, {clients}):\n{r.stdout}\n{r.stderr}")
         tps = float(r.stdout.split("tps = ")[1].split()[0])
@@ -365,6 +387,12 @@ def main() -> None:
         "--report-only", action="store_true", help="re-render the table from --out, measure nothing"
     )
     ap.add_argument("--workers", type=int, default=1, help="gateway worker processes")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write a py-spy flame graph per gateway worker and run here",
+    )
     args = ap.parse_args()
     if args.report_only:
         saved = json.loads(args.out.read_text())

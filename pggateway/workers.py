@@ -177,6 +177,8 @@ class Supervisor:
                     w.delay, w.quick_crashes = RESTART_MIN_SECONDS, 0
                 continue
             w.proc = None
+            if self._stop:
+                continue  # a Ctrl-C reaches the workers too: one that stopped for it stays stopped
             if now - w.started < RESTART_STABLE_SECONDS:
                 w.quick_crashes += 1
             else:
