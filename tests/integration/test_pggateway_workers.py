@@ -74,11 +74,9 @@ def _metrics_up(port: int) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    """Whether a process runs (a zombie has closed its sockets: it no longer serves)."""
-    try:
-        return "\tZ" not in Path(f"/proc/{pid}/status").read_text().split("State:")[1][:4]
-    except FileNotFoundError:
-        return False
+    """Whether a worker may still hold its sockets: until the supervisor has reaped it (a
+    killed process's leader is a zombie while its other threads, and so its files, go)."""
+    return Path(f"/proc/{pid}").exists()
 
 
 def _wait_workers_up(gw: Gateway, timeout: float = 30) -> None:
