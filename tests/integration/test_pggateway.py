@@ -601,7 +601,8 @@ def _tenant_backends(env: Env) -> set[int]:
 def test_a_terminated_backend_is_dropped_alone(env: Env) -> None:
     """A client that runs pg_terminate_backend(pg_backend_pid()) gets PostgreSQL's own FATAL
     57P01; the gateway drops that backend alone (the compute still answers), so the other
-    pooled backends keep their pids, and it counts a lost backend, not a lost compute."""
+    pooled backends keep their pids, and it counts a lost backend, not a lost compute; the same
+    for an idle pooled backend an administrator terminates."""
     gw = GatewayThread(env.cp, env.tls, pool_size=3)
     dsn = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{gw.port}/app?sslmode=require"
     try:
@@ -634,6 +635,19 @@ def test_a_terminated_backend_is_dropped_alone(env: Env) -> None:
         assert pooled - {victim} <= _tenant_backends(env)
         with psycopg.connect(dsn, autocommit=True) as conn:
             assert conn.execute("select pg_backend_pid()").fetchone()[0] in pooled - {victim}  # type: ignore[index]
+        # An idle pooled backend ended by an administrator: also that backend alone.
+        idle_victim, survivor = sorted(pooled - {victim})
+        with psycopg.connect(env.compute.dsn_for("app"), autocommit=True) as admin:
+            assert admin.execute("select pg_terminate_backend(%s)", (idle_victim,)).fetchone() == (True,)
+        deadline = time.monotonic() + 5
+        while gw.metric("pggateway_backends_lost_total") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert gw.metric("pggateway_backends_lost_total") == 2
+        assert gw.metric("pggateway_compute_lost_total") == 0
+        assert survivor in _tenant_backends(env)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("select pg_backend_pid()").fetchone() == (survivor,)
     finally:
         gw.stop()
 
