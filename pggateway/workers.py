@@ -148,8 +148,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until told to stop (exit code 0) or a worker keeps crashing (1)."""
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         for w in self.workers:
             self._start(w)
         log.info("PG Gateway supervisor: %d worker(s)", len(self.workers))
@@ -162,6 +161,8 @@ class Supervisor:
                 time.sleep(_POLL)
         finally:
             self._stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return code
 
     def _check(self) -> bool:
