@@ -27,7 +27,7 @@ from pggateway import classify, errors
 from pggateway import protocol as pq
 from pggateway.backend import Backend
 from pggateway.route import Route
-from pggateway.tls import write_records
+from pggateway.tls import TLS_RECORD_PLAINTEXT, write_records
 
 if TYPE_CHECKING:
     from pggateway.server import GatewayServer
@@ -103,6 +103,7 @@ class ClientSession(asyncio.Protocol):
         self._finished = False
         self._client_paused = False  # the client's socket is full: backend reading paused
         self._client_reading_paused = False  # the backend's socket is full: client reading paused
+        self._server_fatal = False  # the attached backend sent a FATAL error: it closes next
 
     # -- set-up -------------------------------------------------------------------------------
     async def apply_settings(self, b: Backend) -> None:
@@ -223,6 +224,8 @@ class ClientSession(asyncio.Protocol):
         if self._finished or self._waiting_since is None:
             return False
         waited = asyncio.get_running_loop().time() - self._waiting_since
+        # The pool has already taken this waiter off its queue: no search of the queue for it.
+        self._waiting_since = None
         self._stop_waiting()
         if b is not None and b.applied == self._want:
             self.server.metrics.hot.checkout(waited)
@@ -293,7 +296,11 @@ class ClientSession(asyncio.Protocol):
     def _attach(self, b: Backend) -> None:
         self.backend = b
         b.session = self
-        self._scanner.reset()
+        scanner = self._scanner
+        if not scanner.at_boundary:
+            scanner.reset()
+        scanner.others.clear()
+        self._server_fatal = False
         if self._client_paused and b.transport is not None:
             b.transport.pause_reading()
 
@@ -311,8 +318,10 @@ class ClientSession(asyncio.Protocol):
 
     # -- backend → client ---------------------------------------------------------------------
     def backend_data(self, data: bytes) -> None:
+        # The relay's per-read path: no allocation, no logging, one write to the client.
+        scanner = self._scanner
         try:
-            events = self._scanner.feed(data)
+            ready = scanner.feed(data)
         except pq.ProtocolError:
             log.error("the compute broke the protocol; closing the session")
             b = self._detach()
@@ -320,35 +329,49 @@ class ClientSession(asyncio.Protocol):
                 self.route.pool.discard(b)
             self.fatal(errors.compute_lost())
             return
-        write_records(self.transport, data)
-        if not events:
+        if len(data) <= TLS_RECORD_PLAINTEXT:
+            self.transport.write(data)
+        else:
+            write_records(self.transport, data)
+        if scanner.others:
+            self._server_messages(scanner.others)
+        if not ready:
             return
-        ready = False
-        b = self.backend
-        for kind, body in events:
-            if kind == pq.READY_FOR_QUERY:
-                self.pending -= 1
-                self.tx_status = body[:1]
-                ready = True
-            elif b is not None:
-                name, value = pq.parse_parameter_status(body)
-                b.reported[name] = value
+        self.pending -= ready
+        self.tx_status = scanner.status
         if (
-            ready
-            and self.pending <= 0
+            self.pending <= 0
             and self.tx_status == b"I"
             and not self.unsynced
             and self.pin_reason is None
-            and self._scanner.at_boundary
+            and scanner.at_boundary
         ):
             self.pending = 0
             b = self._detach()
             if b is not None:
                 self.route.pool.release(b)
 
+    def _server_messages(self, messages: list[tuple[int, bytes]]) -> None:
+        """ParameterStatus and ErrorResponse from the attached backend (rare: kept off the path)."""
+        b = self.backend
+        for kind, body in messages:
+            if kind == pq.ERROR_RESPONSE:
+                if pq.is_fatal(body):
+                    self._server_fatal = True
+            elif b is not None:
+                name, value = pq.parse_parameter_status(body)
+                b.reported[name] = value
+        messages.clear()
+
     def backend_lost(self) -> None:
         """The compute closed our backend mid-use (crash, stop, terminate)."""
         self.backend = None
+        if self._server_fatal:
+            # PostgreSQL said why (FATAL 57P01 after a pg_terminate_backend, ...) and the client
+            # has it: it ends the way it would directly, with no second error of ours.
+            self.server.metrics.connection_errors_total.labels(errors.COMPUTE).inc()
+            self.finish()
+            return
         self.fatal(errors.compute_lost())
 
     # -- flow control -------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import pytest
 import uvloop
 
 from libs.embedded_pg import EmbeddedPostgres
+from pggateway import keys
 from pggateway import protocol as pq
 from pggateway.controlplane import ControlPlaneError, Credentials, LeaseInfo
 from pggateway.metrics import GatewayMetrics
@@ -550,6 +551,105 @@ def test_cancel_request_reaches_the_right_backend(env: Env) -> None:
 
     asyncio.run(asyncpg_cancel())
     assert env.gw.metric("pggateway_cancel_requests_total", outcome="forwarded") >= 3
+
+
+def test_backend_pid_is_never_a_real_pid_so_terminate_hits_nobody(env: Env) -> None:
+    """The BackendKeyData pid a client gets (psycopg's backend_pid, asyncpg's get_server_pid) is
+    above Linux's largest pid_max, so pg_terminate_backend of it returns false and kills no
+    backend, while cancel with the same key still works."""
+    with (
+        psycopg.connect(env.dsn(), autocommit=True) as other,
+        psycopg.connect(env.dsn(), autocommit=True) as c,
+    ):
+        other.execute("begin")  # keeps its backend while the other client runs
+        victim = other.execute("select pg_backend_pid()").fetchone()
+        pids = set()
+        for _ in range(30):
+            with psycopg.connect(env.dsn()) as conn:
+                pids.add(conn.info.backend_pid)
+        pids.add(c.info.backend_pid)
+        assert all(keys.LINUX_PID_MAX_LIMIT < pid < 2**31 for pid in pids), pids
+        assert len(pids) == 31
+        for pid in (c.info.backend_pid, other.info.backend_pid):
+            assert c.execute("select pg_terminate_backend(%s)", (pid,)).fetchone() == (False,)
+        assert other.execute("select pg_backend_pid()").fetchone() == victim
+        other.execute("commit")
+
+    async def with_asyncpg() -> None:
+        conn = await asyncpg.connect(env.dsn())
+        try:
+            pid = conn.get_server_pid()
+            assert pid > keys.LINUX_PID_MAX_LIMIT
+            assert await conn.fetchval("select pg_terminate_backend($1)", pid) is False
+            with pytest.raises(asyncio.TimeoutError):
+                await conn.fetchval("select pg_sleep(10)", timeout=0.3)
+            assert await conn.fetchval("select 1") == 1
+        finally:
+            await conn.close()
+
+    asyncio.run(with_asyncpg())
+
+
+def _tenant_backends(env: Env) -> set[int]:
+    with psycopg.connect(env.compute.dsn_for("app"), autocommit=True) as admin:
+        rows = admin.execute(
+            "select pid from pg_stat_activity where usename = %s and datname = 'app'", (USER,)
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_a_terminated_backend_is_dropped_alone(env: Env) -> None:
+    """A client that runs pg_terminate_backend(pg_backend_pid()) gets PostgreSQL's own FATAL
+    57P01; the gateway drops that backend alone (the compute still answers), so the other
+    pooled backends keep their pids, and it counts a lost backend, not a lost compute; the same
+    for an idle pooled backend an administrator terminates."""
+    gw = GatewayThread(env.cp, env.tls, pool_size=3)
+    dsn = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{gw.port}/app?sslmode=require"
+    try:
+        before = _tenant_backends(env)
+        conns = [psycopg.connect(dsn) for _ in range(3)]
+        try:
+            for c in conns:  # three open transactions: three backends
+                c.execute("select 1")
+            pooled = _tenant_backends(env) - before
+            assert len(pooled) == 3
+            for c in conns:
+                c.commit()
+        finally:
+            for c in conns:
+                c.close()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            victim = conn.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+            assert victim in pooled
+            with pytest.raises(psycopg.OperationalError) as info:
+                conn.execute("select pg_terminate_backend(pg_backend_pid())")
+        assert info.value.sqlstate == "57P01"
+        assert "terminating connection due to administrator command" in str(info.value)
+        assert "went away" not in str(info.value)
+        deadline = time.monotonic() + 5
+        while gw.metric("pggateway_backends_lost_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the probe of the writer has answered
+        assert gw.metric("pggateway_backends_lost_total") == 1
+        assert gw.metric("pggateway_compute_lost_total") == 0
+        assert pooled - {victim} <= _tenant_backends(env)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("select pg_backend_pid()").fetchone()[0] in pooled - {victim}  # type: ignore[index]
+        # An idle pooled backend ended by an administrator: also that backend alone.
+        idle_victim, survivor = sorted(pooled - {victim})
+        with psycopg.connect(env.compute.dsn_for("app"), autocommit=True) as admin:
+            assert admin.execute("select pg_terminate_backend(%s)", (idle_victim,)).fetchone() == (True,)
+        deadline = time.monotonic() + 5
+        while gw.metric("pggateway_backends_lost_total") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert gw.metric("pggateway_backends_lost_total") == 2
+        assert gw.metric("pggateway_compute_lost_total") == 0
+        assert survivor in _tenant_backends(env)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("select pg_backend_pid()").fetchone() == (survivor,)
+    finally:
+        gw.stop()
 
 
 def test_client_vanishing_mid_query_stops_the_query(env: Env) -> None:
