@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.db import Database
 from libs.errors import (
@@ -300,7 +301,7 @@ class LeaseDomain:
             row = settled
         return lease, row
 
-    async def _locked_pair(self, s, lease_id: str) -> tuple[LeaseRow | None, Db | None]:  # type: ignore[no-untyped-def]
+    async def _locked_pair(self, s: AsyncSession, lease_id: str) -> tuple[LeaseRow | None, Db | None]:
         """The lease and its database, locked database first (AcquireLease's order: no deadlock)."""
         peek = await repo.get_lease(s, lease_id)
         if peek is None:

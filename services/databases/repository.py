@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import and_, delete, exists, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.db import xact_lock
@@ -154,7 +155,7 @@ async def delete_database(s: AsyncSession, tenant_id: str, db_id: str) -> bool:
     res = await s.execute(
         delete(databases).where(databases.c.tenant_id == tenant_id, databases.c.id == db_id)
     )
-    return bool(res.rowcount)  # type: ignore[attr-defined]
+    return bool(cast(CursorResult[Any], res).rowcount)
 
 
 async def tenant_database_ids(s: AsyncSession, tenant_id: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from ctrlmesh.databases.v1 import databases_pb2 as pb
@@ -75,7 +76,9 @@ class DatabaseService(rpc.DatabaseServiceServicer):
     def __init__(self, domain: DatabasesDomain):
         self.d = domain
 
-    async def CreateDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateDatabase(
+        self, request: pb.CreateDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Database:
         row, t = await self.d.create(
             principals.current(),
             request.tenant,
@@ -86,7 +89,9 @@ class DatabaseService(rpc.DatabaseServiceServicer):
         )
         return database(row, t.name)
 
-    async def ListDatabases(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListDatabases(
+        self, request: pb.ListDatabasesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListDatabasesResponse:
         rows, total, t = await self.d.list(
             principals.current(),
             request.tenant,
@@ -97,31 +102,45 @@ class DatabaseService(rpc.DatabaseServiceServicer):
         )
         return pb.ListDatabasesResponse(items=[database(r, t.name) for r in rows], total=total)
 
-    async def GetDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetDatabase(
+        self, request: pb.GetDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Database:
         row, t = await self.d.get(principals.current(), request.tenant, request.db)
         return database(row, t.name)
 
-    async def GetDatabaseById(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetDatabaseById(
+        self, request: pb.GetDatabaseByIdRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Database:
         row, t = await self.d.get_by_id(principals.current(), request.db_id)
         return database(row, t.name)
 
-    async def DeleteDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteDatabase(
+        self, request: pb.DeleteDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Database:
         row, t = await self.d.delete(principals.current(), request.tenant, request.db, force=request.force)
         return database(row, t.name)
 
-    async def StartDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def StartDatabase(
+        self, request: pb.StartDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         self.d.manual_lifecycle("start")
         return empty_pb2.Empty()
 
-    async def StopDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def StopDatabase(
+        self, request: pb.StopDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         self.d.manual_lifecycle("stop")
         return empty_pb2.Empty()
 
-    async def ScaleDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def ScaleDatabase(
+        self, request: pb.ScaleDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         self.d.manual_lifecycle("scale")
         return empty_pb2.Empty()
 
-    async def ResolveDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def ResolveDatabase(
+        self, request: pb.ResolveDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ResolveDatabaseResponse:
         row = await self.d.resolve(principals.current(), request.tenant_id, request.name)
         host, port = writer(row)
         return pb.ResolveDatabaseResponse(database=database(row), writer_host=host, writer_port=port)
@@ -131,7 +150,9 @@ class LeaseService(rpc.LeaseServiceServicer):
     def __init__(self, domain: LeaseDomain):
         self.d = domain
 
-    async def AcquireLease(self, request, context):  # type: ignore[no-untyped-def]
+    async def AcquireLease(
+        self, request: pb.AcquireLeaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Lease:
         row, db = await self.d.acquire(
             principals.current(),
             request.tenant_id,
@@ -142,7 +163,9 @@ class LeaseService(rpc.LeaseServiceServicer):
         )
         return lease(row, db)
 
-    async def RenewLease(self, request, context):  # type: ignore[no-untyped-def]
+    async def RenewLease(
+        self, request: pb.RenewLeaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Lease:
         row, db = await self.d.renew(
             principals.current(),
             request.lease_id,
@@ -152,7 +175,9 @@ class LeaseService(rpc.LeaseServiceServicer):
         )
         return lease(row, db)
 
-    async def ReleaseLease(self, request, context):  # type: ignore[no-untyped-def]
+    async def ReleaseLease(
+        self, request: pb.ReleaseLeaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         await self.d.release(principals.current(), request.lease_id, request.epoch)
         return empty_pb2.Empty()
 
