@@ -1,0 +1,301 @@
+"""The PostgreSQL driver matrix through a real mesh: every driver an application is likely to use
+connects through the PG Gateway with TLS (verify-full against the gateway's CA) and SCRAM-SHA-256,
+runs a parameterized query, reads a 4 MiB result, reuses a prepared statement across transactions,
+rolls a transaction back, cancels a running pg_sleep with its own cancel API (57014), and, after
+the database was stopped for being idle, wakes it on the next connect with the data intact.
+
+The drivers other than psql and pgbench are programs that print one JSON line per check
+(tests/clients/py_drivers.py, tests/clients/node/drivers.js, tests/clients/jdbc/Drivers.java);
+node-postgres and the JDBC driver are installed by scripts/install-client-deps.sh, which the
+`client_deps` fixture runs (idempotent and quick once installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures.databases import TenantDb, tenant_with_db
+from tests.fixtures.mesh import ROOT, Mesh
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+PG_BIN = "/usr/lib/postgresql/15/bin"
+JDBC_JAR = "/usr/share/java/postgresql.jar"
+LARGE = {"rows": 4096, "bytes": 4096 * 1024}
+# main's prepared check writes v1, v2, v3 in three transactions, reading each back through the
+# same prepared statement; wake reads v3 after the database was stopped and woken.
+PREPARED = ["v1", "v2", "v3", "v3"]
+RUN_TIMEOUT = 120.0
+
+
+@pytest.fixture(scope="module")
+def client_deps() -> None:
+    """node-postgres and the JDBC driver, installed on first use (apt and npm, idempotent)."""
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "install-client-deps.sh")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def drvmesh(mesh_builder: Callable[..., Mesh]) -> Mesh:
+    """A mesh whose databases stop after 2 s without a connection."""
+    return mesh_builder(CTRLMESH_IDLE_TIMEOUT="2s")
+
+
+def _ca(mesh: Mesh) -> str:
+    return str(mesh.data_dir / "pggateway" / "ca.crt")
+
+
+def _state(mesh: Mesh, t: TenantDb) -> str:
+    return str(mesh.admin().get(f"/v2/tenants/{t.tenant}/dbs/app").json()["state"])
+
+
+def _wait_state(mesh: Mesh, t: TenantDb, state: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while _state(mesh, t) != state:
+        assert time.monotonic() < deadline, f"database never became {state}"
+        time.sleep(0.1)
+
+
+def _target(mesh: Mesh, t: TenantDb) -> list[str]:
+    # localhost: the name the gateway's certificate carries, so verify-full can check it.
+    return ["localhost", mesh.env["CTRLMESH_PG_PORT"], t.pg_user, t.pg_password, "app", _ca(mesh)]
+
+
+def _run(argv: list[str], env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Run a driver program; its checks by name. A check that failed is kept with its error."""
+    r = subprocess.run(
+        argv, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+    )
+    checks = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            d = json.loads(line)
+            checks[d.pop("check")] = d
+    assert r.returncode == 0 or checks, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    checks["_exit"] = {"code": r.returncode, "stderr": r.stderr[-2000:]}
+    return checks
+
+
+def _program(argv: list[str], env: dict[str, str] | None = None) -> Callable[[str, Mesh, TenantDb], Any]:
+    return lambda phase, mesh, t: _run([*argv, phase, *_target(mesh, t)], env)
+
+
+def _python(driver: str, impl: str | None = None) -> Callable[[str, Mesh, TenantDb], Any]:
+    env = {"PSYCOPG_IMPL": impl} if impl else {}
+    return _program([sys.executable, "-m", "tests.clients.py_drivers", driver], env)
+
+
+# -- psql and pgbench: run here, reported in the same shape -------------------------------------
+
+
+def _psql_env(mesh: Mesh, t: TenantDb) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PGHOST": "localhost",
+        "PGPORT": mesh.env["CTRLMESH_PG_PORT"],
+        "PGUSER": t.pg_user,
+        "PGPASSWORD": t.pg_password,
+        "PGDATABASE": "app",
+        "PGSSLMODE": "verify-full",
+        "PGSSLROOTCERT": _ca(mesh),
+        "PGCONNECT_TIMEOUT": "20",
+    }
+
+
+def _psql_out(mesh: Mesh, t: TenantDb, sql: str) -> str:
+    r = subprocess.run(
+        [f"{PG_BIN}/psql", "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        env=_psql_env(mesh, t),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def psql(phase: str, mesh: Mesh, t: TenantDb) -> dict[str, dict[str, Any]]:
+    """psql 15 has no bind parameters (\\bind came in 16): its checks are the others, with
+    SQL-level PREPARE/EXECUTE for the prepared statement and SIGINT (psql's cancel) for cancel."""
+    if phase == "wake":
+        return {"wake": {"value": _psql_out(mesh, t, "select v from kv where k = 1").strip()}}
+    checks: dict[str, dict[str, Any]] = {}
+    user, db = _psql_out(mesh, t, "select current_user, current_database()").strip().split("|")
+    tls = "SSL connection" in _psql_out(mesh, t, "\\conninfo")
+    checks["connect"] = {"user": user, "database": db, "tls": tls}
+    _psql_out(mesh, t, "create table kv (k int primary key, v text); insert into kv values (1, 'v0')")
+    rows = _psql_out(mesh, t, "select repeat('x', 1024) from generate_series(1, 4096)").splitlines()
+    checks["large"] = {"rows": len(rows), "bytes": sum(len(r) for r in rows)}
+    script = "prepare get_v(int) as select v from kv where k = $1;\n" + "".join(
+        f"begin; update kv set v = 'v{i}' where k = 1; execute get_v(1); commit;\n" for i in (1, 2, 3)
+    )
+    checks["prepared"] = {"values": _psql_out(mesh, t, script + "execute get_v(1);").split()}
+    n = _psql_out(
+        mesh, t, "begin; insert into kv values (99, 'gone'); rollback; select count(*) from kv where k = 99"
+    )
+    checks["rollback"] = {"count": int(n)}
+    sleeper = subprocess.Popen(
+        [f"{PG_BIN}/psql", "-XAtq", "-v", "VERBOSITY=verbose", "-c", "select pg_sleep(30)"],
+        env=_psql_env(mesh, t),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)  # connected and sleeping
+    t0 = time.monotonic()
+    sleeper.send_signal(signal.SIGINT)  # psql sends a CancelRequest for the running query
+    _, err = sleeper.communicate(timeout=20)
+    code = "57014" if "57014: canceling statement due to user request" in err else err
+    checks["cancel"] = {
+        "sqlstate": code,
+        "seconds": time.monotonic() - t0,
+        "after": int(_psql_out(mesh, t, "select 1")),
+    }
+    return checks
+
+
+def _count(out: str, what: str) -> int:
+    """A number from pgbench's summary ("number of transactions actually processed: 400/400")."""
+    m = re.search(rf"number of (?:\w+ )*?{what}[^:]*: (\d+)", out)
+    assert m, out
+    return int(m.group(1))
+
+
+def pgbench(phase: str, mesh: Mesh, t: TenantDb) -> dict[str, dict[str, Any]]:
+    """pgbench with -M prepared: its statements are prepared once per connection and reused by
+    every transaction after that."""
+    env = {**_psql_env(mesh, t), "PGSSLMODE": "require"}
+
+    def bench(*args: str) -> str:
+        r = subprocess.run(
+            [f"{PG_BIN}/pgbench", *args, "app"], env=env, capture_output=True, text=True, timeout=90
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    checks: dict[str, dict[str, Any]] = {}
+    if phase == "main":
+        bench("-i", "-s", "1", "-q")
+        checks["connect"] = {"user": t.pg_user, "database": "app"}
+        out = bench("-n", "-M", "prepared", "-c", "2", "-t", "200")
+        checks["prepared"] = {"processed": _count(out, "actually processed"), "failed": _count(out, "failed")}
+    else:
+        out = bench("-n", "-M", "prepared", "-S", "-c", "1", "-t", "20")
+        accounts = _psql_out(mesh, t, "select count(*) from pgbench_accounts").strip()
+        checks["wake"] = {"processed": _count(out, "actually processed"), "accounts": int(accounts)}
+    return checks
+
+
+DRIVERS: dict[str, Callable[[str, Mesh, TenantDb], dict[str, dict[str, Any]]]] = {
+    "psql": psql,
+    "pgbench": pgbench,
+    "psycopg-sync-binary": _python("psycopg-sync", "binary"),
+    "psycopg-sync-libpq15": _python("psycopg-sync", "python"),
+    "psycopg-async-binary": _python("psycopg-async", "binary"),
+    "psycopg-async-libpq15": _python("psycopg-async", "python"),
+    "asyncpg": _python("asyncpg"),
+    "sqlalchemy-asyncpg": _python("sqlalchemy"),
+    "node-pg": _program(["node", str(ROOT / "tests" / "clients" / "node" / "drivers.js")]),
+    "jdbc": _program(["java", "-cp", JDBC_JAR, str(ROOT / "tests" / "clients" / "jdbc" / "Drivers.java")]),
+}
+FULL = ["connect", "param", "large", "prepared", "rollback", "cancel"]
+CHECKS = {"psql": [c for c in FULL if c != "param"], "pgbench": ["connect", "prepared"]}
+
+
+class Matrix:
+    """Each driver's own tenant and database, and what its main phase reported (run once)."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.tenants: dict[str, TenantDb] = {}
+        self.main: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def run_main(self, driver: str) -> tuple[TenantDb, dict[str, dict[str, Any]]]:
+        if driver not in self.main:
+            t = tenant_with_db(self.mesh)
+            self.tenants[driver] = t
+            assert _state(self.mesh, t) == "stopped"  # so this connect is also a wake
+            self.main[driver] = DRIVERS[driver]("main", self.mesh, t)
+        return self.tenants[driver], self.main[driver]
+
+
+@pytest.fixture(scope="module")
+def matrix(drvmesh: Mesh, client_deps: None) -> Iterator[Matrix]:
+    yield Matrix(drvmesh)
+
+
+def _failures(checks: dict[str, dict[str, Any]]) -> str:
+    return json.dumps({k: v for k, v in checks.items() if "error" in v or k == "_exit"}, indent=1)
+
+
+@pytest.mark.parametrize("driver", list(DRIVERS))
+def test_driver_works_through_tls_scram_and_pooling(matrix: Matrix, driver: str) -> None:
+    """The driver connects with verify-full TLS and SCRAM, binds parameters, reads 4 MiB, reuses
+    a prepared statement in three transactions, sees its rollback undone, and cancels a pg_sleep
+    with 57014 leaving the connection usable."""
+    t, checks = matrix.run_main(driver)
+    want = CHECKS.get(driver, FULL)
+    assert [c for c in want if c not in checks or "error" in checks[c]] == [], _failures(checks)
+    assert checks["connect"]["user"] == t.pg_user and checks["connect"]["database"] == "app"
+    assert checks["connect"].get("tls", True) is True  # JDBC cannot tell; verify-full needs TLS anyway
+    if "param" in want:
+        assert checks["param"]["value"] == [42, "hi!"]
+    if "large" in want:
+        assert {k: checks["large"][k] for k in LARGE} == LARGE
+    if driver == "pgbench":
+        assert checks["prepared"] == {"processed": 400, "failed": 0}
+    else:
+        assert checks["prepared"]["values"] == PREPARED
+        assert checks["prepared"].get("server_prepared", True) is True
+        assert checks["rollback"] == {"count": 0}
+        cancel = checks["cancel"]
+        if driver == "sqlalchemy-asyncpg":
+            # SQLAlchemy invalidates a connection whose task was cancelled: no SQLSTATE reaches
+            # the application, but the backend stopped sleeping and the pool goes on.
+            assert cancel["sleeping_after"] == 0, cancel
+        else:
+            assert cancel["sqlstate"] == "57014", cancel
+        assert cancel["seconds"] < 10 and cancel["after"] == 1, cancel
+
+
+@pytest.mark.parametrize("driver", list(DRIVERS))
+def test_driver_reconnects_after_the_database_stopped_idle(matrix: Matrix, driver: str) -> None:
+    """After the database stopped for being idle (state `stopped` through the API), the driver's
+    next connect wakes it and reads what it wrote before."""
+    t, _ = matrix.run_main(driver)
+    _wait_state(matrix.mesh, t, "stopped")
+    checks = DRIVERS[driver]("wake", matrix.mesh, t)
+    assert "wake" in checks and "error" not in checks["wake"], _failures(checks)
+    if driver == "pgbench":
+        assert checks["wake"] == {"processed": 20, "accounts": 100000}
+    else:
+        assert checks["wake"]["value"] == "v3"
+    assert _state(matrix.mesh, t) == "ready"
+
+
+def test_client_deps_are_where_the_drivers_expect_them(client_deps: None) -> None:
+    """The install script leaves the JDBC jar, node-postgres at its locked version, and a JDK."""
+    assert Path(JDBC_JAR).is_file()
+    lock = json.loads((ROOT / "tests" / "clients" / "node" / "package-lock.json").read_text())
+    installed = json.loads(
+        (ROOT / "tests" / "clients" / "node" / "node_modules" / "pg" / "package.json").read_text()
+    )
+    assert installed["version"] == lock["packages"]["node_modules/pg"]["version"]
+    r = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0
