@@ -29,6 +29,12 @@ PARAM_SQL = "select {a}::int + 1, {b}::text || '!'"
 SLEEP_SQL = "select pg_sleep(30)"
 UPDATE_SQL = "update kv set v = {v} where k = 1"
 SELECT_SQL = "select v from kv where k = {k}"
+# The cancel checks cancel only once the server runs the sleep, seen from a second connection: a
+# CancelRequest that arrives before the query would be lost, and the check would wait 30 s.
+SLEEPERS_SQL = (
+    "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'"
+)
+SLEEP_SEEN_WITHIN = 10.0
 
 
 def emit(check: str, **fields: Any) -> None:
@@ -138,8 +144,15 @@ def psycopg_sync(a: argparse.Namespace) -> None:
         conn.commit()
         return {"count": row[0] if row else None}
 
+    def cancel_when_sleeping() -> None:
+        with psycopg.connect(psycopg_conninfo(a), autocommit=True) as watcher:
+            deadline = time.monotonic() + SLEEP_SEEN_WITHIN
+            while watcher.execute(SLEEPERS_SQL).fetchone() != (1,) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        conn.cancel_safe()
+
     def cancel() -> dict[str, Any]:
-        timer = threading.Timer(0.5, conn.cancel_safe)
+        timer = threading.Thread(target=cancel_when_sleeping, daemon=True)
         timer.start()
         t0 = time.monotonic()
         try:
@@ -152,7 +165,7 @@ def psycopg_sync(a: argparse.Namespace) -> None:
             conn.commit()
             return {"sqlstate": exc.sqlstate, "seconds": round(took, 2), "after": after[0] if after else None}
         finally:
-            timer.cancel()
+            timer.join(SLEEP_SEEN_WITHIN + 5)
 
     for name, fn in [
         ("connect", connect),
@@ -228,7 +241,12 @@ async def psycopg_async(a: argparse.Namespace) -> None:
 
     async def cancel() -> dict[str, Any]:
         async def later() -> None:
-            await asyncio.sleep(0.5)
+            async with await psycopg.AsyncConnection.connect(psycopg_conninfo(a), autocommit=True) as w:
+                deadline = time.monotonic() + SLEEP_SEEN_WITHIN
+                while await (await w.execute(SLEEPERS_SQL)).fetchone() != (1,):
+                    if time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.02)
             await conn.cancel_safe()
 
         canceller = asyncio.create_task(later())
@@ -329,7 +347,21 @@ async def asyncpg_driver(a: argparse.Namespace) -> None:
         tx = conn.transaction()
         await tx.start()
         task = asyncio.create_task(conn.fetchval(SLEEP_SQL))
-        await asyncio.sleep(0.5)
+        watcher = await asyncpg.connect(
+            host=a.host,
+            port=a.port,
+            user=a.user,
+            password=a.password,
+            database=a.database,
+            ssl=ssl_context(a),
+            timeout=20,
+        )
+        deadline = time.monotonic() + SLEEP_SEEN_WITHIN
+        while await watcher.fetchval(SLEEPERS_SQL) != 1:
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        await watcher.close()
         t0 = time.monotonic()
         task.cancel()
         try:

@@ -16,10 +16,13 @@ from sqlalchemy import String, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from tests.clients.py_drivers import LARGE_ROWS, SLEEP_SQL, bounded_async, ssl_context
-
-SLEEPERS_SQL = (
-    "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'"
+from tests.clients.py_drivers import (
+    LARGE_ROWS,
+    SLEEP_SEEN_WITHIN,
+    SLEEP_SQL,
+    SLEEPERS_SQL,
+    bounded_async,
+    ssl_context,
 )
 
 
@@ -106,12 +109,24 @@ async def sqlalchemy_driver(a: argparse.Namespace) -> None:
         # CancelRequest, and SQLAlchemy invalidates the connection (so no SQLSTATE reaches the
         # application). What must hold: the backend stops sleeping at once, and the pool's next
         # checkout works.
-        try:
-            async with asyncio.timeout(0.5), engine.connect() as c:
+        async def sleep() -> None:
+            async with engine.connect() as c:
                 await c.execute(text(SLEEP_SQL))
+
+        task = asyncio.create_task(sleep())
+        async with engine.connect() as watcher:
+            deadline = time.monotonic() + SLEEP_SEEN_WITHIN
+            while (await watcher.execute(text(SLEEPERS_SQL))).scalar_one() != 1:
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.02)
+        t0 = time.monotonic()
+        task.cancel()
+        try:
+            await task
             return {"error": "pg_sleep was not cancelled"}
-        except TimeoutError:
-            t0 = time.monotonic()
+        except asyncio.CancelledError:
+            pass
         async with engine.connect() as c:
             after = (await c.execute(text("select 1"))).scalar_one()
             sleeping = -1

@@ -25,6 +25,10 @@ import org.postgresql.PGStatement;
 public class Drivers {
     static final int LARGE_ROWS = 4096;
     static final long CHECK_TIMEOUT_S = 30;
+    // Cancel only once the server runs the sleep, seen from a second connection: a CancelRequest
+    // that arrived before the query would be lost, and the check would wait 30 s.
+    static final String SLEEPERS_SQL =
+        "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'";
     static final ExecutorService pool = Executors.newCachedThreadPool(r -> {
         Thread t = new Thread(r);
         t.setDaemon(true);
@@ -162,7 +166,16 @@ public class Drivers {
         bounded("cancel", () -> {
             try (Statement st = conn.createStatement()) {
                 Future<?> canceller = pool.submit(() -> {
-                    Thread.sleep(500);
+                    try (Connection watcher = DriverManager.getConnection(url, props);
+                         Statement w = watcher.createStatement()) {
+                        long deadline = System.nanoTime() + 10_000_000_000L;
+                        while (System.nanoTime() < deadline) {
+                            ResultSet rs = w.executeQuery(SLEEPERS_SQL);
+                            rs.next();
+                            if (rs.getInt(1) == 1) break;
+                            Thread.sleep(20);
+                        }
+                    }
                     st.cancel(); // pgjdbc sends a CancelRequest with the connection's backend key
                     return null;
                 });

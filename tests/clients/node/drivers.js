@@ -11,6 +11,10 @@ const fs = require('fs')
 const pg = require('pg')
 
 const LARGE_ROWS = 4096
+// Cancel only once the server runs the sleep, seen from a second connection: a CancelRequest that
+// arrived before the query would be lost, and the check would wait 30 s.
+const SLEEPERS_SQL =
+  "select count(*)::int as n from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'"
 const CHECK_TIMEOUT_MS = 30000
 
 function emit(check, fields) {
@@ -109,7 +113,13 @@ async function main() {
     })
     const t0 = Date.now()
     client.query(sleeping)
-    await new Promise((resolve) => setTimeout(resolve, 500))
+    const watcher = new pg.Client(config)
+    await watcher.connect()
+    const deadline = Date.now() + 10000
+    while ((await watcher.query(SLEEPERS_SQL)).rows[0].n !== 1 && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 20))
+    }
+    await watcher.end()
     new pg.Client({ host, port: Number(port) }).cancel(client, sleeping)
     const err = await done
     if (!err) return { error: 'pg_sleep was not cancelled' }
