@@ -57,9 +57,9 @@ def client_deps() -> None:
 
 
 @pytest.fixture(scope="module")
-def drvmesh(mesh_builder: Callable[..., Mesh]) -> Mesh:
-    """A mesh whose databases stop after 2 s without a connection."""
-    return mesh_builder(CTRLMESH_IDLE_TIMEOUT="2s")
+def drvmesh(idle_mesh: Mesh) -> Mesh:
+    """The shared mesh whose databases stop after 2 s without a connection."""
+    return idle_mesh
 
 
 def _ca(mesh: Mesh) -> str:
