@@ -91,7 +91,7 @@ def psycopg_conninfo(a: argparse.Namespace) -> str:
         dbname=a.database,
         sslmode="verify-full",
         sslrootcert=a.ca,
-        connect_timeout=20,
+        connect_timeout=45,  # past the gateway's 30 s wake timeout: its own error, not ours
     )
 
 
@@ -294,7 +294,7 @@ async def asyncpg_driver(a: argparse.Namespace) -> None:
         password=a.password,
         database=a.database,
         ssl=ssl_context(a),
-        timeout=20,
+        timeout=45,
     )
     if a.phase == "wake":
 
@@ -354,7 +354,7 @@ async def asyncpg_driver(a: argparse.Namespace) -> None:
             password=a.password,
             database=a.database,
             ssl=ssl_context(a),
-            timeout=20,
+            timeout=45,
         )
         deadline = time.monotonic() + SLEEP_SEEN_WITHIN
         while await watcher.fetchval(SLEEPERS_SQL) != 1:

@@ -39,7 +39,7 @@ class Item(Base):
 def make_engine(a: argparse.Namespace) -> AsyncEngine:
     url = f"postgresql+asyncpg://{quote(a.user)}:{quote(a.password)}@{a.host}:{a.port}/{a.database}"
     return create_async_engine(
-        url, connect_args={"ssl": ssl_context(a), "timeout": 20}, pool_size=3, pool_pre_ping=True
+        url, connect_args={"ssl": ssl_context(a), "timeout": 45}, pool_size=3, pool_pre_ping=True
     )
 
 

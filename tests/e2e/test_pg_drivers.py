@@ -119,7 +119,7 @@ def _psql_env(mesh: Mesh, t: TenantDb) -> dict[str, str]:
         "PGDATABASE": "app",
         "PGSSLMODE": "verify-full",
         "PGSSLROOTCERT": _ca(mesh),
-        "PGCONNECT_TIMEOUT": "20",
+        "PGCONNECT_TIMEOUT": "45",
     }
 
 

@@ -69,7 +69,8 @@ public class Drivers {
         props.setProperty("password", args[4]);
         props.setProperty("sslmode", "verify-full");
         props.setProperty("sslrootcert", args[6]);
-        props.setProperty("connectTimeout", "20");
+        props.setProperty("connectTimeout", "45");
+        props.setProperty("loginTimeout", "45"); // past the gateway's 30 s wake timeout
         Connection conn = DriverManager.getConnection(url, props);
         String selectV = "select v from kv where k = ?";
 

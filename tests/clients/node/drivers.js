@@ -49,7 +49,7 @@ async function main() {
     password,
     database,
     ssl: { ca: fs.readFileSync(ca, 'utf8'), rejectUnauthorized: true },
-    connectionTimeoutMillis: 20000,
+    connectionTimeoutMillis: 45000, // past the gateway's 30 s wake timeout
   }
   const client = new pg.Client(config)
   await client.connect()
