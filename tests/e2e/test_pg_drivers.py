@@ -205,7 +205,7 @@ def pgbench(phase: str, mesh: Mesh, t: TenantDb) -> dict[str, dict[str, Any]]:
     if phase == "main":
         bench("-i", "-s", "1", "-q")
         checks["connect"] = {"user": t.pg_user, "database": "app"}
-        out = bench("-n", "-M", "prepared", "-c", "2", "-t", "200")
+        out = bench("-n", "-M", "prepared", "-c", "2", "-t", "100")
         checks["prepared"] = {"processed": _count(out, "actually processed"), "failed": _count(out, "failed")}
     else:
         out = bench("-n", "-M", "prepared", "-S", "-c", "1", "-t", "20")
@@ -323,7 +323,7 @@ def test_driver_works_through_tls_scram_and_pooling(matrix: Matrix, driver: str)
     if "large" in want:
         assert {k: checks["large"][k] for k in LARGE} == LARGE
     if driver == "pgbench":
-        assert checks["prepared"] == {"processed": 400, "failed": 0}
+        assert checks["prepared"] == {"processed": 200, "failed": 0}
     else:
         assert checks["prepared"]["values"] == PREPARED
         assert checks["prepared"].get("server_prepared", True) is True

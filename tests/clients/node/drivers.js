@@ -4,7 +4,7 @@
 //   node drivers.js PHASE HOST PORT USER PASSWORD DATABASE CA_PEM      (PHASE: main | wake)
 //
 // TLS is verify-full (the gateway's CA, and the certificate must name HOST); authentication is
-// SCRAM-SHA-256, the only mechanism the gateway offers.
+// SCRAM-SHA-256 with channel binding, the gateway offering nothing weaker.
 'use strict'
 
 const fs = require('fs')
@@ -49,6 +49,8 @@ async function main() {
     password,
     database,
     ssl: { ca: fs.readFileSync(ca, 'utf8'), rejectUnauthorized: true },
+    // SCRAM-SHA-256-PLUS (tls-server-end-point) when the gateway offers it, as libpq does.
+    enableChannelBinding: true,
     connectionTimeoutMillis: 45000, // past the gateway's 30 s wake timeout
   }
   const client = new pg.Client(config)
