@@ -1,6 +1,7 @@
-"""Large results at full size through the PG Gateway: one wide value from 1 B to 64 MiB (around
-the 8 KiB and 16 KiB TLS-record sizes, then up), 64 MiB in 64 Ki rows, COPY TO of 100 MiB, and
-COPY FROM of a 64 MiB table, with one driver per run:
+"""Large results at full size through the PG Gateway: sweeps of 3, 5 and 1,000-row results from
+1 B per row up to 16 MiB in all (each on a fresh connection, where the 16 KiB-record hang showed),
+one wide value from 1 B to 64 MiB (around the 8 KiB and 16 KiB TLS-record sizes, then up), 64 MiB
+in 64 Ki rows, COPY TO of 100 MiB, and COPY FROM of a 64 MiB table, with one driver per run:
 
     python -m tests.clients.large_results_full DRIVER DSN CA_PEM
 
