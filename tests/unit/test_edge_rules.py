@@ -163,3 +163,60 @@ def test_response_body_selects_one_field():
     """`response_body` answers with one field (Zectre's plain arrays, a deleted tenant)."""
     resp = pb.DeleteTenantResponse(tenant=pb.Tenant(id="ten_1", status="deleting"))
     assert to_json(resp, "tenant")["status"] == "deleting"
+
+
+def test_grpc_message_size_errors_are_never_quota_exceeded():
+    """gRPC's own RESOURCE_EXHAUSTED (no ErrorInfo) is 413 PayloadTooLarge or 503, never 429."""
+    import grpc
+
+    from gateway.errors import from_rpc_error
+
+    def raw(details: str) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), details
+        )
+
+    status, body = from_rpc_error(raw("Received message larger than max (5242893 vs. 4194304)"), "accounts")
+    assert status == 413 and body["error"] == "PayloadTooLarge" and "4194304" not in body["message"]
+    status, body = from_rpc_error(raw("Too many pending RPCs"), "accounts")
+    assert status == 503 and body["error"] == "Unavailable"
+
+
+def test_the_405_allow_list_comes_from_every_matching_template():
+    """`Allow` lists each verb a path is served under, also across literal and variable templates."""
+    router = Router(load_routes())
+    assert router.match("PUT", "/v2/tenants")[2] == ["GET", "POST"]
+    assert router.match("POST", "/v2/api-keys/me")[2] == ["DELETE", "GET"]
+    assert router.match("GET", "/nothing")[2] == []
+
+
+def test_json_depth_and_text_checks_name_the_field():
+    """Depth beyond 64 is refused without recursion; a lone surrogate names its (nested) field."""
+    from gateway.app import MAX_JSON_DEPTH, check_json
+
+    deep: list = []
+    node = deep
+    for _ in range(10_000):
+        node.append([])
+        node = node[0]
+    with pytest.raises(InvalidArgument) as err:
+        check_json(deep)
+    assert err.value.fields == {"body": "nested too deep"}
+    ok: dict = {}
+    node2 = ok
+    for _ in range(MAX_JSON_DEPTH - 1):
+        node2["a"] = {}
+        node2 = node2["a"]
+    check_json(ok)
+    with pytest.raises(InvalidArgument) as err:
+        check_json({"resources": {"name": "x\ud800"}})
+    assert "resources.name" in err.value.fields
+
+
+def test_settings_defaults_for_the_edge_limits():
+    """The body limit and the per-route default deadlines have the documented defaults."""
+    from libs.settings import Settings
+
+    s = Settings()
+    assert s.max_body_bytes == 1024 * 1024
+    assert s.read_deadline.total_seconds() == 5 and s.write_deadline.total_seconds() == 15
