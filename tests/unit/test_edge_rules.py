@@ -1,5 +1,6 @@
 """The edge's transcoding rules (gateway/README.md), checked one by one on real contracts."""
 
+import json
 import re
 from pathlib import Path
 
@@ -220,3 +221,86 @@ def test_settings_defaults_for_the_edge_limits():
     s = Settings()
     assert s.max_body_bytes == 1024 * 1024
     assert s.read_deadline.total_seconds() == 5 and s.write_deadline.total_seconds() == 15
+
+
+def test_openapi_carries_the_protovalidate_rules():
+    """Required fields, lengths, patterns, enums, ranges and formats come from `buf.validate`,
+    for every field that has such a rule: the contract says what the server refuses."""
+    from buf.validate import validate_pb2
+
+    from gateway.openapi import required_fields
+
+    doc = build_openapi(load_routes(), "0.1.0")
+    schemas = doc["components"]["schemas"]
+    tenant = schemas["accounts_v1_CreateTenantRequest"]
+    assert tenant["required"] == ["name"]
+    assert tenant["properties"]["name"] == {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 63,
+        "pattern": "^[A-Za-z_][A-Za-z0-9_$]*$",
+    }
+    key = schemas["accounts_v1_CreateApiKeyRequest"]
+    assert key["properties"]["scope"]["enum"] == ["global", "account", "tenant"]
+    assert "tenant is required when scope is tenant" in key["description"]
+    text = json.dumps(doc)
+    assert '"format": "uuid"' in text and '"format": "email"' in text and '"maximum": 65535' in text
+    # Every rule-bearing scalar field of every schema shows its rule.
+    pool = {r.input.full_name: r.input for r in load_routes()}
+    checked = 0
+    for full_name, desc in pool.items():
+        name = full_name.removeprefix("ctrlmesh.").replace(".", "_")
+        if name not in schemas:
+            continue
+        for f in desc.fields:
+            opts = f.GetOptions()
+            if not opts.HasExtension(validate_pb2.field):
+                continue
+            kind = opts.Extensions[validate_pb2.field].WhichOneof("type")
+            if kind in ("string", "int32", "int64", "repeated", "map"):
+                rendered = json.dumps(schemas[name]["properties"][f.name])
+                assert any(
+                    k in rendered
+                    for k in (
+                        "Length",
+                        "pattern",
+                        "enum",
+                        "format",
+                        "minimum",
+                        "maximum",
+                        "Items",
+                        "Properties",
+                    )
+                ), (name, f.name, rendered)
+                checked += 1
+        assert schemas[name].get("required", []) == required_fields(desc)
+    assert checked > 100
+    # Path fields are not asked for again in the body of a `body: "*"` route.
+    scale = doc["paths"]["/v1/instances/{id}/scale"]["post"]["requestBody"]["content"]["application/json"]
+    assert "id" not in schemas[scale["schema"]["$ref"].rsplit("/", 1)[1]]["properties"]
+
+
+def _unauthenticated_in(text: str) -> set[tuple[str, str]]:
+    """The `METHOD /path` pairs of the sentence "... every route except `GET /a`, `GET /b` ..."."""
+    flat = " ".join(text.split())
+    sentence = flat.split("every route except", 1)[1].split(";", 1)[0]
+    return {(m, p) for m, p in re.findall(r"`(GET|POST|PUT|PATCH|DELETE) (/[^`\s]*)`", sentence)}
+
+
+def test_one_list_of_unauthenticated_routes():
+    """PUBLIC_ROUTES in code is the list gateway/README.md, ROUTES.md (and its copy in docs/)
+    and /openapi.json (`security: []`) give; every other operation needs the bearer key."""
+    from gateway.routes import PUBLIC_ROUTES
+
+    public = set(PUBLIC_ROUTES)
+    assert _unauthenticated_in((_REPO / "gateway" / "README.md").read_text()) == public
+    for routes_md_file in {ROUTES_MD, _REPO / "docs" / "ROUTES.md"}:
+        assert _unauthenticated_in(routes_md_file.read_text()) == public, routes_md_file
+    doc = build_openapi(load_routes(), "0.1.0")
+    open_ops = {
+        (verb.upper(), path)
+        for path, ops in doc["paths"].items()
+        for verb, op in ops.items()
+        if op.get("security") == []
+    }
+    assert open_ops == public and doc["security"] == [{"bearer": []}]
