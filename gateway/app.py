@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route as StarletteRoute
+from starlette.routing import request_response
 
 from gateway import errors
 from gateway.auth import INVALIDATE_KEY, Authenticator
@@ -51,7 +51,6 @@ HTTP_LATENCY = Histogram("ctrlmesh_http_request_seconds", "HTTP latency", ["rout
 SSE_KEEPALIVE = 15.0
 # Deeper JSON than any of our messages needs; the parser's own limit (about 1,000) is an error.
 MAX_JSON_DEPTH = 64
-_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 
 
 def _grpc_timeout(value: str | None, default: float) -> float:
@@ -151,6 +150,8 @@ class Edge:
         self.router = Router(load_routes())
         self.auth = Authenticator(channels, signer, settings.auth_cache_ttl.total_seconds())
         self.openapi = build_openapi(self.router.routes, settings.version)
+        # The edge's own handlers by (method, path), set by create_app.
+        self.own: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {}
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -187,6 +188,9 @@ class Edge:
 
     async def dispatch(self, request: Request) -> Response:
         path = request.url.path
+        handler = self.own.get((request.method, path))
+        if handler is not None:
+            return await handler(request)
         own = sorted(m for m, p in PUBLIC_ROUTES if p == path)
         route, params, allowed = self.router.match(request.method, path)
         if own:
@@ -425,12 +429,10 @@ def create_app(settings: Settings, channels: Channels, signer: Signer) -> Any:
     edge = Edge(settings, channels, signer)
     own = {"/health": edge.health, "/openapi.json": edge.openapi_json, "/metrics": edge.metrics}
     assert {p for _, p in PUBLIC_ROUTES} == set(own), "PUBLIC_ROUTES names the edge's own routes"
-    app = Starlette(
-        routes=[
-            *(StarletteRoute(path, own[path], methods=[m]) for m, path in PUBLIC_ROUTES),
-            # Every method reaches dispatch, so any verb a path lacks is a JSON 405 with `Allow`.
-            StarletteRoute("/{path:path}", edge.dispatch, methods=_ALL_METHODS),
-        ]
-    )
+    edge.own = {(m, p): own[p] for m, p in PUBLIC_ROUTES}
+    app = Starlette()
+    # Every request reaches dispatch, whatever the verb or the bytes of the path (Starlette's
+    # `{path:path}` stops at a newline): a JSON 404 or 405 with `Allow`, never plain text.
+    app.router.default = request_response(edge.dispatch)
     app.state.edge = edge
     return OpenTelemetryMiddleware(app)

@@ -14,6 +14,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from gateway.routes import PUBLIC_ROUTES, Route, load_routes
 from gateway.transcode import _FLOATS, _INT64, _INTS, Descriptor, _is_repeated
+from libs.errors import REASONS
 
 _WKT: dict[str, dict[str, Any]] = {
     "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
@@ -210,6 +211,18 @@ _PUBLIC_OPS: dict[str, dict[str, Any]] = {
 }
 
 
+def _error_statuses(has_body: bool) -> dict[int, list[tuple[str, str]]]:
+    """Every error status an operation can answer, from the reasons catalogue. Not 500: an
+    internal error is a bug, so the contract leaves it undocumented and a fuzzer flags it; not
+    405, which only a path's undeclared verbs answer; 413 and 415 only where there is a body."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    for reason in REASONS.values():
+        if reason.http in (405, 500) or (reason.http in (413, 415) and not has_body):
+            continue
+        out.setdefault(reason.http, []).append((reason.name, reason.doc))
+    return dict(sorted(out.items()))
+
+
 def _schema_name(desc: Descriptor) -> str:
     return desc.full_name.removeprefix("ctrlmesh.").replace(".", "_")
 
@@ -404,10 +417,11 @@ def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
                 }
             if r.empty_status:
                 op["responses"][str(r.empty_status)] = {"description": "Done at once; no body."}
-        op["responses"]["default"] = {
-            "description": "Error",
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-        }
+        for status, reasons in _error_statuses(bool(r.body)).items():
+            op["responses"][str(status)] = {
+                "description": "; ".join(f"`{n}`: {d}" for n, d in reasons),
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            }
         doc = r.method.GetOptions()
         del doc
         paths.setdefault(r.template, {})[r.http_method.lower()] = op
