@@ -332,3 +332,12 @@ def test_events_stream_opens_before_its_first_event(mesh):
     with httpx.stream("GET", f"{mesh.base_url}/v2/events", params={"token": mesh.admin_key}, timeout=5) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     assert time.monotonic() - started < 2
+
+
+def test_any_path_bytes_get_a_json_answer(mesh):
+    """A newline in a path segment still reaches the route table: a JSON answer, never the ASGI
+    framework's plain-text 404 (found by the schemathesis gate)."""
+    for path in ("/v2/tenants/%0Ax/credentials", "/v2/%0A", "/%0A/x"):
+        r = mesh.admin().get(path)
+        assert r.headers["content-type"] == "application/json", (path, r.text)
+        assert r.status_code in (400, 404) and set(r.json()) == {"error", "message", "details"}
