@@ -234,7 +234,7 @@ class _Builder:
     def field_schema(self, f: FieldDescriptor) -> dict[str, Any]:
         rules = _field_rules(f)
         if f.message_type is not None and f.message_type.GetOptions().map_entry:
-            kf, vf = f.message_type.fields_by_name["key"], f.message_type.fields_by_name["value"]
+            vf = f.message_type.fields_by_name["value"]
             schema: dict[str, Any] = {"type": "object", "additionalProperties": self.field_schema(vf)}
             if rules is not None and rules.WhichOneof("type") == "map":
                 m = rules.map
@@ -251,7 +251,6 @@ class _Builder:
                     schema["additionalProperties"] = _apply(
                         schema["additionalProperties"], _rule_keywords(m.values)
                     )
-            del kf
             return schema
         base = self._base_schema(f)
         if _is_repeated(f):

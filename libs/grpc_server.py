@@ -136,7 +136,7 @@ def _violations(request: Message) -> dict[str, str]:
     fields = _nul_violations(request)
     if fields:
         # Rules such as patterns would only add noise about the same bad value.
-        return {k.replace("\x00", "\\0"): v for k, v in fields.items()}
+        return fields
     for v in protovalidate.collect_violations(request):
         proto = v.proto
         elements = proto.field.elements if proto.field is not None else []

@@ -304,3 +304,19 @@ def test_one_list_of_unauthenticated_routes():
         if op.get("security") == []
     }
     assert open_ops == public and doc["security"] == [{"bearer": []}]
+
+
+def test_nul_is_refused_in_every_string_field_naming_it():
+    """The validation step finds a NUL in nested, repeated and map fields, keys and values."""
+    from ctrlmesh.instances.v1 import instances_pb2 as ipb
+
+    from libs.grpc_server import _violations
+
+    msg = ipb.CreateInstanceRequest(name="ok", image="img")
+    msg.env["A\x00"] = "v"
+    msg.labels["k"] = "v\x00"
+    msg.services.add(name="web\x00", image="img")
+    found = _violations(msg)
+    assert set(found) == {"env['A\\x00']", "labels['k']", "services[0].name"}
+    assert set(found.values()) == {"must not contain a NUL character"}
+    assert "name" not in _violations(ipb.CreateInstanceRequest(name="ok", image="img"))
