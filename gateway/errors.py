@@ -44,7 +44,18 @@ def from_rpc_error(err: grpc.aio.AioRpcError, service: str) -> tuple[int, dict[s
                 details["fields"] = {v.field: v.description for v in br.field_violations}
     if reason is None:
         reason = DEFAULT_REASON.get(code, "Internal")
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # Without an ErrorInfo this is gRPC's own limit, never a tenant quota (a quota always
+            # carries its reason): a message over the size limit, or the server out of capacity.
+            if "larger than max" in message:
+                return 413, body(
+                    "PayloadTooLarge",
+                    "a message exceeds the gRPC message size limit; send or ask for less at once",
+                )
+            return 503, body("Unavailable", f"the {service} service is overloaded", {"service": service})
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            message, details = f"the {service} service did not answer in time", {"service": service}
+        elif code == grpc.StatusCode.UNAVAILABLE:
             message, details = f"the {service} service is unavailable", {"service": service}
         elif code == grpc.StatusCode.UNIMPLEMENTED:
             message = "this route is not implemented yet"

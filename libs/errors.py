@@ -119,6 +119,29 @@ REASONS: dict[str, Reason] = {
             "An unexpected error; it has been logged with the trace id.",
         ),
         Reason("NotImplemented", grpc.StatusCode.UNIMPLEMENTED, 501, False, "This route has no logic yet."),
+        # The edge's own refusals, before any service is called; their codes are the nearest gRPC
+        # ones, so a service raising one maps to the same HTTP status.
+        Reason(
+            "MethodNotAllowed",
+            grpc.StatusCode.UNIMPLEMENTED,
+            405,
+            False,
+            "The path exists under other methods; the `Allow` header lists them.",
+        ),
+        Reason(
+            "PayloadTooLarge",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            413,
+            False,
+            "The request body, or a message on its way, exceeds the size limit.",
+        ),
+        Reason(
+            "UnsupportedMediaType",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            415,
+            False,
+            "A request body must be JSON (`Content-Type: application/json`).",
+        ),
     )
 }
 
@@ -238,6 +261,18 @@ class ProviderUnavailable(CtrlmeshError):
 
 class Internal(CtrlmeshError):
     reason = "Internal"
+
+
+class DeadlineExceeded(CtrlmeshError):
+    reason = "DeadlineExceeded"
+
+
+class PayloadTooLarge(CtrlmeshError):
+    reason = "PayloadTooLarge"
+
+
+class UnsupportedMediaType(CtrlmeshError):
+    reason = "UnsupportedMediaType"
 
 
 def not_found(kind: str, ident: str) -> NotFound:

@@ -47,6 +47,17 @@ current_method: contextvars.ContextVar[str] = contextvars.ContextVar("method", d
 
 AuditSink = Callable[[dict[str, Any]], Awaitable[None]]
 
+# Initial metadata a streaming method sends once its resource is resolved (`open_stream`): the
+# edge starts its SSE answer only then, so a refused stream is a plain HTTP error instead.
+STREAM_OPEN_KEY = "x-ctrlmesh-stream-open"
+
+
+async def open_stream(context: grpc.aio.ServicerContext) -> None:
+    """Tell the caller the stream is accepted, before its first message (which may be hours
+    away). Call it after the resource is resolved and the caller's access to it checked; a
+    stream that never calls it is taken as open at its first message."""
+    await context.send_initial_metadata(((STREAM_OPEN_KEY, "1"),))
+
 
 @dataclass
 class MethodInfo:
@@ -90,8 +101,44 @@ def status_details(err: CtrlmeshError) -> bytes:
     return st.SerializeToString()
 
 
+def _nul_violations(msg: Message, prefix: str = "") -> dict[str, str]:
+    """Every string field (nested, repeated, map keys and values) holding a NUL character.
+
+    PostgreSQL text cannot store NUL, so such a value would fail deep inside a service as an
+    internal error; refusing it here gives every route the same 400 naming the field.
+    """
+    found: dict[str, str] = {}
+    for f, value in msg.ListFields():
+        name = f"{prefix}{f.name}"
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            vf = f.message_type.fields_by_name["value"]
+            for k, v in value.items():
+                if isinstance(k, str) and "\x00" in k:
+                    found[f"{name}[{k!r}]"] = _NUL_TEXT
+                if isinstance(v, str) and "\x00" in v:
+                    found[f"{name}[{k!r}]"] = _NUL_TEXT
+                elif vf.message_type is not None:
+                    found.update(_nul_violations(v, f"{name}[{k!r}]."))
+            continue
+        items = value if f.is_repeated else [value]
+        for i, item in enumerate(items):
+            where = f"{name}[{i}]" if f.is_repeated else name
+            if isinstance(item, str):
+                if "\x00" in item:
+                    found[where] = _NUL_TEXT
+            elif isinstance(item, Message):
+                found.update(_nul_violations(item, f"{where}."))
+    return found
+
+
+_NUL_TEXT = "must not contain a NUL character"
+
+
 def _violations(request: Message) -> dict[str, str]:
-    fields: dict[str, str] = {}
+    fields = _nul_violations(request)
+    if fields:
+        # Rules such as patterns would only add noise about the same bad value.
+        return fields
     for v in protovalidate.collect_violations(request):
         proto = v.proto
         elements = proto.field.elements if proto.field is not None else []
@@ -226,16 +273,22 @@ class Pipeline(grpc.aio.ServerInterceptor):
             if fields:
                 summary = "; ".join(f"{k}: {v}" for k, v in fields.items())
                 raise InvalidArgument(f"invalid request: {summary}", fields=fields)
-            # Headers now: the edge waits for them to tell a rejected stream from an idle one.
-            await context.send_initial_metadata(())
+            # No headers here: the method sends them (`open_stream`) once it has resolved what it
+            # streams, so the edge can still answer a refusal as a plain error.
             async for item in inner(request, context):
                 yield item
+        except grpc.aio.AbortError:
+            raise
         except CtrlmeshError as err:
             await self._abort(context, err)
         except NotImplementedError:
             await self._abort(
                 context, CtrlmeshError(f"{method} is not implemented yet", reason="NotImplemented")
             )
+        except Exception:
+            trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
+            log.exception("unexpected error in %s (trace %s)", method, trace_id)
+            await self._abort(context, CtrlmeshError(f"internal error (trace {trace_id})"))
         finally:
             principals.reset_current(p_token)
             current_method.reset(m_token)
@@ -266,6 +319,9 @@ class Pipeline(grpc.aio.ServerInterceptor):
             "method": f"{info.service}/{info.name}",
             "trace_id": format(span.trace_id, "032x") if span.trace_id else "",
         }
+        # The request may carry what PostgreSQL cannot store (a NUL the validation step refused):
+        # the entry keeps a visible stand-in rather than being lost.
+        entry = {k: v.replace("\x00", "\\0") if isinstance(v, str) else v for k, v in entry.items()}
         try:
             await self._audit_sink(entry)
         except Exception:

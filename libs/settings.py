@@ -82,6 +82,13 @@ class Settings(BaseSettings):
     # How the databases service runs writers: `local` (one PostgreSQL process per database here).
     compute_driver: str = "local"
     auth_cache_ttl: Duration = timedelta(seconds=5)
+    # The edge: the largest request body it reads (413 beyond), and the deadline of a call that
+    # sends no `Grpc-Timeout` (GET reads, other methods writes), so a frozen service costs seconds.
+    max_body_bytes: int = 1024 * 1024
+    read_deadline: Duration = timedelta(seconds=5)
+    write_deadline: Duration = timedelta(seconds=15)
+    # How long `/health` waits for each service's answer before naming it failing.
+    health_timeout: Duration = timedelta(seconds=1)
     # Signs the principal the edge hands to services; generated into the data dir when unset.
     internal_secret: str | None = None
     # Key-encryption key (base64, 32 bytes) for secrets stored encrypted; generated when unset.

@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2, empty_pb2, json_format, struct_pb2
 
 from libs import principal as principals
 from libs.errors import PermissionDenied
+from libs.grpc_server import open_stream
 from libs.principal import is_global
 from libs.protoconv import ts
 from services.instances import specs
@@ -414,6 +415,8 @@ class HealthService(rpc.HealthServiceServicer):
         return empty_pb2.Empty()
 
     async def WatchInstanceHealth(self, request, context) -> AsyncIterator[pb.HealthResult]:  # type: ignore[no-untyped-def,override]
+        await self.d.instances.get(principals.current(), request.id)
+        await open_stream(context)
         async for row in self.d.watch(principals.current(), request.id):
             yield result(row)
 
@@ -440,6 +443,7 @@ class TelemetryService(rpc.TelemetryServiceServicer):
         inst = await self.d.instances.get(p, request.id)
         tail = request.tail if request.HasField("tail") else 100
         follow = request.follow if request.HasField("follow") else True
+        await open_stream(context)
         async for e in self.d.watch_logs(p, request.id, tail=tail, follow=follow, level=request.level):
             yield log_entry(inst, e)
 
