@@ -13,6 +13,9 @@ from typing import Any
 
 import grpc
 
+# The trailing-metadata key of the serialized google.rpc.Status (gRPC's rich error model).
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
 
 @dataclass(frozen=True)
 class Reason:

@@ -31,7 +31,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from prometheus_client import Counter, Histogram
 
 from libs import principal as principals
-from libs.errors import ERROR_DOMAIN, CtrlmeshError, InvalidArgument
+from libs.errors import ERROR_DOMAIN, STATUS_DETAILS_KEY, CtrlmeshError, InvalidArgument
 from libs.events import register_event_stream
 from libs.outbox import Outbox
 
@@ -201,7 +201,7 @@ class Pipeline(grpc.aio.ServerInterceptor):
 
     async def _abort(self, context: grpc.aio.ServicerContext, err: CtrlmeshError) -> None:
         await context.abort(
-            err.code, err.message, trailing_metadata=(("grpc-status-details-bin", status_details(err)),)
+            err.code, err.message, trailing_metadata=((STATUS_DETAILS_KEY, status_details(err)),)
         )
 
     async def _unary(self, inner, request, context, method, info: MethodInfo, metadata):  # type: ignore[no-untyped-def]

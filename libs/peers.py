@@ -28,10 +28,16 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from libs.clients import Channels, Signer
-from libs.errors import REASONS, CtrlmeshError, NotFound, Unavailable, from_reason, not_found
+from libs.errors import (
+    REASONS,
+    STATUS_DETAILS_KEY,
+    CtrlmeshError,
+    NotFound,
+    Unavailable,
+    from_reason,
+    not_found,
+)
 from libs.principal import Principal
-
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 # Reasons that say the peer itself failed: they never pass through as the peer's refusal.
 _PEER_FAILURES = frozenset(("Internal", "Unavailable"))

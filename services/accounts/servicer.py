@@ -11,6 +11,7 @@ from ctrlmesh.common.v1 import common_pb2, internal_pb2
 from google.protobuf import empty_pb2, json_format, struct_pb2
 
 from libs import principal as principals
+from libs.events import decode_cursor
 from libs.grpc_server import open_stream
 from libs.protoconv import dt, ts
 from services.accounts import events
@@ -377,8 +378,9 @@ class EventService(rpc.EventServiceServicer):
         self.d = domain
 
     async def WatchEvents(self, request, context) -> AsyncIterator[internal_pb2.Event]:  # type: ignore[no-untyped-def,override]
-        # Accounts' events merged with the databases service's (services/accounts/events.py).
-        events.parse_event_id(request.last_event_id)
+        # Every service's events, merged (services/accounts/events.py); a malformed resume id
+        # is 400 before the stream opens.
+        decode_cursor(request.last_event_id)
         await open_stream(context)
         async for event in events.watch(
             self.d, principals.current(), request.last_event_id, list(request.type)
