@@ -310,7 +310,7 @@ def test_nul_is_refused_in_every_string_field_naming_it():
     """The validation step finds a NUL in nested, repeated and map fields, keys and values."""
     from ctrlmesh.instances.v1 import instances_pb2 as ipb
 
-    from libs.grpc_server import _violations
+    from libs.interceptors import violations as _violations
 
     msg = ipb.CreateInstanceRequest(name="ok", image="img")
     msg.env["A\x00"] = "v"
