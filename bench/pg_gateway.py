@@ -1,6 +1,7 @@
 """PG Gateway throughput and latency: pgbench through the gateway, direct, and through PgBouncer.
 
     .venv/bin/python bench/pg_gateway.py [--duration 10] [--clients 1,10,50] [--scale 10]
+        [--modes simple,prepared] [--pgbouncer /path/to/pgbouncer]
 
 One compute (a real PostgreSQL from libs.embedded_pg, fsync and synchronous_commit on, TLS on)
 with the tenant role and a pgbench database, and three ways to reach it, measured side by side
@@ -13,7 +14,11 @@ with the tenant role and a pgbench database, and three ways to reach it, measure
 - `pgbouncer`: pgbench → Debian's PgBouncer in transaction mode (default_pool_size 20, TLS to
   clients) → the compute. `scripts/install-system-deps.sh pgbouncer` installs it when missing.
 
-Workloads: select-only (`-S`) and TPC-B (pgbench's default script), at each client count.
+Workloads: select-only (`-S`) and TPC-B (pgbench's default script), at each client count, in
+pgbench's `-M simple` (one Query a statement) and `-M prepared` (named statements: Parse once per
+connection, then Bind/Execute) modes. `-M prepared` through a transaction pooler needs the pooler
+to keep the statements (the gateway's CTRLMESH_PG_MAX_PREPARED_STATEMENTS, PgBouncer's
+max_prepared_statements, 1.21 and later); a PgBouncer without it is left out of those rows.
 Reported: TPS, latency median (from pgbench's per-transaction log), the gateway/direct and
 gateway/pgbouncer ratios, the latency the gateway adds at one client, and CPU seconds per
 transaction of the gateway (and of PgBouncer) from /proc/<pid>/stat. Writes
@@ -58,6 +63,8 @@ DATABASE = "bench"
 TENANT_ID = "ten_bench"
 TARGETS = ("direct", "gateway", "pgbouncer")
 WORKLOADS = {"select-only": ["-S"], "tpc-b": []}
+MODES = ("simple", "prepared")
+MAX_PREPARED = 200
 
 
 def _free_port() -> int:
@@ -117,14 +124,23 @@ class StaticControlPlane:
         return None
 
 
-def serve_gateway(port: int, compute_port: int, data_dir: Path, pool_size: int) -> None:
+def _pgbouncer_version(binary: str) -> tuple[int, ...]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    words = out.split()
+    text = words[1] if len(words) > 1 else "0"
+    return tuple(int(p) for p in text.split(".") if p.isdigit())
+
+
+def serve_gateway(port: int, compute_port: int, data_dir: Path, pool_size: int, max_prepared: int) -> None:
     import uvloop
 
     from pggateway.server import GatewayConfig, GatewayServer
     from pggateway.tls import ensure_material
 
     async def run() -> None:
-        config = GatewayConfig("127.0.0.1", port, "bench-gateway", pool_size=pool_size)
+        config = GatewayConfig(
+            "127.0.0.1", port, "bench-gateway", pool_size=pool_size, max_prepared_statements=max_prepared
+        )
         server = GatewayServer(
             config, StaticControlPlane(compute_port), ensure_material(data_dir, "localhost")
         )
@@ -200,14 +216,25 @@ class Bench:
                 f"--compute-port={self.compute.port}",
                 f"--data-dir={self.work / 'gw'}",
                 f"--pool-size={self.args.pool_size}",
+                f"--max-prepared={self.args.max_prepared}",
             ],
             cwd=ROOT,
         )
         _wait_port(self.ports["gateway"], self.gateway)
 
+        self.pgbouncer_version: tuple[int, ...] = ()
         if "pgbouncer" in self.args.targets:
-            subprocess.run(
-                ["bash", str(ROOT / "scripts" / "install-system-deps.sh"), "pgbouncer"], check=True
+            if self.args.pgbouncer is None:
+                subprocess.run(
+                    ["bash", str(ROOT / "scripts" / "install-system-deps.sh"), "pgbouncer"], check=True
+                )
+            binary = self.args.pgbouncer or _tool("pgbouncer")
+            self.pgbouncer_version = _pgbouncer_version(binary)
+            # max_prepared_statements came with 1.21; older ones refuse the setting.
+            prepared = (
+                f"max_prepared_statements = {self.args.max_prepared}"
+                if self.pgbouncer_version >= (1, 21)
+                else ""
             )
             self.ports["pgbouncer"] = _free_port()
             bdir = self.work / "pgbouncer"
@@ -237,6 +264,7 @@ log_connections = 0
 log_disconnections = 0
 logfile = {bdir / "pgbouncer.log"}
 pidfile = {bdir / "pgbouncer.pid"}
+{prepared}
 """
             )
             kw: dict[str, Any] = {}
@@ -245,7 +273,7 @@ pidfile = {bdir / "pgbouncer.pid"}
                     os.chown(p, pw.pw_uid, pw.pw_gid)
                 os.chmod(self.work, 0o755)
                 kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-            self.pgbouncer = subprocess.Popen([_tool("pgbouncer"), "-q", str(bdir / "pgbouncer.ini")], **kw)
+            self.pgbouncer = subprocess.Popen([binary, "-q", str(bdir / "pgbouncer.ini")], **kw)
             _wait_port(self.ports["pgbouncer"], self.pgbouncer)
 
     def _env(self) -> dict[str, str]:
@@ -259,13 +287,20 @@ pidfile = {bdir / "pgbouncer.pid"}
         return proc.pid if proc is not None else None
 
     # -- one pgbench run ----------------------------------------------------------------------
-    def run(self, workload: str, clients: int, target: str) -> dict[str, Any]:
-        logdir = self.work / "logs" / f"{workload}-{clients}-{target}"
+    def supports(self, mode: str, target: str) -> bool:
+        if mode == "prepared" and target == "pgbouncer":
+            return self.pgbouncer_version >= (1, 21)
+        return True
+
+    def run(self, workload: str, clients: int, target: str, mode: str = "simple") -> dict[str, Any]:
+        logdir = self.work / "logs" / f"{workload}-{mode}-{clients}-{target}"
         logdir.mkdir(parents=True)
         cmd = [
             _tool("pgbench"),
             "-n",
             *WORKLOADS[workload],
+            "-M",
+            mode,
             "-c",
             str(clients),
             "-j",
@@ -281,7 +316,9 @@ pidfile = {bdir / "pgbouncer.pid"}
         r = subprocess.run(cmd, env=self._env(), capture_output=True, text=True)
         cpu = (_cpu_seconds(pid) - cpu0) if pid else None
         if r.returncode != 0 or "tps = " not in r.stdout:
-            raise SystemExit(f"pgbench failed ({target}, {workload}, {clients}):\n{r.stdout}\n{r.stderr}")
+            raise SystemExit(
+                f"pgbench failed ({target}, {workload} {mode}, {clients}):\n{r.stdout}\n{r.stderr}"
+            )
         tps = float(r.stdout.split("tps = ")[1].split()[0])
         processed = int(
             r.stdout.split("number of transactions actually processed: ")[1].split("\n")[0].split()[0]
@@ -293,6 +330,7 @@ pidfile = {bdir / "pgbouncer.pid"}
         shutil.rmtree(logdir)
         out: dict[str, Any] = {
             "workload": workload,
+            "mode": mode,
             "clients": clients,
             "target": target,
             "tps": round(tps, 1),
@@ -306,7 +344,7 @@ pidfile = {bdir / "pgbouncer.pid"}
             out["cpu_seconds"] = round(cpu, 2)
             out["cpu_us_per_tx"] = round(cpu / processed * 1e6, 1)
         print(
-            f"  {workload:12} c={clients:<3} {target:10} {tps:10.0f} tps  p50 {out['latency_p50_ms']} ms"
+            f"  {workload:12} {mode:8} c={clients:<3} {target:10} {tps:10.0f} tps  p50 {out['latency_p50_ms']} ms"
             + (f"  cpu {out['cpu_us_per_tx']} µs/tx" if "cpu_us_per_tx" in out else ""),
             flush=True,
         )
@@ -330,13 +368,18 @@ pidfile = {bdir / "pgbouncer.pid"}
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    by = {(r["workload"], r["clients"], r["target"]): r for r in runs}
-    for workload in WORKLOADS:
+    by = {(r["workload"], r.get("mode", "simple"), r["clients"], r["target"]): r for r in runs}
+    for mode, workload in ((m, w) for m in MODES for w in WORKLOADS):
         for clients in sorted({r["clients"] for r in runs}):
-            direct, gw, pgb = (by.get((workload, clients, t)) for t in TARGETS)
+            direct, gw, pgb = (by.get((workload, mode, clients, t)) for t in TARGETS)
             if gw is None:
                 continue
-            row: dict[str, Any] = {"workload": workload, "clients": clients, "gateway_tps": gw["tps"]}
+            row: dict[str, Any] = {
+                "workload": workload,
+                "mode": mode,
+                "clients": clients,
+                "gateway_tps": gw["tps"],
+            }
             row["gateway_p50_ms"] = gw["latency_p50_ms"]
             row["gateway_cpu_us_per_tx"] = gw.get("cpu_us_per_tx")
             if direct is not None:
@@ -358,18 +401,22 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         return "-" if v is None else f"{v:,.0f}{unit}" if isinstance(v, float) and v >= 100 else f"{v}{unit}"
 
     lines = [
-        "| pgbench (TLS everywhere) | clients | direct TPS | gateway TPS | PgBouncer TPS | gw/direct | gw/PgBouncer "
+        "| pgbench (TLS everywhere) | -M | clients | direct TPS | gateway TPS | PgBouncer TPS | gw/direct | gw/PgBouncer "
         "| p50 direct / gw / PgBouncer (ms) | gw CPU per tx |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['workload']} | {r['clients']} | {f(r.get('direct_tps'))} | {f(r['gateway_tps'])} "
+            f"| {r['workload']} | {r.get('mode', 'simple')} | {r['clients']} | {f(r.get('direct_tps'))} | {f(r['gateway_tps'])} "
             f"| {f(r.get('pgbouncer_tps'))} | {f(r.get('gateway_vs_direct'), 'x')} | {f(r.get('gateway_vs_pgbouncer'), 'x')} "
             f"| {r.get('direct_p50_ms', '-')} / {r['gateway_p50_ms']} / {r.get('pgbouncer_p50_ms', '-')} "
             f"| {f(r.get('gateway_cpu_us_per_tx'), ' µs')} |"
         )
-    one = [r for r in rows if r["clients"] == 1 and "added_latency_p50_us" in r]
+    one = [
+        r
+        for r in rows
+        if r["clients"] == 1 and "added_latency_p50_us" in r and r.get("mode", "simple") == "simple"
+    ]
     added = ", ".join(
         f"{r['workload']} {r['added_latency_p50_us']} µs"
         + (" (7 statements)" if r["workload"] == "tpc-b" else "")
@@ -383,6 +430,17 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "per row, and figures move by tens of percent between runs on this shared machine; "
         f"`bench/pg_gateway.py`, {meta['date']}.",
     ]
+    if any(r.get("mode") == "prepared" for r in rows):
+        version = meta.get("pgbouncer_version") or "-"
+        lines.append(
+            f"`-M prepared`: the gateway keeps at most {meta.get('max_prepared', MAX_PREPARED)} statements per "
+            f"backend; PgBouncer {version}"
+            + (
+                f" with max_prepared_statements = {meta.get('max_prepared', MAX_PREPARED)}."
+                if meta.get("pgbouncer_prepared")
+                else " has no max_prepared_statements (1.21+), so it has no `-M prepared` figures."
+            )
+        )
     return "\n".join(lines)
 
 
@@ -394,6 +452,11 @@ def main() -> None:
     ap.add_argument("--pool-size", type=int, default=20)
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--modes", default=",".join(MODES), help="pgbench -M modes: simple,prepared")
+    ap.add_argument("--max-prepared", type=int, default=MAX_PREPARED, help="statements kept per backend")
+    ap.add_argument(
+        "--pgbouncer", help="a PgBouncer binary to use instead of Debian's (which is 1.18 on bookworm)"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "pg_gateway.json")
     ap.add_argument("--no-readme", action="store_true", help="do not update README.md's Benchmarks table")
     ap.add_argument(
@@ -405,7 +468,7 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_gateway:
-        serve_gateway(args.gateway_port, args.compute_port, args.data_dir, args.pool_size)
+        serve_gateway(args.gateway_port, args.compute_port, args.data_dir, args.pool_size, args.max_prepared)
         return
     if args.report_only:
         saved = json.loads(args.out.read_text())
@@ -417,15 +480,18 @@ def main() -> None:
     args.targets = [t for t in args.targets.split(",") if t]
     clients = [int(c) for c in args.clients.split(",")]
     workloads = [w for w in args.workloads.split(",") if w]
+    modes = [m for m in args.modes.split(",") if m]
 
     bench = Bench(args)
     runs: list[dict[str, Any]] = []
     try:
         bench.setup()
-        for workload in workloads:
-            for c in clients:
-                for target in args.targets:
-                    runs.append(bench.run(workload, c, target))
+        for mode in modes:
+            for workload in workloads:
+                for c in clients:
+                    for target in args.targets:
+                        if bench.supports(mode, target):
+                            runs.append(bench.run(workload, c, target, mode))
     finally:
         bench.teardown()
 
@@ -437,6 +503,9 @@ def main() -> None:
         "duration_s": args.duration,
         "scale": args.scale,
         "pool_size": args.pool_size,
+        "max_prepared": args.max_prepared,
+        "pgbouncer_version": ".".join(map(str, bench.pgbouncer_version)) or None,
+        "pgbouncer_prepared": bench.pgbouncer_version >= (1, 21),
         "tls": "sslmode=require for every target; the pools reach the compute in plain TCP",
         "openssl": ssl.OPENSSL_VERSION,
     }

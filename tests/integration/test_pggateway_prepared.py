@@ -10,6 +10,7 @@ one backend runs on another.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from tests.integration.test_pggateway import (
     FakeDatabase,
     GatewayThread,
     _make_compute,
+    _pg_tool,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -332,3 +334,36 @@ def test_schema_change_is_reported_like_direct_postgresql(stand: Stand, gw: Gate
 
     assert asyncio.run(asyncpg_rows(stand.direct_dsn())) == [(1, 7)]
     assert asyncio.run(asyncpg_rows(stand.dsn(gw))) == [(1, 7)]
+
+
+def test_pgbench_prepared_mode_runs_pooled(stand: Stand, gw: GatewayThread) -> None:
+    """pgbench -M prepared (select-only and TPC-B, six clients over two backends) runs through
+    the gateway with no failed transaction and no pinned session; the six clients' identical
+    statements are shared on the backends."""
+    base = {**os.environ, "PGPASSWORD": PASSWORD, "PGUSER": USER}
+    init = subprocess.run(
+        [_pg_tool("pgbench"), "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(stand.compute.port), "app"],
+        env={**base, "PGSSLMODE": "disable"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert init.returncode == 0, init.stderr
+    hits = gw.metric("pggateway_prepared_shared_hits_total")
+    target = ["-h", "127.0.0.1", "-p", str(gw.port), "app"]
+    # One thread per client: pgbench prepares with a blocking PQprepare on a client's first run
+    # of a statement, which would stall its thread's other clients while they hold backends.
+    for script in (["-S"], []):
+        run = subprocess.run(
+            [_pg_tool("pgbench"), "-n", *script, "-M", "prepared", "-T", "1", "-c", "6", "-j", "6", *target],
+            env={**base, "PGSSLMODE": "require"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "number of failed transactions: 0" in run.stdout, run.stdout
+        assert float(run.stdout.split("tps = ")[1].split()[0]) > 10
+    assert gw.metric("pggateway_pinned_sessions") == 0
+    # 6 clients x 8 distinct statements, over 2 backends: most Parses find theirs there.
+    assert gw.metric("pggateway_prepared_shared_hits_total") - hits >= 30
