@@ -480,6 +480,7 @@ class PreparedRelay:
                 self._body = None
                 self._complete(self._kind, body, events)
         unpack = pq._HEADER.unpack_from
+        interesting = _INTERESTING
         while pos < n:
             if pos + 5 > n:
                 self._head = bytes(data[pos:])
@@ -489,6 +490,22 @@ class PreparedRelay:
             if length < 4:
                 raise pq.ProtocolError(f"invalid message length {length}")
             end = pos + 1 + length
+            if kind not in interesting:
+                if end > n:
+                    self._kind = kind
+                    self._remaining = end - n
+                    self._body = None
+                    break
+                pos = end
+                continue
+            if kind == READY_FOR_QUERY and end <= n and not self._discards:
+                # The common case inline: one per transaction.
+                self._seen += 1
+                if data[pos + 5] == _IDLE:
+                    self._held.epoch += 1
+                events.append((kind, data[pos + 5 : end]))
+                pos = end
+                continue
             if kind in _SMALL:
                 if kind == PARSE_COMPLETE:
                     q = self._parses
@@ -497,7 +514,7 @@ class PreparedRelay:
                 elif kind == BIND_COMPLETE:
                     q = self._binds
                 else:
-                    tag = self._empty_tags.pop(self._seen, None)
+                    tag = self._empty_tags.pop(self._seen, None) if self._empty_tags else None
                     if tag is not None:
                         if cuts is None:
                             cuts = []
@@ -513,13 +530,12 @@ class PreparedRelay:
                 pos = end
                 continue
             if end <= n:
-                if kind in _WANTED:
-                    self._complete(kind, bytes(data[pos + 5 : end]), events)
+                self._complete(kind, bytes(data[pos + 5 : end]), events)
                 pos = end
                 continue
             self._kind = kind
             self._remaining = end - n
-            self._body = bytearray(data[pos + 5 : n]) if kind in _WANTED else None
+            self._body = bytearray(data[pos + 5 : n])
             break
         if cuts is None:
             return (data if n == len(data) else data[:n]), events
@@ -592,3 +608,6 @@ class PreparedRelay:
 
 _SMALL = frozenset((PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE, EMPTY_QUERY_RESPONSE))
 _WANTED = frozenset((pq.READY_FOR_QUERY, pq.PARAMETER_STATUS, pq.ERROR_RESPONSE))
+_INTERESTING = _SMALL | _WANTED
+READY_FOR_QUERY = pq.READY_FOR_QUERY
+_IDLE = ord("I")
