@@ -251,6 +251,12 @@ def deallocate_target(sql: str) -> bytes | None:
     return target.lower().encode()
 
 
+def mentions_reset(query: bytes | bytearray) -> bool:
+    """Whether a Query's text may DEALLOCATE or DISCARD (the relay then looks closer)."""
+    low = bytes(query).lower()
+    return b"deallocate" in low or b"discard" in low
+
+
 def is_discard_all(sql: str) -> bool:
     words = sql.strip().rstrip(";").split()
     return len(words) == 2 and words[0].lower() == "discard" and words[1].lower() == "all"
@@ -279,7 +285,10 @@ class PreparedRelay:
         self._failed_batch = -1
         # batch → the CommandComplete tag that replaces its EmptyQueryResponse (DEALLOCATE).
         self._empty_tags: dict[int, bytes] = {}
-        self._discards: set[int] = set()  # batches with a client DISCARD ALL
+        # Batches whose Query may drop the backend's statements and settings (DISCARD ALL, or
+        # another mention of DISCARD/DEALLOCATE): forgotten if it succeeds; True when the
+        # client's own statements go too.
+        self._discards: dict[int, bool] = {}
         # Scanner state (as ServerStreamScanner).
         self._head = b""
         self._kind = 0
@@ -382,16 +391,19 @@ class PreparedRelay:
         return b"".join(out)
 
     def _query(self, data: bytes, start: int, end: int, tx_status: bytes) -> list[bytes] | None:
-        head = data[start + 5 : start + 20].lstrip().lower()
-        if not (head.startswith(b"deallocate") or head.startswith(b"discard")):
+        if not mentions_reset(data[start + 5 : end]):
             return None
         sql = pq.parse_query(data[start + 5 : end])
         if is_discard_all(sql):
-            self._discards.add(self._sent)
+            self._discards[self._sent] = True
             return None
         target = deallocate_target(sql)
-        if target is None or tx_status == b"E":
-            return None  # the server's own answer (e.g. 25P02 in a failed transaction)
+        if target is None:
+            # Several statements, a DO block, a literal: the backend may lose statements.
+            self._discards.setdefault(self._sent, False)
+            return None
+        if tx_status == b"E":
+            return None  # the server's own answer (25P02 in a failed transaction)
         if target:
             if self.statements.pop(target, None) is None:
                 return None  # not one of ours: a PREPAREd statement, or the server's 26000
@@ -554,12 +566,13 @@ class PreparedRelay:
             batch = self._seen
             self._seen += 1
             if batch in self._discards:
-                self._discards.discard(batch)
+                own = self._discards.pop(batch)
                 if self._failed_batch != batch and self._backend is not None:
                     # The server dropped every statement and setting of this backend.
                     self._held.clear()
                     self._backend.applied = {}
-                    self.statements.clear()
+                    if own:
+                        self.statements.clear()
             if body[:1] == b"I":
                 self._held.epoch += 1
             events.append((kind, body))

@@ -26,7 +26,7 @@ from pggateway import backend as backends
 from pggateway import classify, errors
 from pggateway import protocol as pq
 from pggateway.backend import Backend
-from pggateway.prepared import PreparedRelay
+from pggateway.prepared import PreparedRelay, mentions_reset
 from pggateway.route import Route
 from pggateway.tls import write_records
 
@@ -164,7 +164,7 @@ class ClientSession(asyncio.Protocol):
                 batches += 1
                 if self.pin_reason is None:
                     self._maybe_pin(classify.pin_reason_for_query(pq.parse_query(view[start + 5 : end])))
-                if relay is not None and end > start + 5 and view[start + 5] in _MAYBE_DEALLOCATE:
+                if relay is not None and mentions_reset(view[start + 5 : end]):
                     rewrite = True
             elif kind == pq.SYNC:
                 self.pending += 1
@@ -516,5 +516,3 @@ class ClientSession(asyncio.Protocol):
 _EXTENDED = frozenset((pq.BIND, pq.EXECUTE, pq.DESCRIBE, pq.CLOSE, pq.FLUSH))
 # Extended-protocol messages that may name a statement (the relay rewrites them).
 _NAMED = frozenset((pq.BIND, pq.DESCRIBE, pq.CLOSE))
-# First bytes of a Query that may be a DEALLOCATE or DISCARD (checked precisely by the relay).
-_MAYBE_DEALLOCATE = frozenset(b"dD \t\r\n")

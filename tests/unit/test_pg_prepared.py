@@ -241,3 +241,20 @@ def test_stale_plan_error_gives_later_parses_a_fresh_server_name() -> None:
     again = relay.client_chunk(parse(b"s2", b"select * from t") + SYNC, b"I")
     assert kinds(again) == "PS" and names(again) != names(first)[:1]
     assert reg.invalidations == 1
+
+
+def test_a_query_that_may_drop_statements_makes_the_backend_forget_them() -> None:
+    """A Query mentioning DEALLOCATE or DISCARD in another form (several statements) goes to the
+    server as is; once it succeeded the backend is taken to hold none of our statements (they
+    are prepared again when used), while the client keeps its names."""
+    reg = StatementRegistry(10)
+    relay = PreparedRelay(reg)
+    b = backend()
+    relay.attach(b)
+    relay.client_chunk(parse(b"s", b"select 1") + SYNC, b"I")
+    feed(relay, PARSE_COMPLETE + READY)
+    q = pq.query("select 1; DEALLOCATE ALL")
+    assert relay.client_chunk(q, b"I") == q
+    feed(relay, DATA_ROW + SELECT_1 + pq.message(ord("C"), b"DEALLOCATE ALL\x00") + READY)
+    assert len(reg.of(b)) == 0 and b"s" in relay.statements
+    assert kinds(relay.client_chunk(bind(b"s") + EXECUTE + SYNC, b"I")) == "PBES"
