@@ -60,6 +60,7 @@ CLIENT_NEW = 2  # the client's Parse, sent under the server name: undo both maps
 CLIENT_HIT = 3  # the client's Parse of a statement the backend has (sent as PARSE_NOTHING)
 CLIENT_CLOSE = 4  # the client's Close of its statement (sent as CLOSE_NOTHING): undo = restore
 EVICTED = 5  # our Close of an evicted statement: swallow; undo = the backend still has it
+UNNAMED = 6  # the client's Parse of its unnamed statement: undo = it has none
 
 # SQLSTATE of "cached plan must not change result type": the statement must be prepared afresh.
 _STALE_PLAN = "0A000"
@@ -289,6 +290,12 @@ class PreparedRelay:
         # another mention of DISCARD/DEALLOCATE): forgotten if it succeeds; True when the
         # client's own statements go too.
         self._discards: dict[int, bool] = {}
+        # The client's unnamed statement (its Parse body) and the attach it was parsed in: a
+        # client may Parse it, Sync, and Bind it in its next batch (asyncpg without a statement
+        # cache), which transaction pooling may send to another backend.
+        self._unnamed: bytes | None = None
+        self._unnamed_at = -1
+        self._attached = 0
         # Scanner state (as ServerStreamScanner).
         self._head = b""
         self._kind = 0
@@ -297,6 +304,7 @@ class PreparedRelay:
 
     # -- attach / idle ---------------------------------------------------------------------------
     def attach(self, b: Backend) -> None:
+        self._attached += 1
         self._backend = b
         self._held = self.registry.of(b)
         self._held.epoch += 1
@@ -417,7 +425,9 @@ class PreparedRelay:
         name_end = _cstr_end(data, start + 5)
         name = data[start + 5 : name_end]
         if not name:
-            self._entry(self._parses, FORWARD, None, b"")
+            self._unnamed = data[name_end + 1 : end]
+            self._unnamed_at = self._attached
+            self._entry(self._parses, UNNAMED, None, b"")
             return None
         old = self.statements.get(name)
         if old is not None:
@@ -432,6 +442,7 @@ class PreparedRelay:
         if self._held.touch(stmt):
             self.registry.shared_hits += 1
             self._entry(self._parses, CLIENT_HIT, stmt, name)
+            self._unnamed_at = -1  # PARSE_NOTHING replaced the unnamed statement
             return [PARSE_NOTHING]
         out = []
         self._prepare(stmt, out)
@@ -439,11 +450,22 @@ class PreparedRelay:
         self._entry(self._parses, CLIENT_NEW, stmt, name)
         return out
 
+    def _unnamed_again(self) -> list[bytes]:
+        """The client's unnamed statement parsed again on this backend (ParseComplete swallowed)."""
+        assert self._unnamed is not None
+        self._unnamed_at = self._attached
+        self._entry(self._parses, INJECTED, None, b"")
+        return [pq.message(pq.PARSE, b"\x00" + self._unnamed)]
+
     def _bind(self, data: bytes, start: int, end: int) -> list[bytes] | None:
         portal_end = _cstr_end(data, start + 5)
         name_end = _cstr_end(data, portal_end + 1)
         name = data[portal_end + 1 : name_end]
         stmt = self.statements.get(name) if name else None
+        if not name and self._unnamed is not None and self._unnamed_at != self._attached:
+            again = self._unnamed_again()
+            self._entry(self._binds, FORWARD, None, b"")
+            return [*again, data[start:end]]
         self._entry(self._binds, FORWARD, stmt, b"")
         if stmt is None:
             return None  # unnamed, or unknown: the server answers as it would directly
@@ -458,6 +480,8 @@ class PreparedRelay:
         name = data[start + 6 : end - 1]
         stmt = self.statements.get(name) if what == b"S" and name else None
         if kind == pq.DESCRIBE:
+            if what == b"S" and not name and self._unnamed is not None and self._unnamed_at != self._attached:
+                return [*self._unnamed_again(), data[start:end]]
             if stmt is None:
                 return None
             out: list[bytes] = []
@@ -602,6 +626,8 @@ class PreparedRelay:
                 self.registry.invalidate(first.stmt)
         for e in lost:
             stmt = e.stmt
+            if e.action == UNNAMED:
+                self._unnamed = None
             if stmt is None:
                 continue
             if e.action == INJECTED:

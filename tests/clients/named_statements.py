@@ -67,10 +67,31 @@ def deallocate(dsn: str) -> None:
     print("ok deallocate", flush=True)
 
 
+def unnamed_across_transactions(dsn: str) -> None:
+    """The unnamed statement parsed in one batch and bound in the next (asyncpg with
+    statement_cache_size=0 does this), while another client holds the backend it was parsed on
+    (through a pool of two: the next batch runs on the other backend)."""
+    with psycopg.connect(dsn, autocommit=True) as a, psycopg.connect(dsn, autocommit=True) as b:
+        for i in range(3):
+            assert a.pgconn.prepare(b"", b"select 'u', $1::int", [23]).status == OK
+            assert b.pgconn.exec_(b"begin").status == OK
+            assert b.pgconn.exec_(b"select 1").status == pq.ExecStatus.TUPLES_OK
+            r = a.pgconn.exec_prepared(b"", [str(i).encode()])
+            assert r.status == pq.ExecStatus.TUPLES_OK, r.error_message
+            assert (r.get_value(0, 0), r.get_value(0, 1)) == (b"u", str(i).encode())
+            assert b.pgconn.exec_(b"rollback").status == OK
+            assert b.pgconn.exec_(b"begin").status == OK
+            assert b.pgconn.exec_(b"select 1").status == pq.ExecStatus.TUPLES_OK
+            assert a.pgconn.describe_prepared(b"").nparams == 1
+            assert b.pgconn.exec_(b"rollback").status == OK
+    print("ok unnamed across transactions", flush=True)
+
+
 def main() -> None:
     dsn = sys.argv[1]
     close_and_reparse(dsn)
     deallocate(dsn)
+    unnamed_across_transactions(dsn)
 
 
 if __name__ == "__main__":
