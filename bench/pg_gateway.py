@@ -402,7 +402,7 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
     lines = [
         "| pgbench (TLS everywhere) | -M | clients | direct TPS | gateway TPS | PgBouncer TPS | gw/direct | gw/PgBouncer "
-        "| p50 direct / gw / PgBouncer (ms) | gw CPU per tx |",
+        "| p50 direct / gw / PgBouncer (ms) | CPU per tx gw / PgBouncer |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -410,7 +410,7 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['workload']} | {r.get('mode', 'simple')} | {r['clients']} | {f(r.get('direct_tps'))} | {f(r['gateway_tps'])} "
             f"| {f(r.get('pgbouncer_tps'))} | {f(r.get('gateway_vs_direct'), 'x')} | {f(r.get('gateway_vs_pgbouncer'), 'x')} "
             f"| {r.get('direct_p50_ms', '-')} / {r['gateway_p50_ms']} / {r.get('pgbouncer_p50_ms', '-')} "
-            f"| {f(r.get('gateway_cpu_us_per_tx'), ' µs')} |"
+            f"| {f(r.get('gateway_cpu_us_per_tx'), ' µs')} / {f(r.get('pgbouncer_cpu_us_per_tx'), ' µs')} |"
         )
     one = [
         r
