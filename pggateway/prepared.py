@@ -365,9 +365,13 @@ class PreparedRelay:
             self._entry(self._closes, EVICTED, old, b"")
             self.registry.evictions += 1
 
-    def client_chunk(self, data: bytes, tx_status: bytes) -> bytes:
-        """The bytes to send the backend for a chunk of whole client messages."""
-        msgs, _ = pq.iter_messages(data)
+    def client_chunk(
+        self, data: bytes, tx_status: bytes, msgs: list[tuple[int, int, int]] | None = None
+    ) -> bytes:
+        """The bytes to send the backend for a chunk of whole client messages (`msgs`: its
+        framing, when the caller has it)."""
+        if msgs is None:
+            msgs, _ = pq.iter_messages(data)
         out: list[bytes] = []
         run = 0  # start of the current run of unchanged bytes
         for kind, start, end in msgs:

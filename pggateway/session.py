@@ -106,7 +106,7 @@ class ClientSession(asyncio.Protocol):
         # place. Each queued chunk has (needs rewriting, Sync/Query/FunctionCall count) beside it.
         registry = server.prepared
         self._relay = PreparedRelay(registry) if registry.enabled else None
-        self._queue_meta: list[tuple[bool, int]] = []
+        self._queue_meta: list[tuple[bool, int, list[tuple[int, int, int]] | None]] = []
         self._finished = False
         self._client_paused = False  # the client's socket is full: backend reading paused
         self._client_reading_paused = False  # the backend's socket is full: client reading paused
@@ -201,12 +201,13 @@ class ClientSession(asyncio.Protocol):
                 if b is None and rewrite and len(msgs) == 1 and self._answer_idle(relay, chunk):
                     pass
                 elif b is not None:
-                    b.write(relay.client_chunk(chunk, self.tx_status) if rewrite else chunk)
+                    framing = None if terminate else msgs
+                    b.write(relay.client_chunk(chunk, self.tx_status, framing) if rewrite else chunk)
                     if not rewrite:
                         relay.count_batches(batches)
                 else:
                     self._queue.append(chunk)
-                    self._queue_meta.append((rewrite, batches))
+                    self._queue_meta.append((rewrite, batches, None if terminate else msgs))
                     if self._checkout_task is None and self._waiting_since is None:
                         self._begin_checkout()
             elif b is not None:
@@ -307,9 +308,9 @@ class ClientSession(asyncio.Protocol):
         if relay is not None:
             status = self.tx_status
             parts = []
-            for chunk, (rewrite, batches) in zip(self._queue, self._queue_meta, strict=True):
+            for chunk, (rewrite, batches, framing) in zip(self._queue, self._queue_meta, strict=True):
                 if rewrite:
-                    parts.append(relay.client_chunk(chunk, status))
+                    parts.append(relay.client_chunk(chunk, status, framing))
                 else:
                     parts.append(chunk)
                     relay.count_batches(batches)
