@@ -258,3 +258,36 @@ def test_a_query_that_may_drop_statements_makes_the_backend_forget_them() -> Non
     feed(relay, DATA_ROW + SELECT_1 + pq.message(ord("C"), b"DEALLOCATE ALL\x00") + READY)
     assert len(reg.of(b)) == 0 and b"s" in relay.statements
     assert kinds(relay.client_chunk(bind(b"s") + EXECUTE + SYNC, b"I")) == "PBES"
+
+
+def test_the_unnamed_statement_follows_the_client_to_another_backend() -> None:
+    """An unnamed statement parsed in one transaction and bound in a later one (asyncpg without
+    a statement cache) is parsed again, ParseComplete swallowed, when the Bind reaches another
+    backend, and after a shared Parse replaced it with PARSE_NOTHING; not within one attach."""
+    reg = StatementRegistry(10)
+    relay = PreparedRelay(reg)
+    b1, b2 = backend(), backend()
+    relay.attach(b1)
+    relay.client_chunk(parse(b"", b"select $1", (23,)) + describe(b"") + SYNC, b"I")
+    feed(relay, PARSE_COMPLETE + READY)
+    assert kinds(relay.client_chunk(bind(b"") + EXECUTE + SYNC, b"I")) == "BES"
+    feed(relay, BIND_COMPLETE + DATA_ROW + SELECT_1 + READY)
+    relay.attach(b2)
+    sent = relay.client_chunk(bind(b"") + EXECUTE + SYNC, b"I")
+    assert kinds(sent) == "PBES" and names(sent)[0] == b""
+    out, _ = feed(relay, PARSE_COMPLETE + BIND_COMPLETE + DATA_ROW + SELECT_1 + READY)
+    assert out == BIND_COMPLETE + DATA_ROW + SELECT_1 + READY
+    # Another client's statement is on b2; this client's Parse of it becomes PARSE_NOTHING,
+    # which replaces the unnamed statement there: the next unnamed Bind parses it again.
+    other = PreparedRelay(reg)
+    other.attach(b2)
+    other.client_chunk(parse(b"o", b"select 2") + SYNC, b"I")
+    other.feed(PARSE_COMPLETE + READY)
+    relay.attach(b2)
+    assert kinds(relay.client_chunk(bind(b"") + EXECUTE + SYNC, b"I")) == "PBES"
+    feed(relay, PARSE_COMPLETE + BIND_COMPLETE + DATA_ROW + SELECT_1 + READY)
+    assert kinds(relay.client_chunk(bind(b"") + EXECUTE + SYNC, b"I")) == "BES"
+    feed(relay, BIND_COMPLETE + DATA_ROW + SELECT_1 + READY)
+    assert relay.client_chunk(parse(b"mine", b"select 2") + SYNC, b"I") == PARSE_NOTHING + SYNC
+    feed(relay, PARSE_COMPLETE + READY)
+    assert kinds(relay.client_chunk(bind(b"") + EXECUTE + SYNC, b"I")) == "PBES"
