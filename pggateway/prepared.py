@@ -178,7 +178,14 @@ class StatementRegistry(Collector):
             st.clear()
 
     def collect(self) -> Iterator[Metric]:
-        live = [len(st) for b, st in list(self._backends.items()) if not b.closed]
+        live: list[int] = []
+        for _ in range(5):
+            # Scraped from the metrics server's thread while the event loop adds backends.
+            try:
+                live = [len(st) for b, st in list(self._backends.items()) if not b.closed]
+                break
+            except RuntimeError:
+                continue
         yield GaugeMetricFamily(
             "pggateway_prepared_statements",
             "Prepared statements held by open backends (all backends together).",
