@@ -8,9 +8,10 @@ with the tenant role and a pgbench database, and three ways to reach it, measure
 (interleaved per workload and client count) with pgbench over TLS (sslmode=require) each time:
 
 - `direct`: pgbench → the compute;
-- `gateway`: pgbench → the PG Gateway (its own process, pool size 20, SCRAM, transaction pooling)
-  → the compute. The gateway's control plane here is a static one (one tenant, one always-ready
-  database), so the figures are the relay's, not the control plane's;
+- `gateway`: pgbench → the PG Gateway (`pggateway.standalone`: its supervisor and `--workers`
+  worker processes sharing a pool size of 20, SCRAM, transaction pooling) → the compute. The gateway's
+  control plane here is a static one (one tenant, one always-ready database), so the figures are
+  the relay's, not the control plane's;
 - `pgbouncer`: pgbench → Debian's PgBouncer in transaction mode (default_pool_size 20, TLS to
   clients) → the compute. `scripts/install-system-deps.sh pgbouncer` installs it when missing.
 
@@ -21,14 +22,13 @@ to keep the statements (the gateway's CTRLMESH_PG_MAX_PREPARED_STATEMENTS, PgBou
 max_prepared_statements, 1.21 and later); a PgBouncer without it is left out of those rows.
 Reported: TPS, latency median (from pgbench's per-transaction log), the gateway/direct and
 gateway/pgbouncer ratios, the latency the gateway adds at one client, and CPU seconds per
-transaction of the gateway (and of PgBouncer) from /proc/<pid>/stat. Writes
+transaction of the gateway (all its processes) and of PgBouncer, from /proc/<pid>/stat. Writes
 bench/results/pg_gateway.json, prints a markdown table and puts it in README.md's Benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -53,8 +53,8 @@ import psycopg  # noqa: E402
 
 from bench.readme import write_block  # noqa: E402
 from libs.embedded_pg import PG_OS_USER, EmbeddedPostgres  # noqa: E402
-from pggateway.controlplane import Credentials, LeaseInfo  # noqa: E402
 from pggateway.scram import Verifier  # noqa: E402
+from pggateway.standalone import PASSWORD_ENV  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 USER = "tnt_bench"
@@ -85,6 +85,12 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _with_children(pid: int) -> list[int]:
+    """A process and its children (the gateway's supervisor and its workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *map(int, children)]
+
+
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -98,60 +104,11 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) ->
     raise SystemExit(f"port {port} did not open")
 
 
-# -- the gateway child process ----------------------------------------------------------------
-
-
-class StaticControlPlane:
-    """One tenant and one database that is always ready at a fixed address."""
-
-    def __init__(self, compute_port: int) -> None:
-        verifier = Verifier.from_password(PASSWORD).text()
-        self._creds = Credentials(TENANT_ID, "bench", USER, verifier, "active", PASSWORD)
-        self._lease = LeaseInfo("lease-bench", "db-bench", 1, "ready", "127.0.0.1", compute_port, False)
-
-    async def lookup_credentials(self, pg_user: str) -> Credentials:
-        return self._creds
-
-    async def acquire_lease(
-        self, tenant_id: str, database: str, holder_id: str, ttl: float, wait: float
-    ) -> LeaseInfo:
-        return self._lease
-
-    async def renew_lease(self, lease_id: str, epoch: int, ttl: float, active_connections: int) -> LeaseInfo:
-        return self._lease
-
-    async def release_lease(self, lease_id: str, epoch: int) -> None:
-        return None
-
-
 def _pgbouncer_version(binary: str) -> tuple[int, ...]:
     out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
     words = out.split()
     text = words[1] if len(words) > 1 else "0"
     return tuple(int(p) for p in text.split(".") if p.isdigit())
-
-
-def serve_gateway(port: int, compute_port: int, data_dir: Path, pool_size: int, max_prepared: int) -> None:
-    import uvloop
-
-    from pggateway.server import GatewayConfig, GatewayServer
-    from pggateway.tls import ensure_material
-
-    async def run() -> None:
-        config = GatewayConfig(
-            "127.0.0.1", port, "bench-gateway", pool_size=pool_size, max_prepared_statements=max_prepared
-        )
-        server = GatewayServer(
-            config, StaticControlPlane(compute_port), ensure_material(data_dir, "localhost")
-        )
-        await server.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        await server.stop()
-
-    uvloop.run(run())
 
 
 # -- set-up -----------------------------------------------------------------------------------
@@ -210,15 +167,20 @@ class Bench:
         self.gateway = subprocess.Popen(
             [
                 sys.executable,
-                __file__,
-                "--serve-gateway",
-                f"--gateway-port={self.ports['gateway']}",
+                "-m",
+                "pggateway.standalone",
+                f"--port={self.ports['gateway']}",
                 f"--compute-port={self.compute.port}",
+                f"--database={DATABASE}",
+                f"--user={USER}",
+                f"--tenant-id={TENANT_ID}",
                 f"--data-dir={self.work / 'gw'}",
                 f"--pool-size={self.args.pool_size}",
                 f"--max-prepared={self.args.max_prepared}",
+                f"--workers={self.args.workers}",
             ],
             cwd=ROOT,
+            env={**os.environ, PASSWORD_ENV: PASSWORD, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'gen'}"},
         )
         _wait_port(self.ports["gateway"], self.gateway)
 
@@ -286,6 +248,25 @@ pidfile = {bdir / "pgbouncer.pid"}
         proc = {"gateway": self.gateway, "pgbouncer": self.pgbouncer}.get(target)
         return proc.pid if proc is not None else None
 
+    def _profile(self, workload: str, clients: int, workers: list[int]) -> list[subprocess.Popen[bytes]]:
+        """py-spy (a sampling profiler) on each gateway worker for the run, with --profile."""
+        out: Path | None = self.args.profile
+        if out is None:
+            return []
+        out.mkdir(parents=True, exist_ok=True)
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        return [
+            subprocess.Popen(
+                [
+                    *(spy, "record", "--nonblocking", "-r", "250", "-d", str(self.args.duration)),
+                    *("-p", str(pid), "-o", str(out / f"{workload}-c{clients}-w{i}.svg")),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for i, pid in enumerate(workers)
+        ]
+
     # -- one pgbench run ----------------------------------------------------------------------
     def supports(self, mode: str, target: str) -> bool:
         if mode == "prepared" and target == "pgbouncer":
@@ -312,9 +293,13 @@ pidfile = {bdir / "pgbouncer.pid"}
             *self._conn(target),
         ]
         pid = self._pid(target)
-        cpu0 = _cpu_seconds(pid) if pid else 0.0
+        pids = _with_children(pid) if pid else []
+        spies = self._profile(workload, clients, pids[1:]) if target == "gateway" else []
+        cpu0 = sum(map(_cpu_seconds, pids))
         r = subprocess.run(cmd, env=self._env(), capture_output=True, text=True)
-        cpu = (_cpu_seconds(pid) - cpu0) if pid else None
+        cpu = (sum(map(_cpu_seconds, pids)) - cpu0) if pids else None
+        for spy in spies:
+            spy.wait(30)
         if r.returncode != 0 or "tps = " not in r.stdout:
             raise SystemExit(
                 f"pgbench failed ({target}, {workload} {mode}, {clients}):\n{r.stdout}\n{r.stderr}"
@@ -426,7 +411,7 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"Latency the gateway adds per transaction at 1 client (p50, vs direct): {added or '-'}. "
         f"{meta['cpus']} CPUs shared by pgbench, PostgreSQL and the pooler; {meta['duration_s']} s per run, "
-        f"scale {meta['scale']}, pool size {meta['pool_size']}, fsync on; the three targets run back to back "
+        f"scale {meta['scale']}, pool size {meta['pool_size']}, gateway workers {meta.get('gateway_workers', 1)}, fsync on; the three targets run back to back "
         "per row, and figures move by tens of percent between runs on this shared machine; "
         f"`bench/pg_gateway.py`, {meta['date']}.",
     ]
@@ -462,14 +447,14 @@ def main() -> None:
     ap.add_argument(
         "--report-only", action="store_true", help="re-render the table from --out, measure nothing"
     )
-    ap.add_argument("--serve-gateway", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--gateway-port", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--compute-port", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=1, help="gateway worker processes")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write a py-spy flame graph per gateway worker and run here",
+    )
     args = ap.parse_args()
-    if args.serve_gateway:
-        serve_gateway(args.gateway_port, args.compute_port, args.data_dir, args.pool_size, args.max_prepared)
-        return
     if args.report_only:
         saved = json.loads(args.out.read_text())
         text = table(saved["summary"], saved["meta"])
@@ -506,6 +491,7 @@ def main() -> None:
         "max_prepared": args.max_prepared,
         "pgbouncer_version": ".".join(map(str, bench.pgbouncer_version)) or None,
         "pgbouncer_prepared": bench.pgbouncer_version >= (1, 21),
+        "gateway_workers": args.workers,
         "tls": "sslmode=require for every target; the pools reach the compute in plain TCP",
         "openssl": ssl.OPENSSL_VERSION,
     }

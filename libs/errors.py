@@ -243,3 +243,15 @@ class Internal(CtrlmeshError):
 def not_found(kind: str, ident: str) -> NotFound:
     """The one NOT_FOUND message, identical for a missing and an invisible resource."""
     return NotFound(f"{kind} {ident!r} not found", details={"resource": kind})
+
+
+def from_reason(reason: str, message: str, details: dict[str, Any] | None = None) -> CtrlmeshError:
+    """The error of a catalogued reason as its own class (so `except NotFound` still catches a
+    refusal that crossed a process boundary)."""
+    details = dict(details or {})
+    if reason == InvalidArgument.reason:
+        return InvalidArgument(message, fields=details.get("fields") or {})
+    for cls in CtrlmeshError.__subclasses__():
+        if cls.reason == reason and cls is not InvalidArgument:
+            return cls(message, details=details)
+    return CtrlmeshError(message, details=details, reason=reason)

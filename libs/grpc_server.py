@@ -32,6 +32,8 @@ from prometheus_client import Counter, Histogram
 
 from libs import principal as principals
 from libs.errors import ERROR_DOMAIN, CtrlmeshError, InvalidArgument
+from libs.events import register_event_stream
+from libs.outbox import Outbox
 
 log = logging.getLogger("ctrlmesh.grpc")
 
@@ -298,6 +300,8 @@ class Service:
     on_start: Callable[[], Awaitable[None]] | None = None
     on_stop: Callable[[], Awaitable[None]] | None = None
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    # The service's outbox, served as its EventStreamService (libs/events.py) when given.
+    events: Outbox | None = None
 
 
 async def serve(
@@ -314,6 +318,8 @@ async def serve(
         options=[("grpc.so_reuseport", 0)],
     )
     names = service.register(server)
+    if service.events is not None:
+        names.append(register_event_stream(server, service.events, service.name))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

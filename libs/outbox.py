@@ -51,10 +51,13 @@ class Outbox:
         resource: str,
         resource_id: str,
         data: dict[str, Any],
-        tenant_id: str = "",
-        account_id: str = "",
+        tenant_id: str,
+        account_id: str | ColumnElement[str],
     ) -> None:
-        """Write an event in the caller's transaction; it is visible once that commits."""
+        """Write an event in the caller's transaction; it is visible once that commits.
+
+        Every event names its tenant and account (visibility filters of every stream read
+        them); `account_id` may be a scalar subquery where only the owning row knows it."""
         await session.execute(
             insert(self.table).values(
                 type=type_,

@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     pg_tls_key: Path | None = None
     # How long a client is held while its database boots before 57P03 "the database is starting".
     pg_wake_timeout: Duration = timedelta(seconds=30)
-    # Backend connections per database, and how long a client waits for one before 53300.
+    # Backend connections per database (split between the gateway workers), and how long a
+    # client waits for one before 53300.
     pg_pool_size: int = 20
     pg_checkout_timeout: Duration = timedelta(seconds=30)
     # The gateway's lease on a database (renewed every third of it while clients are connected).
@@ -64,8 +65,11 @@ class Settings(BaseSettings):
     # Named prepared statements the PG Gateway keeps per backend, so drivers that prepare
     # (asyncpg, psycopg) keep transaction pooling; 0 turns it off (a named statement pins).
     pg_max_prepared_statements: int = Field(default=200, ge=0)
-    # Prometheus /metrics of the gateway; pg_port + 1000 when unset.
+    # Prometheus /metrics of the gateway; pg_port + 1000 when unset. Worker i of the gateway
+    # serves its own figures on this port + i.
     pg_metrics_port: int | None = None
+    # Gateway worker processes sharing pg_port (SO_REUSEPORT); the number of CPUs when unset.
+    pg_workers: int | None = None
     grpc_host: str = "127.0.0.1"
     accounts_port: int = 50051
     databases_port: int = 50052
@@ -104,6 +108,13 @@ class Settings(BaseSettings):
     # Without health checks, a new replica passes the gate after running this long.
     deploy_settle: Duration = timedelta(seconds=2)
     provider_probe_interval: Duration = timedelta(seconds=10)
+    # The launcher restarts a process that dies: after restart_backoff, doubling per restart up
+    # to restart_backoff_max; a process that needs more than restart_limit restarts within
+    # restart_window is left stopped (logged as failed) while the rest keeps serving.
+    restart_backoff: Duration = timedelta(seconds=0.5)
+    restart_backoff_max: Duration = timedelta(seconds=10)
+    restart_limit: int = 5
+    restart_window: Duration = timedelta(seconds=60)
     version: str = Field(default="0.1.0")
 
     @classmethod

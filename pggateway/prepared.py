@@ -274,8 +274,10 @@ class PreparedRelay:
     """One client's statements, and the response queue of the backend serving it now.
 
     `client_chunk` rewrites what the client sends; `feed` follows (and edits) what the backend
-    sends back, and also does ServerStreamScanner's job (ReadyForQuery, ParameterStatus), so a
-    session uses it in place of the scanner."""
+    sends back, and also does ServerStreamScanner's job with the same interface (the count of
+    ReadyForQuery returned, the last one's status in `status`, ParameterStatus and ErrorResponse
+    bodies appended to `others` for the caller to empty), so a session uses it in place of the
+    scanner."""
 
     def __init__(self, registry: StatementRegistry) -> None:
         self.registry = registry
@@ -303,11 +305,13 @@ class PreparedRelay:
         self._unnamed: bytes | None = None
         self._unnamed_at = -1
         self._attached = 0
-        # Scanner state (as ServerStreamScanner).
+        # Scanner state and results (as ServerStreamScanner).
         self._head = b""
         self._kind = 0
         self._remaining = 0
         self._body: bytearray | None = None
+        self.status = b"I"
+        self.others: list[tuple[int, bytes]] = []
 
     # -- attach / idle ---------------------------------------------------------------------------
     def attach(self, b: Backend) -> None:
@@ -322,6 +326,7 @@ class PreparedRelay:
         self._failed_batch = -1
         self._empty_tags.clear()
         self._discards.clear()
+        self.others.clear()
         self.reset()
 
     def reset(self) -> None:
@@ -507,9 +512,9 @@ class PreparedRelay:
         return [CLOSE_NOTHING]
 
     # -- backend → client ------------------------------------------------------------------------
-    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
-        """(the bytes for the client, the ReadyForQuery/ParameterStatus messages completed)."""
-        events: list[tuple[int, bytes]] = []
+    def feed(self, data: bytes) -> tuple[bytes, int]:
+        """(the bytes for the client, the number of ReadyForQuery messages completed)."""
+        ready = 0
         if self._head:
             # Held back, not forwarded: a header split across reads.
             data = self._head + data
@@ -525,7 +530,7 @@ class PreparedRelay:
             if self._remaining == 0 and self._body is not None:
                 body = bytes(self._body)
                 self._body = None
-                self._complete(self._kind, body, events)
+                ready += self._complete(self._kind, body)
         unpack = pq._HEADER.unpack_from
         interesting = _INTERESTING
         while pos < n:
@@ -550,7 +555,8 @@ class PreparedRelay:
                 self._seen += 1
                 if data[pos + 5] == _IDLE:
                     self._held.epoch += 1
-                events.append((kind, data[pos + 5 : end]))
+                ready += 1
+                self.status = data[pos + 5 : pos + 6]
                 pos = end
                 continue
             if kind in _SMALL:
@@ -577,7 +583,7 @@ class PreparedRelay:
                 pos = end
                 continue
             if end <= n:
-                self._complete(kind, bytes(data[pos + 5 : end]), events)
+                ready += self._complete(kind, bytes(data[pos + 5 : end]))
                 pos = end
                 continue
             self._kind = kind
@@ -585,7 +591,7 @@ class PreparedRelay:
             self._body = bytearray(data[pos + 5 : n])
             break
         if cuts is None:
-            return (data if n == len(data) else data[:n]), events
+            return (data if n == len(data) else data[:n]), ready
         out: list[bytes] = []
         at = 0
         for cut_start, cut_end, repl in cuts:
@@ -594,9 +600,10 @@ class PreparedRelay:
                 out.append(repl)
             at = cut_end
         out.append(data[at:n])
-        return b"".join(out), events
+        return b"".join(out), ready
 
-    def _complete(self, kind: int, body: bytes, events: list[tuple[int, bytes]]) -> None:
+    def _complete(self, kind: int, body: bytes) -> int:
+        """A whole wanted message; 1 for a ReadyForQuery."""
         if kind == pq.READY_FOR_QUERY:
             batch = self._seen
             self._seen += 1
@@ -610,11 +617,14 @@ class PreparedRelay:
                         self.statements.clear()
             if body[:1] == b"I":
                 self._held.epoch += 1
-            events.append((kind, body))
-        elif kind == pq.ERROR_RESPONSE:
+            self.status = body[:1]
+            return 1
+        if kind == pq.ERROR_RESPONSE:
             self._failed(body)
-        else:
-            events.append((kind, body))
+        # The session's too: ParameterStatus for the backend's settings, a FATAL error for
+        # a backend about to close.
+        self.others.append((kind, body))
+        return 0
 
     def _failed(self, body: bytes) -> None:
         """An ErrorResponse: undo whatever of this batch the server skipped or refused."""

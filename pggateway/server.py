@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -23,9 +24,9 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from libs.telemetry import ATTR_DATABASE, ATTR_PG_OUTCOME, ATTR_PG_USER, ATTR_TENANT
-from pggateway import errors
+from pggateway import errors, keys
 from pggateway import protocol as pq
-from pggateway.backend import send_cancel
+from pggateway.backend import CANCEL_TIMEOUT, send_cancel
 from pggateway.controlplane import ControlPlane, ControlPlaneError, CredentialCache, Credentials
 from pggateway.metrics import GatewayMetrics
 from pggateway.prepared import StatementRegistry
@@ -41,6 +42,8 @@ tracer = trace.get_tracer("ctrlmesh.pggateway")
 # is 60 s; a client that stalls here holds only a socket, but we still bound it).
 HANDSHAKE_TIMEOUT = 30.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
+# A cancel passed between workers on this host.
+PEER_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class GatewayConfig:
     # Named prepared statements kept by the gateway, at most this many per backend (0: a named
     # statement pins its session instead). See pggateway/prepared.py.
     max_prepared_statements: int = 200
+    # This process's place among the gateway workers sharing the port (`pggateway.workers`),
+    # and every worker's private socket for passed-on cancels, by index (empty: the only one).
+    worker_index: int = 0
+    peers: tuple[str, ...] = ()
 
     def route_config(self) -> RouteConfig:
         return RouteConfig(
@@ -181,6 +188,7 @@ class GatewayServer:
         self.metrics.registry.register(self.prepared)
         self._decoy_secret = secrets.token_bytes(32)
         self._server: asyncio.Server | None = None
+        self._peer_server: asyncio.Server | None = None
         self._sessions: dict[tuple[int, int], ClientSession] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -197,15 +205,25 @@ class GatewayServer:
             self.config.host,
             self.config.port,
             reuse_address=True,
+            # Workers share the port; the kernel spreads connections across them.
+            reuse_port=bool(self.config.peers),
             backlog=1024,
         )
-        log.info("PG Gateway listening on %s:%d", self.config.host, self.port)
+        if self.config.peers:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(self.config.peers[self.config.worker_index])
+            self._peer_server = await asyncio.start_unix_server(self._peer_cancel, sock=sock)
+        log.info(
+            "PG Gateway worker %d listening on %s:%d", self.config.worker_index, self.config.host, self.port
+        )
 
     async def stop(self) -> None:
         """Stop accepting, tell every client, release every lease."""
         self._stopping = True
         if self._server is not None:
             self._server.close()
+        if self._peer_server is not None:
+            self._peer_server.close()
         for session in list(self._sessions.values()):
             session.fatal(errors.shutting_down())
         await self.router.close()
@@ -389,12 +407,22 @@ class GatewayServer:
         return creds
 
     def _new_cancel_key(self) -> tuple[int, int]:
+        """An id no real backend can have (see `pggateway.keys`), and a random secret."""
         while True:
-            key = (secrets.randbits(31), secrets.randbits(31))
+            key = keys.new_key(self.config.worker_index)
             if key not in self._sessions:
                 return key
 
-    async def _cancel(self, pid: int, secret: int) -> None:
+    async def _cancel(self, pid: int, secret: int, *, passed_on: bool = False) -> None:
+        owner = keys.key_worker(pid)
+        if (
+            not passed_on
+            and owner is not None
+            and owner != self.config.worker_index
+            and owner < len(self.config.peers)
+        ):
+            await self._pass_on_cancel(owner, pid, secret)
+            return
         session = self._sessions.get((pid, secret))
         b = session.cancel_target() if session is not None else None
         if b is None or not b.pid:
@@ -402,3 +430,39 @@ class GatewayServer:
             return
         self.metrics.cancel_requests_total.labels("forwarded").inc()
         await send_cancel(b.target.host, b.target.port, b.pid, b.secret)
+
+    async def _pass_on_cancel(self, owner: int, pid: int, secret: int) -> None:
+        """Hand a CancelRequest to the worker that issued its key."""
+        try:
+            # The owner answers (closes) once it has forwarded the cancel to the compute.
+            async with asyncio.timeout(PEER_TIMEOUT + CANCEL_TIMEOUT):
+                # Connected by hand: uvloop cannot take an abstract socket name as a path.
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    await asyncio.get_running_loop().sock_connect(sock, self.config.peers[owner])
+                except BaseException:
+                    sock.close()
+                    raise
+                reader, writer = await asyncio.open_unix_connection(sock=sock)
+                writer.write(pq.cancel_request(pid, secret))
+                await writer.drain()
+                await reader.read(1)  # the owner closes once it has acted on it
+                writer.close()
+        except (OSError, TimeoutError) as exc:
+            log.warning("could not pass a cancel request on to worker %d: %s", owner, exc)
+            self.metrics.cancel_requests_total.labels("ignored").inc()
+            return
+        self.metrics.cancel_requests_total.labels("passed_on").inc()
+
+    async def _peer_cancel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A CancelRequest another worker received for one of our sessions."""
+        try:
+            async with asyncio.timeout(PEER_TIMEOUT):
+                packet = pq.parse_startup(await reader.readexactly(16))
+            if packet.code == pq.CANCEL_REQUEST:
+                await self._cancel(packet.pid, packet.secret, passed_on=True)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, pq.ProtocolError) as exc:
+            log.warning("a passed-on cancel request failed: %s", exc)
+        finally:
+            writer.close()

@@ -28,7 +28,7 @@ from pggateway import protocol as pq
 from pggateway.backend import Backend
 from pggateway.prepared import PreparedRelay, mentions_reset
 from pggateway.route import Route
-from pggateway.tls import write_records
+from pggateway.tls import TLS_RECORD_PLAINTEXT, write_records
 
 if TYPE_CHECKING:
     from pggateway.server import GatewayServer
@@ -110,6 +110,7 @@ class ClientSession(asyncio.Protocol):
         self._finished = False
         self._client_paused = False  # the client's socket is full: backend reading paused
         self._client_reading_paused = False  # the backend's socket is full: client reading paused
+        self._server_fatal = False  # the attached backend sent a FATAL error: it closes next
 
     # -- set-up -------------------------------------------------------------------------------
     async def apply_settings(self, b: Backend) -> None:
@@ -275,6 +276,8 @@ class ClientSession(asyncio.Protocol):
         if self._finished or self._waiting_since is None:
             return False
         waited = asyncio.get_running_loop().time() - self._waiting_since
+        # The pool has already taken this waiter off its queue: no search of the queue for it.
+        self._waiting_since = None
         self._stop_waiting()
         if b is not None and b.applied == self._want:
             self.server.metrics.hot.checkout(waited)
@@ -357,7 +360,11 @@ class ClientSession(asyncio.Protocol):
     def _attach(self, b: Backend) -> None:
         self.backend = b
         b.session = self
-        self._scanner.reset()
+        scanner = self._scanner
+        if not scanner.at_boundary:
+            scanner.reset()
+        scanner.others.clear()
+        self._server_fatal = False
         if self._relay is not None:
             self._relay.attach(b)
         if self._client_paused and b.transport is not None:
@@ -377,12 +384,19 @@ class ClientSession(asyncio.Protocol):
 
     # -- backend → client ---------------------------------------------------------------------
     def backend_data(self, data: bytes) -> None:
+        # The relay's per-read path: no allocation, no logging, one write to the client. With
+        # the gateway keeping prepared statements, the relay's follower reads the stream in the
+        # scanner's place: it must see every response to keep its queue in step, and it drops
+        # or rewrites the replies to what it injected.
         relay = self._relay
+        stream: pq.ServerStreamScanner | PreparedRelay
         try:
             if relay is None:
-                events = self._scanner.feed(data)
+                stream = self._scanner
+                ready = stream.feed(data)
             else:
-                data, events = relay.feed(data)
+                stream = relay
+                data, ready = relay.feed(data)
         except pq.ProtocolError:
             log.error("the compute broke the protocol; closing the session")
             b = self._detach()
@@ -390,27 +404,23 @@ class ClientSession(asyncio.Protocol):
                 self.route.pool.discard(b)
             self.fatal(errors.compute_lost())
             return
-        if data:
+        if len(data) <= TLS_RECORD_PLAINTEXT:
+            if data:
+                self.transport.write(data)
+        else:
             write_records(self.transport, data)
-        if not events:
+        if stream.others:
+            self._server_messages(stream.others)
+        if not ready:
             return
-        ready = False
-        b = self.backend
-        for kind, body in events:
-            if kind == pq.READY_FOR_QUERY:
-                self.pending -= 1
-                self.tx_status = body[:1]
-                ready = True
-            elif b is not None:
-                name, value = pq.parse_parameter_status(body)
-                b.reported[name] = value
+        self.pending -= ready
+        self.tx_status = stream.status
         if (
-            ready
-            and self.pending <= 0
+            self.pending <= 0
             and self.tx_status == b"I"
             and not self.unsynced
             and self.pin_reason is None
-            and self._at_boundary()
+            and stream.at_boundary
         ):
             self.pending = 0
             b = self._detach()
@@ -420,9 +430,27 @@ class ClientSession(asyncio.Protocol):
     def _at_boundary(self) -> bool:
         return self._scanner.at_boundary if self._relay is None else self._relay.at_boundary
 
+    def _server_messages(self, messages: list[tuple[int, bytes]]) -> None:
+        """ParameterStatus and ErrorResponse from the attached backend (rare: kept off the path)."""
+        b = self.backend
+        for kind, body in messages:
+            if kind == pq.ERROR_RESPONSE:
+                if pq.is_fatal(body):
+                    self._server_fatal = True
+            elif b is not None:
+                name, value = pq.parse_parameter_status(body)
+                b.reported[name] = value
+        messages.clear()
+
     def backend_lost(self) -> None:
         """The compute closed our backend mid-use (crash, stop, terminate)."""
         self.backend = None
+        if self._server_fatal:
+            # PostgreSQL said why (FATAL 57P01 after a pg_terminate_backend, ...) and the client
+            # has it: it ends the way it would directly, with no second error of ours.
+            self.server.metrics.connection_errors_total.labels(errors.COMPUTE).inc()
+            self.finish()
+            return
         self.fatal(errors.compute_lost())
 
     # -- flow control -------------------------------------------------------------------------

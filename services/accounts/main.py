@@ -63,6 +63,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         register=lambda server: servicer.register(server, domain),
         on_start=on_start,
         background=[reconcile],
+        events=domain.outbox,
     )
     return service, sink
 

@@ -51,6 +51,7 @@ async def publish_deployment(outbox: Outbox, s: Any, type_: str, dep: Row, **ext
         resource="deployment",
         resource_id=dep["id"],
         tenant_id=dep["tenant_id"],
+        account_id=repo.account_of(dep["instance_id"]),
         data={
             "deployment_id": dep["id"],
             "instance_id": dep["instance_id"],

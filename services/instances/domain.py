@@ -287,12 +287,13 @@ class InstancesDomain:
     async def start(self, p: Principal, instance_id: str) -> Row:
         async def act(s: AsyncSession, row: Row) -> None:
             self._not_suspended(row)
-            if row["state"] == "provisioning":
+            if row["state"] in ("provisioning", "stopping"):
+                # Recorded; the reconciler starts it once provisioned, or once it has stopped.
                 await repo.update_instance(s, row["id"], {"desired_state": "running"})
                 return
             if row["state"] not in ("stopped", "failed"):
                 raise InvalidState(
-                    f"instance {row['id']!r} is {row['state']}; start needs provisioning, stopped or failed",
+                    f"instance {row['id']!r} is {row['state']}; start needs provisioning, stopping, stopped or failed",
                     details={"state": row["state"]},
                 )
             await self.transition(s, row, "starting", desired_state="running", last_error="")
@@ -318,11 +319,14 @@ class InstancesDomain:
             if row["state"] == "running":
                 # Down and up again: stopping, then the reconciler starts it (desired running).
                 await self.transition(s, row, "stopping", desired_state="running")
+            elif row["state"] == "stopping":
+                # Already on its way down: up again once it is stopped.
+                await repo.update_instance(s, row["id"], {"desired_state": "running"})
             elif row["state"] in ("stopped", "failed"):
                 await self.transition(s, row, "starting", desired_state="running", last_error="")
             else:
                 raise InvalidState(
-                    f"instance {row['id']!r} is {row['state']}; restart needs running, stopped or failed",
+                    f"instance {row['id']!r} is {row['state']}; restart needs running, stopping, stopped or failed",
                     details={"state": row["state"]},
                 )
             await self.publish(s, "instance.restarted", row)

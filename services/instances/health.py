@@ -295,6 +295,7 @@ class HealthDomain:
                 resource="health_check",
                 resource_id=row["id"],
                 tenant_id=row["tenant_id"],
+                account_id=repo.account_of(instance_id),
                 data={"id": row["id"], "instance_id": instance_id},
             )
         await self.outbox.notify()
@@ -385,6 +386,7 @@ class HealthDomain:
                 resource="instance",
                 resource_id=instance_id,
                 tenant_id=tenant_id,
+                account_id=repo.account_of(instance_id),
                 data={"instance_id": instance_id, "status": status, "previous": previous, "check_id": cause},
             )
 

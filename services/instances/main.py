@@ -154,6 +154,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         log.info("instance providers registered: %s", ", ".join(registry.names) or "none")
 
     async def on_stop() -> None:
+        await reconciler.shutdown()  # its claims go at once: another process takes over
         await registry.close()
 
     services = (
@@ -172,6 +173,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         register=register,
         on_start=on_start,
         on_stop=on_stop,
+        events=box,
         background=[reconciler.run, Runner(health, rt.db).run, probe_loop, suspensions],
     )
     return service, remote_audit_sink(rt)

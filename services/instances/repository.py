@@ -3,18 +3,19 @@ outside the caller's tenants is simply not found. Rows come back as plain dicts.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, func, insert, select, text, update
+from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
+from libs.db import xact_lock
 from libs.principal import Principal, is_global
+from libs.timeutil import now
 from services.instances.models import (
     cursors,
     deployments,
@@ -29,8 +30,10 @@ from services.instances.models import (
 Row = dict[str, Any]
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
+def account_of(instance_id: str) -> ColumnElement[str]:
+    """The account of an instance, as a scalar subquery: events about an instance's checks and
+    deployments carry its account without a second read."""
+    return select(instances.c.account_id).where(instances.c.id == instance_id).scalar_subquery()
 
 
 @dataclass(frozen=True)
@@ -140,10 +143,7 @@ async def delete_instance(s: AsyncSession, instance_id: str) -> None:
 
 async def lock_tenant(s: AsyncSession, tenant_id: str) -> None:
     """Serialise quota decisions of one tenant until the transaction ends."""
-    key = int.from_bytes(
-        hashlib.sha256(f"ctrlmesh-quota:{tenant_id}".encode()).digest()[:8], "big", signed=True
-    )
-    await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+    await xact_lock(s, "quota", tenant_id)
 
 
 async def tenant_usage(s: AsyncSession, tenant_id: str, *, exclude: str = "") -> dict[str, int]:

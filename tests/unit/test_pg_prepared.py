@@ -71,11 +71,14 @@ def names(stream: bytes) -> list[bytes]:
 
 
 def feed(relay: PreparedRelay, *chunks: bytes) -> tuple[bytes, list[int]]:
+    """What the client gets, and the kinds of the messages the session is told of (each chunk's
+    ReadyForQuery first)."""
     out, events = b"", []
     for chunk in chunks:
-        data, ev = relay.feed(chunk)
+        data, ready = relay.feed(chunk)
         out += data
-        events += [k for k, _ in ev]
+        events += [pq.READY_FOR_QUERY] * ready + [k for k, _ in relay.others]
+        relay.others.clear()
     return out, events
 
 
@@ -291,3 +294,24 @@ def test_the_unnamed_statement_follows_the_client_to_another_backend() -> None:
     assert relay.client_chunk(parse(b"mine", b"select 2") + SYNC, b"I") == PARSE_NOTHING + SYNC
     feed(relay, PARSE_COMPLETE + READY)
     assert kinds(relay.client_chunk(bind(b"") + EXECUTE + SYNC, b"I")) == "PBES"
+
+
+def test_the_follower_tells_the_session_what_the_scanner_would() -> None:
+    """In the scanner's place, the relay reports the same things to the session: the count of
+    ReadyForQuery and the last status, ParameterStatus, and every ErrorResponse (a FATAL one
+    means the backend closes next, so the session must not add an error of its own), also
+    when split across reads."""
+    relay = PreparedRelay(StatementRegistry(10))
+    relay.attach(backend())
+    fatal = pq.error_response("FATAL", "57P01", "terminating connection due to administrator command")
+    stream = pq.parameter_status("TimeZone", "UTC") + pq.ready_for_query(b"T") + READY + fatal
+    for cut in range(1, len(stream)):
+        relay.attach(backend())
+        first, ready1 = relay.feed(stream[:cut])
+        second, ready2 = relay.feed(stream[cut:])
+        assert first + second == stream
+        assert ready1 + ready2 == 2 and relay.status == b"I"
+        assert [k for k, _ in relay.others] == [pq.PARAMETER_STATUS, pq.ERROR_RESPONSE]
+        assert pq.is_fatal(relay.others[-1][1])
+        relay.others.clear()
+    assert relay.at_boundary
