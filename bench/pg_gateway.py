@@ -1,6 +1,7 @@
 """PG Gateway throughput and latency: pgbench through the gateway, direct, and through PgBouncer.
 
     .venv/bin/python bench/pg_gateway.py [--duration 10] [--clients 1,10,50] [--scale 10]
+        [--modes simple,prepared] [--pgbouncer /path/to/pgbouncer]
 
 One compute (a real PostgreSQL from libs.embedded_pg, fsync and synchronous_commit on, TLS on)
 with the tenant role and a pgbench database, and three ways to reach it, measured side by side
@@ -8,13 +9,17 @@ with the tenant role and a pgbench database, and three ways to reach it, measure
 
 - `direct`: pgbench → the compute;
 - `gateway`: pgbench → the PG Gateway (`pggateway.standalone`: its supervisor and `--workers`
-  worker processes, pool size 20 each, SCRAM, transaction pooling) → the compute. The gateway's
+  worker processes sharing a pool size of 20, SCRAM, transaction pooling) → the compute. The gateway's
   control plane here is a static one (one tenant, one always-ready database), so the figures are
   the relay's, not the control plane's;
 - `pgbouncer`: pgbench → Debian's PgBouncer in transaction mode (default_pool_size 20, TLS to
   clients) → the compute. `scripts/install-system-deps.sh pgbouncer` installs it when missing.
 
-Workloads: select-only (`-S`) and TPC-B (pgbench's default script), at each client count.
+Workloads: select-only (`-S`) and TPC-B (pgbench's default script), at each client count, in
+pgbench's `-M simple` (one Query a statement) and `-M prepared` (named statements: Parse once per
+connection, then Bind/Execute) modes. `-M prepared` through a transaction pooler needs the pooler
+to keep the statements (the gateway's CTRLMESH_PG_MAX_PREPARED_STATEMENTS, PgBouncer's
+max_prepared_statements, 1.21 and later); a PgBouncer without it is left out of those rows.
 Reported: TPS, latency median (from pgbench's per-transaction log), the gateway/direct and
 gateway/pgbouncer ratios, the latency the gateway adds at one client, and CPU seconds per
 transaction of the gateway (all its processes) and of PgBouncer, from /proc/<pid>/stat. Writes
@@ -58,6 +63,8 @@ DATABASE = "bench"
 TENANT_ID = "ten_bench"
 TARGETS = ("direct", "gateway", "pgbouncer")
 WORKLOADS = {"select-only": ["-S"], "tpc-b": []}
+MODES = ("simple", "prepared")
+MAX_PREPARED = 200
 
 
 def _free_port() -> int:
@@ -95,6 +102,13 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) ->
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"port {port} did not open")
+
+
+def _pgbouncer_version(binary: str) -> tuple[int, ...]:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    words = out.split()
+    text = words[1] if len(words) > 1 else "0"
+    return tuple(int(p) for p in text.split(".") if p.isdigit())
 
 
 # -- set-up -----------------------------------------------------------------------------------
@@ -162,6 +176,7 @@ class Bench:
                 f"--tenant-id={TENANT_ID}",
                 f"--data-dir={self.work / 'gw'}",
                 f"--pool-size={self.args.pool_size}",
+                f"--max-prepared={self.args.max_prepared}",
                 f"--workers={self.args.workers}",
             ],
             cwd=ROOT,
@@ -169,9 +184,19 @@ class Bench:
         )
         _wait_port(self.ports["gateway"], self.gateway)
 
+        self.pgbouncer_version: tuple[int, ...] = ()
         if "pgbouncer" in self.args.targets:
-            subprocess.run(
-                ["bash", str(ROOT / "scripts" / "install-system-deps.sh"), "pgbouncer"], check=True
+            if self.args.pgbouncer is None:
+                subprocess.run(
+                    ["bash", str(ROOT / "scripts" / "install-system-deps.sh"), "pgbouncer"], check=True
+                )
+            binary = self.args.pgbouncer or _tool("pgbouncer")
+            self.pgbouncer_version = _pgbouncer_version(binary)
+            # max_prepared_statements came with 1.21; older ones refuse the setting.
+            prepared = (
+                f"max_prepared_statements = {self.args.max_prepared}"
+                if self.pgbouncer_version >= (1, 21)
+                else ""
             )
             self.ports["pgbouncer"] = _free_port()
             bdir = self.work / "pgbouncer"
@@ -201,6 +226,7 @@ log_connections = 0
 log_disconnections = 0
 logfile = {bdir / "pgbouncer.log"}
 pidfile = {bdir / "pgbouncer.pid"}
+{prepared}
 """
             )
             kw: dict[str, Any] = {}
@@ -209,7 +235,7 @@ pidfile = {bdir / "pgbouncer.pid"}
                     os.chown(p, pw.pw_uid, pw.pw_gid)
                 os.chmod(self.work, 0o755)
                 kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-            self.pgbouncer = subprocess.Popen([_tool("pgbouncer"), "-q", str(bdir / "pgbouncer.ini")], **kw)
+            self.pgbouncer = subprocess.Popen([binary, "-q", str(bdir / "pgbouncer.ini")], **kw)
             _wait_port(self.ports["pgbouncer"], self.pgbouncer)
 
     def _env(self) -> dict[str, str]:
@@ -242,13 +268,20 @@ pidfile = {bdir / "pgbouncer.pid"}
         ]
 
     # -- one pgbench run ----------------------------------------------------------------------
-    def run(self, workload: str, clients: int, target: str) -> dict[str, Any]:
-        logdir = self.work / "logs" / f"{workload}-{clients}-{target}"
+    def supports(self, mode: str, target: str) -> bool:
+        if mode == "prepared" and target == "pgbouncer":
+            return self.pgbouncer_version >= (1, 21)
+        return True
+
+    def run(self, workload: str, clients: int, target: str, mode: str = "simple") -> dict[str, Any]:
+        logdir = self.work / "logs" / f"{workload}-{mode}-{clients}-{target}"
         logdir.mkdir(parents=True)
         cmd = [
             _tool("pgbench"),
             "-n",
             *WORKLOADS[workload],
+            "-M",
+            mode,
             "-c",
             str(clients),
             "-j",
@@ -268,7 +301,9 @@ pidfile = {bdir / "pgbouncer.pid"}
         for spy in spies:
             spy.wait(30)
         if r.returncode != 0 or "tps = " not in r.stdout:
-            raise SystemExit(f"pgbench failed ({target}, {workload}, {clients}):\n{r.stdout}\n{r.stderr}")
+            raise SystemExit(
+                f"pgbench failed ({target}, {workload} {mode}, {clients}):\n{r.stdout}\n{r.stderr}"
+            )
         tps = float(r.stdout.split("tps = ")[1].split()[0])
         processed = int(
             r.stdout.split("number of transactions actually processed: ")[1].split("\n")[0].split()[0]
@@ -280,6 +315,7 @@ pidfile = {bdir / "pgbouncer.pid"}
         shutil.rmtree(logdir)
         out: dict[str, Any] = {
             "workload": workload,
+            "mode": mode,
             "clients": clients,
             "target": target,
             "tps": round(tps, 1),
@@ -293,7 +329,7 @@ pidfile = {bdir / "pgbouncer.pid"}
             out["cpu_seconds"] = round(cpu, 2)
             out["cpu_us_per_tx"] = round(cpu / processed * 1e6, 1)
         print(
-            f"  {workload:12} c={clients:<3} {target:10} {tps:10.0f} tps  p50 {out['latency_p50_ms']} ms"
+            f"  {workload:12} {mode:8} c={clients:<3} {target:10} {tps:10.0f} tps  p50 {out['latency_p50_ms']} ms"
             + (f"  cpu {out['cpu_us_per_tx']} µs/tx" if "cpu_us_per_tx" in out else ""),
             flush=True,
         )
@@ -317,13 +353,18 @@ pidfile = {bdir / "pgbouncer.pid"}
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    by = {(r["workload"], r["clients"], r["target"]): r for r in runs}
-    for workload in WORKLOADS:
+    by = {(r["workload"], r.get("mode", "simple"), r["clients"], r["target"]): r for r in runs}
+    for mode, workload in ((m, w) for m in MODES for w in WORKLOADS):
         for clients in sorted({r["clients"] for r in runs}):
-            direct, gw, pgb = (by.get((workload, clients, t)) for t in TARGETS)
+            direct, gw, pgb = (by.get((workload, mode, clients, t)) for t in TARGETS)
             if gw is None:
                 continue
-            row: dict[str, Any] = {"workload": workload, "clients": clients, "gateway_tps": gw["tps"]}
+            row: dict[str, Any] = {
+                "workload": workload,
+                "mode": mode,
+                "clients": clients,
+                "gateway_tps": gw["tps"],
+            }
             row["gateway_p50_ms"] = gw["latency_p50_ms"]
             row["gateway_cpu_us_per_tx"] = gw.get("cpu_us_per_tx")
             if direct is not None:
@@ -345,18 +386,22 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         return "-" if v is None else f"{v:,.0f}{unit}" if isinstance(v, float) and v >= 100 else f"{v}{unit}"
 
     lines = [
-        "| pgbench (TLS everywhere) | clients | direct TPS | gateway TPS | PgBouncer TPS | gw/direct | gw/PgBouncer "
-        "| p50 direct / gw / PgBouncer (ms) | gw CPU per tx |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| pgbench (TLS everywhere) | -M | clients | direct TPS | gateway TPS | PgBouncer TPS | gw/direct | gw/PgBouncer "
+        "| p50 direct / gw / PgBouncer (ms) | CPU per tx gw / PgBouncer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['workload']} | {r['clients']} | {f(r.get('direct_tps'))} | {f(r['gateway_tps'])} "
+            f"| {r['workload']} | {r.get('mode', 'simple')} | {r['clients']} | {f(r.get('direct_tps'))} | {f(r['gateway_tps'])} "
             f"| {f(r.get('pgbouncer_tps'))} | {f(r.get('gateway_vs_direct'), 'x')} | {f(r.get('gateway_vs_pgbouncer'), 'x')} "
             f"| {r.get('direct_p50_ms', '-')} / {r['gateway_p50_ms']} / {r.get('pgbouncer_p50_ms', '-')} "
-            f"| {f(r.get('gateway_cpu_us_per_tx'), ' µs')} |"
+            f"| {f(r.get('gateway_cpu_us_per_tx'), ' µs')} / {f(r.get('pgbouncer_cpu_us_per_tx'), ' µs')} |"
         )
-    one = [r for r in rows if r["clients"] == 1 and "added_latency_p50_us" in r]
+    one = [
+        r
+        for r in rows
+        if r["clients"] == 1 and "added_latency_p50_us" in r and r.get("mode", "simple") == "simple"
+    ]
     added = ", ".join(
         f"{r['workload']} {r['added_latency_p50_us']} µs"
         + (" (7 statements)" if r["workload"] == "tpc-b" else "")
@@ -370,6 +415,17 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "per row, and figures move by tens of percent between runs on this shared machine; "
         f"`bench/pg_gateway.py`, {meta['date']}.",
     ]
+    if any(r.get("mode") == "prepared" for r in rows):
+        version = meta.get("pgbouncer_version") or "-"
+        lines.append(
+            f"`-M prepared`: the gateway keeps at most {meta.get('max_prepared', MAX_PREPARED)} statements per "
+            f"backend; PgBouncer {version}"
+            + (
+                f" with max_prepared_statements = {meta.get('max_prepared', MAX_PREPARED)}."
+                if meta.get("pgbouncer_prepared")
+                else " has no max_prepared_statements (1.21+), so it has no `-M prepared` figures."
+            )
+        )
     return "\n".join(lines)
 
 
@@ -381,6 +437,11 @@ def main() -> None:
     ap.add_argument("--pool-size", type=int, default=20)
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--modes", default=",".join(MODES), help="pgbench -M modes: simple,prepared")
+    ap.add_argument("--max-prepared", type=int, default=MAX_PREPARED, help="statements kept per backend")
+    ap.add_argument(
+        "--pgbouncer", help="a PgBouncer binary to use instead of Debian's (which is 1.18 on bookworm)"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "pg_gateway.json")
     ap.add_argument("--no-readme", action="store_true", help="do not update README.md's Benchmarks table")
     ap.add_argument(
@@ -404,15 +465,18 @@ def main() -> None:
     args.targets = [t for t in args.targets.split(",") if t]
     clients = [int(c) for c in args.clients.split(",")]
     workloads = [w for w in args.workloads.split(",") if w]
+    modes = [m for m in args.modes.split(",") if m]
 
     bench = Bench(args)
     runs: list[dict[str, Any]] = []
     try:
         bench.setup()
-        for workload in workloads:
-            for c in clients:
-                for target in args.targets:
-                    runs.append(bench.run(workload, c, target))
+        for mode in modes:
+            for workload in workloads:
+                for c in clients:
+                    for target in args.targets:
+                        if bench.supports(mode, target):
+                            runs.append(bench.run(workload, c, target, mode))
     finally:
         bench.teardown()
 
@@ -424,6 +488,9 @@ def main() -> None:
         "duration_s": args.duration,
         "scale": args.scale,
         "pool_size": args.pool_size,
+        "max_prepared": args.max_prepared,
+        "pgbouncer_version": ".".join(map(str, bench.pgbouncer_version)) or None,
+        "pgbouncer_prepared": bench.pgbouncer_version >= (1, 21),
         "gateway_workers": args.workers,
         "tls": "sslmode=require for every target; the pools reach the compute in plain TCP",
         "openssl": ssl.OPENSSL_VERSION,

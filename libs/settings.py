@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     pg_lease_ttl: Duration = timedelta(seconds=30)
     # How long looked-up tenant credentials are reused: short, so a rotation applies quickly.
     pg_credentials_cache_ttl: Duration = timedelta(seconds=2)
+    # Named prepared statements the PG Gateway keeps per backend, so drivers that prepare
+    # (asyncpg, psycopg) keep transaction pooling; 0 turns it off (a named statement pins).
+    pg_max_prepared_statements: int = Field(default=200, ge=0)
     # Prometheus /metrics of the gateway; pg_port + 1000 when unset. Worker i of the gateway
     # serves its own figures on this port + i.
     pg_metrics_port: int | None = None

@@ -64,6 +64,7 @@ def config_from(settings: Settings, slot: WorkerSlot | None = None) -> GatewayCo
         checkout_timeout=settings.pg_checkout_timeout.total_seconds(),
         lease_ttl=settings.pg_lease_ttl.total_seconds(),
         credentials_ttl=settings.pg_credentials_cache_ttl.total_seconds(),
+        max_prepared_statements=settings.pg_max_prepared_statements,
         worker_index=slot.index,
         peers=slot.peers(),
     )

@@ -29,6 +29,7 @@ from pggateway import protocol as pq
 from pggateway.backend import CANCEL_TIMEOUT, send_cancel
 from pggateway.controlplane import ControlPlane, ControlPlaneError, CredentialCache, Credentials
 from pggateway.metrics import GatewayMetrics
+from pggateway.prepared import StatementRegistry
 from pggateway.route import RouteConfig, Router
 from pggateway.scram import SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramError, ScramServer, Verifier
 from pggateway.session import ClientSession, client_settings
@@ -57,6 +58,9 @@ class GatewayConfig:
     credentials_ttl: float = 2.0
     # A database's lease is released this long after its last client left.
     release_grace: float = 1.0
+    # Named prepared statements kept by the gateway, at most this many per backend (0: a named
+    # statement pins its session instead). See pggateway/prepared.py.
+    max_prepared_statements: int = 200
     # This process's place among the gateway workers sharing the port (`pggateway.workers`),
     # and every worker's private socket for passed-on cancels, by index (empty: the only one).
     worker_index: int = 0
@@ -180,6 +184,8 @@ class GatewayServer:
         self._channel_binding = channel_binding_data(tls.cert_path)
         self._credentials = CredentialCache(control_plane, config.credentials_ttl)
         self.router = Router(control_plane, config.route_config(), self.metrics)
+        self.prepared = StatementRegistry(config.max_prepared_statements)
+        self.metrics.registry.register(self.prepared)
         self._decoy_secret = secrets.token_bytes(32)
         self._server: asyncio.Server | None = None
         self._peer_server: asyncio.Server | None = None

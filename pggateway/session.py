@@ -26,6 +26,7 @@ from pggateway import backend as backends
 from pggateway import classify, errors
 from pggateway import protocol as pq
 from pggateway.backend import Backend
+from pggateway.prepared import PreparedRelay, mentions_reset
 from pggateway.route import Route
 from pggateway.tls import TLS_RECORD_PLAINTEXT, write_records
 
@@ -100,6 +101,12 @@ class ClientSession(asyncio.Protocol):
         self._waiting_since: float | None = None
         self._wait_timer: asyncio.TimerHandle | None = None
         self._scanner = pq.ServerStreamScanner()
+        # Named statements kept by the gateway (max_prepared_statements > 0): the relay then
+        # rewrites Parse/Bind/Describe/Close and follows the backend stream in the scanner's
+        # place. Each queued chunk has (needs rewriting, Sync/Query/FunctionCall count) beside it.
+        registry = server.prepared
+        self._relay = PreparedRelay(registry) if registry.enabled else None
+        self._queue_meta: list[tuple[bool, int, list[tuple[int, int, int]] | None]] = []
         self._finished = False
         self._client_paused = False  # the client's socket is full: backend reading paused
         self._client_reading_paused = False  # the backend's socket is full: client reading paused
@@ -149,27 +156,39 @@ class ClientSession(asyncio.Protocol):
             return
         out_end = consumed
         terminate = False
+        relay = self._relay
+        rewrite = False
+        batches = 0
         for kind, start, end in msgs:
             if kind == pq.QUERY:
                 self.pending += 1
+                batches += 1
                 if self.pin_reason is None:
                     self._maybe_pin(classify.pin_reason_for_query(pq.parse_query(view[start + 5 : end])))
+                if relay is not None and mentions_reset(view[start + 5 : end]):
+                    rewrite = True
             elif kind == pq.SYNC:
                 self.pending += 1
+                batches += 1
                 self.unsynced = False
             elif kind == pq.PARSE:
                 self.unsynced = True
+                if relay is not None:
+                    rewrite = True
                 if self.pin_reason is None:
                     name, sql = pq.parse_parse(view[start + 5 : end])
-                    self._maybe_pin(classify.pin_reason_for_parse(name, sql))
+                    self._maybe_pin(classify.pin_reason_for_parse(name, sql, named_pins=relay is None))
             elif kind == pq.TERMINATE:
                 out_end = start
                 terminate = True
                 break
             elif kind == pq.FUNCTION_CALL:
                 self.pending += 1
+                batches += 1
             elif kind in _EXTENDED:
                 self.unsynced = True
+                if relay is not None and kind in _NAMED:
+                    rewrite = True
         if view is data:
             chunk = data if out_end == len(data) else data[:out_end]
             if consumed < len(data) and not terminate:
@@ -179,7 +198,20 @@ class ClientSession(asyncio.Protocol):
             del buf[:consumed]
         if chunk:
             b = self.backend
-            if b is not None:
+            if relay is not None:
+                if b is None and rewrite and len(msgs) == 1 and self._answer_idle(relay, chunk):
+                    pass
+                elif b is not None:
+                    framing = None if terminate else msgs
+                    b.write(relay.client_chunk(chunk, self.tx_status, framing) if rewrite else chunk)
+                    if not rewrite:
+                        relay.count_batches(batches)
+                else:
+                    self._queue.append(chunk)
+                    self._queue_meta.append((rewrite, batches, None if terminate else msgs))
+                    if self._checkout_task is None and self._waiting_since is None:
+                        self._begin_checkout()
+            elif b is not None:
                 b.write(chunk)
             else:
                 self._queue.append(chunk)
@@ -187,6 +219,26 @@ class ClientSession(asyncio.Protocol):
                     self._begin_checkout()
         if terminate:
             self.finish()
+
+    def _answer_idle(self, relay: PreparedRelay, chunk: bytes) -> bool:
+        """A lone DEALLOCATE of the client's own statements between transactions is answered
+        without a backend (psycopg sends DEALLOCATE ALL after every ROLLBACK)."""
+        if (
+            chunk[0] != pq.QUERY
+            or self.pending != 1
+            or self.unsynced
+            or self.tx_status != b"I"
+            or self._queue
+            or self._checkout_task is not None
+            or self._waiting_since is not None
+        ):
+            return False
+        reply = relay.deallocate_idle(pq.parse_query(chunk[5:]))
+        if reply is None:
+            return False
+        self.pending = 0
+        write_records(self.transport, reply)
+        return True
 
     def _maybe_pin(self, reason: str | None) -> None:
         if reason is None:
@@ -255,6 +307,18 @@ class ClientSession(asyncio.Protocol):
 
     def _attach_and_flush(self, b: Backend) -> None:
         self._attach(b)
+        relay = self._relay
+        if relay is not None:
+            status = self.tx_status
+            parts = []
+            for chunk, (rewrite, batches, framing) in zip(self._queue, self._queue_meta, strict=True):
+                if rewrite:
+                    parts.append(relay.client_chunk(chunk, status, framing))
+                else:
+                    parts.append(chunk)
+                    relay.count_batches(batches)
+            self._queue_meta.clear()
+            self._queue[:] = parts
         data = b"".join(self._queue) if len(self._queue) != 1 else self._queue[0]
         self._queue.clear()
         b.write(data)
@@ -301,6 +365,8 @@ class ClientSession(asyncio.Protocol):
             scanner.reset()
         scanner.others.clear()
         self._server_fatal = False
+        if self._relay is not None:
+            self._relay.attach(b)
         if self._client_paused and b.transport is not None:
             b.transport.pause_reading()
 
@@ -318,10 +384,19 @@ class ClientSession(asyncio.Protocol):
 
     # -- backend → client ---------------------------------------------------------------------
     def backend_data(self, data: bytes) -> None:
-        # The relay's per-read path: no allocation, no logging, one write to the client.
-        scanner = self._scanner
+        # The relay's per-read path: no allocation, no logging, one write to the client. With
+        # the gateway keeping prepared statements, the relay's follower reads the stream in the
+        # scanner's place: it must see every response to keep its queue in step, and it drops
+        # or rewrites the replies to what it injected.
+        relay = self._relay
+        stream: pq.ServerStreamScanner | PreparedRelay
         try:
-            ready = scanner.feed(data)
+            if relay is None:
+                stream = self._scanner
+                ready = stream.feed(data)
+            else:
+                stream = relay
+                data, ready = relay.feed(data)
         except pq.ProtocolError:
             log.error("the compute broke the protocol; closing the session")
             b = self._detach()
@@ -330,26 +405,30 @@ class ClientSession(asyncio.Protocol):
             self.fatal(errors.compute_lost())
             return
         if len(data) <= TLS_RECORD_PLAINTEXT:
-            self.transport.write(data)
+            if data:
+                self.transport.write(data)
         else:
             write_records(self.transport, data)
-        if scanner.others:
-            self._server_messages(scanner.others)
+        if stream.others:
+            self._server_messages(stream.others)
         if not ready:
             return
         self.pending -= ready
-        self.tx_status = scanner.status
+        self.tx_status = stream.status
         if (
             self.pending <= 0
             and self.tx_status == b"I"
             and not self.unsynced
             and self.pin_reason is None
-            and scanner.at_boundary
+            and stream.at_boundary
         ):
             self.pending = 0
             b = self._detach()
             if b is not None:
                 self.route.pool.release(b)
+
+    def _at_boundary(self) -> bool:
+        return self._scanner.at_boundary if self._relay is None else self._relay.at_boundary
 
     def _server_messages(self, messages: list[tuple[int, bytes]]) -> None:
         """ParameterStatus and ErrorResponse from the attached backend (rare: kept off the path)."""
@@ -424,9 +503,7 @@ class ClientSession(asyncio.Protocol):
             self._checkout_task.cancel()
             self._checkout_task = None
         self._stop_waiting()
-        clean = (
-            self.pending <= 0 and self.tx_status == b"I" and not self.unsynced and self._scanner.at_boundary
-        )
+        clean = self.pending <= 0 and self.tx_status == b"I" and not self.unsynced and self._at_boundary()
         b = self._detach()
         if b is not None and not b.closed:
             if not clean:
@@ -457,6 +534,7 @@ class ClientSession(asyncio.Protocol):
             self.route.pool.discard(b)
             return
         b.applied = {}
+        self.server.prepared.forget(b)
         self.route.pool.release(b)
 
     def cancel_target(self) -> Backend | None:
@@ -465,3 +543,5 @@ class ClientSession(asyncio.Protocol):
 
 
 _EXTENDED = frozenset((pq.BIND, pq.EXECUTE, pq.DESCRIBE, pq.CLOSE, pq.FLUSH))
+# Extended-protocol messages that may name a statement (the relay rewrites them).
+_NAMED = frozenset((pq.BIND, pq.DESCRIBE, pq.CLOSE))

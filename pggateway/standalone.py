@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--pool-size", type=int, default=20, help="backends per database, shared by the workers")
     ap.add_argument("--workers", dest="count", type=int, default=1, help="worker processes")
     ap.add_argument("--metrics-port", type=int, default=None, help="worker i serves metrics on this + i")
+    ap.add_argument(
+        "--max-prepared",
+        type=int,
+        default=GatewayConfig.max_prepared_statements,
+        help="named prepared statements kept per backend (0: a named statement pins)",
+    )
     add_worker_arguments(ap)
     return ap
 
@@ -93,6 +99,7 @@ async def _serve(args: argparse.Namespace, slot: WorkerSlot) -> None:
         args.port,
         f"standalone-{os.getpid()}",
         pool_size=worker_pool_size(args.pool_size, slot.count),
+        max_prepared_statements=args.max_prepared,
         worker_index=slot.index,
         peers=slot.peers(),
     )

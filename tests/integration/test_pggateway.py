@@ -391,8 +391,8 @@ def test_transaction_pooling_serves_more_clients_than_backends(env: Env) -> None
 
     def client(i: int) -> None:
         try:
-            # prepare_threshold=None: psycopg would otherwise prepare a named statement after five
-            # runs of one query, which pins (as it must) and is tested below.
+            # prepare_threshold=None: the unnamed extended protocol only (named statements are
+            # tested in test_pggateway_prepared.py).
             with psycopg.connect(env.dsn(), autocommit=True, prepare_threshold=None) as conn:
                 for n in range(15):
                     with conn.transaction():
@@ -481,32 +481,43 @@ def test_set_pins_the_session_and_does_not_leak(env: Env) -> None:
             assert c.execute("show statement_timeout").fetchone() == ("0",)
 
 
-def test_named_prepared_statements_pin_and_unnamed_ones_pool(env: Env) -> None:
-    """Named prepared statements (psycopg prepare=True, asyncpg's statement cache) pin the
-    session; the unnamed extended protocol (psycopg's default, asyncpg statement_cache_size=0)
-    keeps pooling."""
+def test_named_prepared_statements_pool_and_pin_only_when_the_gateway_keeps_none(env: Env) -> None:
+    """Named prepared statements (psycopg prepare=True, asyncpg's statement cache) keep pooling
+    while the gateway keeps them (max_prepared_statements > 0, the default); with 0 they pin the
+    session as before. The unnamed extended protocol pools either way."""
+
+    def run(dsn: str) -> None:
+        with psycopg.connect(dsn) as conn:
+            for i in range(3):
+                assert conn.execute("select %s::int", (i,), prepare=False).fetchone() == (i,)
+            for i in range(3):
+                assert conn.execute("select %s::int + 1", (i,), prepare=True).fetchone() == (i + 1,)
+
+        async def asyncpg_modes() -> None:
+            conn = await asyncpg.connect(dsn, statement_cache_size=0)
+            for i in range(5):
+                assert await conn.fetchval("select $1::int", i) == i
+            await conn.close()
+            conn = await asyncpg.connect(dsn)
+            stmt = await conn.prepare("select $1::int * 3")
+            assert [await stmt.fetchval(i) for i in range(3)] == [0, 3, 6]
+            await conn.close()
+
+        asyncio.run(asyncpg_modes())
+
     before = env.gw.metric("pggateway_pins_total", reason="named_statement")
-    with psycopg.connect(env.dsn()) as conn:
-        for i in range(3):
-            assert conn.execute("select %s::int", (i,), prepare=False).fetchone() == (i,)
-        assert env.gw.metric("pggateway_pins_total", reason="named_statement") == before
-        for i in range(3):
-            assert conn.execute("select %s::int + 1", (i,), prepare=True).fetchone() == (i + 1,)
-        assert env.gw.metric("pggateway_pins_total", reason="named_statement") == before + 1
+    run(env.dsn())
+    assert env.gw.metric("pggateway_pins_total", reason="named_statement") == before
+    assert env.gw.metric("pggateway_prepared_statements") > 0
 
-    async def asyncpg_modes() -> None:
-        conn = await asyncpg.connect(env.dsn(), statement_cache_size=0)
-        for i in range(5):
-            assert await conn.fetchval("select $1::int", i) == i
-        await conn.close()
-        assert env.gw.metric("pggateway_pins_total", reason="named_statement") == before + 1
-        conn = await asyncpg.connect(env.dsn())
-        stmt = await conn.prepare("select $1::int * 3")
-        assert [await stmt.fetchval(i) for i in range(3)] == [0, 3, 6]
-        await conn.close()
-
-    asyncio.run(asyncpg_modes())
-    assert env.gw.metric("pggateway_pins_total", reason="named_statement") == before + 2
+    off = GatewayThread(env.cp, env.tls, pool_size=3, max_prepared_statements=0)
+    try:
+        run(f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{off.port}/app?sslmode=require")
+        # psycopg's prepare=True and asyncpg's statement cache: one pin each.
+        assert off.metric("pggateway_pins_total", reason="named_statement") == 2
+        assert off.metric("pggateway_prepared_statements") == 0
+    finally:
+        off.stop()
 
 
 def test_cancel_request_reaches_the_right_backend(env: Env) -> None:

@@ -9,6 +9,7 @@ worker, idle stop) is `tests/e2e/test_pg_gateway_mesh.py`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -34,6 +36,8 @@ from tests.integration.test_pggateway import PASSWORD, USER, _make_compute
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 WORKERS = 2
+# Small, so that a test can see each worker apply it (evictions).
+MAX_PREPARED = 3
 
 
 @dataclass
@@ -113,6 +117,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         "--pool-size=4",
         f"--workers={WORKERS}",
         f"--metrics-port={metrics}",
+        f"--max-prepared={MAX_PREPARED}",
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env())
     g = Gateway(proc, port, metrics, compute)
@@ -179,6 +184,57 @@ def test_cancel_works_whichever_worker_receives_it(gw: Gateway) -> None:
                     break
             else:
                 raise AssertionError(f"no cancel for worker {owner} was received by worker {other}")
+
+
+async def _asyncpg_on(gw: Gateway, worker: int) -> asyncpg.Connection:
+    for _ in range(60):
+        conn = await asyncpg.connect(gw.dsn().replace("&connect_timeout=10", ""), timeout=10)
+        if keys.key_worker(conn.get_server_pid()) == worker:
+            return conn
+        await conn.close()
+    raise AssertionError(f"no asyncpg connection landed on worker {worker}")
+
+
+def test_prepared_statements_survive_pooling_on_both_workers(gw: Gateway) -> None:
+    """asyncpg's statement cache through the 2-worker gateway: on each worker a cached statement
+    runs on another backend than it was prepared on (an injected Parse), statements beyond the
+    worker's --max-prepared are evicted and still run, every result is right, and neither worker
+    pins a session."""
+    pins = [gw.metric(i, "pggateway_pins_total", 'reason="named_statement"') for i in range(WORKERS)]
+
+    async def on(worker: int, a: asyncpg.Connection, b: asyncpg.Connection) -> None:
+        try:
+            query = "select $1::int * 2, pg_backend_pid()"
+            v, pid1 = await a.fetchrow(query, 21)
+            assert v == 42
+            injected = gw.metric(worker, "pggateway_prepared_injected_parses_total")
+            # b takes the backend a just used (the warmest), so a's statement runs on the other.
+            async with b.transaction():
+                assert await b.fetchval("select pg_backend_pid()") == pid1
+                v, pid2 = await a.fetchrow(query, 5)
+            assert (v, pid2 != pid1) == (10, True)
+            assert gw.metric(worker, "pggateway_prepared_injected_parses_total") > injected
+            evictions = gw.metric(worker, "pggateway_prepared_evictions_total")
+            for i in range(3 * MAX_PREPARED):
+                for n in range(MAX_PREPARED + 2):  # more statements than a backend may keep
+                    assert await a.fetchval(f"select $1::int + {n}", i) == i + n
+                assert await b.fetchval("select $1::text || 'x'", str(i)) == f"{i}x"
+            assert gw.metric(worker, "pggateway_prepared_evictions_total") > evictions
+            assert gw.metric(worker, "pggateway_prepared_statements_max_per_backend") <= MAX_PREPARED
+            assert gw.metric(worker, "pggateway_pinned_sessions") == 0
+        finally:
+            await a.close()
+            await b.close()
+
+    async def run() -> None:
+        async with asyncio.timeout(60):
+            # All connected first: a login takes a backend of the worker it lands on. Two per
+            # worker, whose share of --pool-size=4 is two backends.
+            pairs = [[await _asyncpg_on(gw, i) for _ in range(2)] for i in range(WORKERS)]
+            await asyncio.gather(*(on(i, *pair) for i, pair in enumerate(pairs)))
+
+    asyncio.run(run())
+    assert [gw.metric(i, "pggateway_pins_total", 'reason="named_statement"') for i in range(WORKERS)] == pins
 
 
 def test_a_killed_worker_is_restarted_and_the_port_keeps_answering(gw: Gateway) -> None:

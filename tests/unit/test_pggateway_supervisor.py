@@ -46,3 +46,23 @@ def test_worker_slots_name_distinct_peers_and_pass_their_place(monkeypatch: pyte
     assert workers.worker_count(None) == 4 and workers.worker_count(2) == 2
     with pytest.raises(ValueError):
         workers.worker_count(300)
+
+
+def test_each_worker_of_the_gateway_keeps_the_prepared_statements_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker of `pggateway.main` reads CTRLMESH_PG_MAX_PREPARED_STATEMENTS from the environment
+    it inherits from the supervisor, beside its slot's index, peers and share of the pool."""
+    from libs.settings import Settings
+    from pggateway.main import config_from
+
+    monkeypatch.setenv("CTRLMESH_PG_MAX_PREPARED_STATEMENTS", "7")
+    monkeypatch.setenv("CTRLMESH_PG_POOL_SIZE", "20")
+    settings = Settings.load()
+    for index in range(2):
+        slot = workers.WorkerSlot(index, 2, "run")
+        config = config_from(settings, slot)
+        assert config.max_prepared_statements == 7
+        assert (config.worker_index, config.peers, config.pool_size) == (index, slot.peers(), 10)
+    monkeypatch.setenv("CTRLMESH_PG_MAX_PREPARED_STATEMENTS", "0")
+    assert config_from(Settings.load()).max_prepared_statements == 0
