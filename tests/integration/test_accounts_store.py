@@ -9,7 +9,7 @@ from libs.crypto import Keyring
 from libs.db import Database, make_engine, migrate
 from libs.errors import AlreadyExists, LimitExceeded
 from libs.outbox import Outbox
-from libs.principal import Principal
+from libs.principal import Principal, system_principal
 from services.accounts.domain import AccountsDomain
 from services.accounts.models import SCHEMA, outbox
 
@@ -37,7 +37,7 @@ async def domain(database_url):
     await migrate(engine, SCHEMA, MIGRATIONS)
     await migrate(engine, SCHEMA, MIGRATIONS)  # a second start finds nothing to do
     db = Database(engine)
-    d = AccountsDomain(
+    d = AccountsDomain.build(
         db,
         Keyring({"k1": b"k" * 32}, "k1"),
         Outbox(outbox, db),
@@ -50,19 +50,19 @@ async def domain(database_url):
 
 
 async def _admin(d: AccountsDomain) -> Principal:
-    await d.bootstrap("admin@localhost", "bootstrap-key-for-tests")
-    key, acct = await d.authenticate("bootstrap-key-for-tests")
+    await d.accounts.bootstrap("admin@localhost", "bootstrap-key-for-tests")
+    key, acct = await d.keys.authenticate(system_principal("edge"), "bootstrap-key-for-tests")
     return Principal(key_id=key.id, account_id=acct.id, scope="global")
 
 
 async def test_trial_tenant_cap_holds_under_concurrent_creates(domain):
     """Ten concurrent creates on a trial account: exactly one tenant, nine LimitExceeded."""
     admin = await _admin(domain)
-    acct, _, _ = await domain.create_account(admin, "t@example.com", "T", "", "trial")
+    acct, _, _ = await domain.accounts.create_account(admin, "t@example.com", "T", "", "trial")
     owner = Principal(key_id="key_o", account_id=acct.id, scope="account")
     owner.permissions.can_create_tenant = True
     results = await asyncio.gather(
-        *(domain.create_tenant(owner, f"race_{i}") for i in range(10)), return_exceptions=True
+        *(domain.tenants.create_tenant(owner, f"race_{i}") for i in range(10)), return_exceptions=True
     )
     created = [r for r in results if not isinstance(r, Exception)]
     assert len(created) == 1
@@ -73,7 +73,7 @@ async def test_names_are_unique_under_concurrent_creates(domain):
     """Five concurrent creates of one name: one tenant, the rest Conflict."""
     admin = await _admin(domain)
     results = await asyncio.gather(
-        *(domain.create_tenant(admin, "same_name") for _ in range(5)), return_exceptions=True
+        *(domain.tenants.create_tenant(admin, "same_name") for _ in range(5)), return_exceptions=True
     )
     assert sum(1 for r in results if not isinstance(r, Exception)) == 1
     assert all(isinstance(r, AlreadyExists) for r in results if isinstance(r, Exception))
@@ -82,19 +82,19 @@ async def test_names_are_unique_under_concurrent_creates(domain):
 async def test_stored_password_is_encrypted_and_readable_back(domain):
     """The tenant password is stored only encrypted (plus a verifier) and reads back intact."""
     admin = await _admin(domain)
-    created = await domain.create_tenant(admin, "secretive")
+    created = await domain.tenants.create_tenant(admin, "secretive")
     assert created.pg_password not in created.tenant.pg_password_enc
     assert created.tenant.scram_verifier.startswith("SCRAM-SHA-256$4096:")
-    _, password = await domain.credentials(admin, "secretive")
-    assert password == created.pg_password
+    again = await domain.tenants.credentials(admin, "secretive")
+    assert again.pg_password == created.pg_password
 
 
 async def test_bootstrap_is_idempotent_and_honours_the_given_key(domain):
     """Restarts never mint a second admin key; a configured key works as exactly that string."""
     admin = await _admin(domain)  # bootstrapped with the configured key
     assert admin.scope == "global"
-    keys_before, _ = await domain.list_keys(admin, 1000, 0)
-    assert await domain.bootstrap("admin@localhost", None) is None
-    assert await domain.bootstrap("admin@localhost", "bootstrap-key-for-tests") is None
-    keys_after, _ = await domain.list_keys(admin, 1000, 0)
+    keys_before, _ = await domain.keys.list_keys(admin, 1000, 0)
+    assert await domain.accounts.bootstrap("admin@localhost", None) is None
+    assert await domain.accounts.bootstrap("admin@localhost", "bootstrap-key-for-tests") is None
+    keys_after, _ = await domain.keys.list_keys(admin, 1000, 0)
     assert len(keys_after) == len(keys_before)

@@ -4,7 +4,8 @@ import base64
 
 from scramp import ScramClient, ScramMechanism
 
-from services.accounts.domain import new_token, scram_verifier, slugify, token_hash, token_well_formed
+from services.accounts.crypto import new_token, scram_verifier, token_hash, token_well_formed
+from services.accounts.tenants import slugify
 
 
 def test_tokens_have_prefix_and_checksum():
