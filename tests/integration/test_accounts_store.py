@@ -10,6 +10,7 @@ from libs.db import Database, make_engine, migrate
 from libs.errors import AlreadyExists, LimitExceeded
 from libs.outbox import Outbox
 from libs.principal import Principal, system_principal
+from services.accounts import repository as repo
 from services.accounts.domain import AccountsDomain
 from services.accounts.models import SCHEMA, outbox
 
@@ -98,3 +99,57 @@ async def test_bootstrap_is_idempotent_and_honours_the_given_key(domain):
     assert await domain.accounts.bootstrap("admin@localhost", "bootstrap-key-for-tests") is None
     keys_after, _ = await domain.keys.list_keys(admin, 1000, 0)
     assert len(keys_after) == len(keys_before)
+
+
+async def test_every_tenant_read_stays_inside_the_callers_scope(domain):
+    """The repository answers a read outside the caller's scope with nothing, exactly like a
+    missing row: another account's tenant, another tenant's key, another account's key."""
+    admin = await _admin(domain)
+    acct_a, _, _ = await domain.accounts.create_account(admin, "a@example.com", "A", "", "standard_payg")
+    acct_b, _, _ = await domain.accounts.create_account(admin, "b@example.com", "B", "", "standard_payg")
+    a = await domain.tenants.create_tenant(admin, "scope_a", account_id=acct_a.id)
+    b = await domain.tenants.create_tenant(admin, "scope_b", account_id=acct_b.id)
+    key_b, _ = await domain.keys.create_key(admin, "b-key", "tenant", "scope_b", {}, None, acct_b.id)
+    in_a, as_a_tenant = repo.Scope(account_id=acct_a.id), repo.Scope(acct_a.id, a.tenant.id)
+    async with domain.tenants.db.session() as s:
+        assert (await repo.find_tenant(s, in_a, "scope_a")) is not None
+        assert (await repo.find_tenant(s, in_a, "scope_b")) is None
+        assert (await repo.find_tenant(s, in_a, b.tenant.id)) is None
+        assert (await repo.find_tenant(s, as_a_tenant, b.tenant.id)) is None
+        assert (await repo.find_key(s, in_a, key_b.key.id)) is None
+        assert (await repo.find_key(s, repo.Scope(acct_b.id, a.tenant.id), key_b.key.id)) is None
+        assert (await repo.find_key(s, repo.Scope(account_id=acct_b.id), key_b.key.id)) is not None
+        assert await repo.tenant_ids(s, as_a_tenant, acct_b.id) == []
+        rows, total = await repo.list_tenants(s, in_a, 100, 0)
+        assert [t.name for t in rows] == ["scope_a"] and total == 1
+
+
+async def test_outbox_session_wakes_watchers_after_commit_only(domain):
+    """Outbox.session: a committed publish wakes a local watcher at once (not at the next poll);
+    a rolled-back one delivers nothing."""
+    box = Outbox(outbox, domain.tenants.db, poll_interval=30.0)  # a poll would be far too late
+    after = await box.last_seq()
+    seen: asyncio.Queue[dict] = asyncio.Queue()
+
+    async def watch() -> None:
+        async for event in box.watch(after, lambda t: t.c.type.like("test.%")):
+            await seen.put(event)
+
+    task = asyncio.create_task(watch())
+    try:
+        await asyncio.sleep(0.3)  # the watcher has replayed and now waits
+        with pytest.raises(RuntimeError):
+            async with box.session() as s:
+                await box.publish(
+                    s, "test.rolled_back", resource="t", resource_id="1", data={}, tenant_id="", account_id=""
+                )
+                raise RuntimeError("abort the transaction")
+        async with box.session() as s:
+            await box.publish(
+                s, "test.committed", resource="t", resource_id="2", data={}, tenant_id="", account_id=""
+            )
+        event = await asyncio.wait_for(seen.get(), timeout=5)
+        assert event["type"] == "test.committed"
+        assert seen.empty()
+    finally:
+        task.cancel()
