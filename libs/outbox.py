@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from libs.db import Database
+
+# Marks a session that published, so only its commit wakes the watchers.
+_PUBLISHED = "ctrlmesh.outbox.published"
 
 
 def outbox_table(metadata: MetaData) -> Table:
@@ -58,6 +62,7 @@ class Outbox:
 
         Every event names its tenant and account (visibility filters of every stream read
         them); `account_id` may be a scalar subquery where only the owning row knows it."""
+        session.info[_PUBLISHED] = True
         await session.execute(
             insert(self.table).values(
                 type=type_,
@@ -69,6 +74,16 @@ class Outbox:
                 created_at=datetime.now(UTC),
             )
         )
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """One transaction that may publish: once it commits, local watchers are woken if it
+        did (the publish-then-notify every writer needs; a rollback wakes nobody)."""
+        async with self._db.session() as s:
+            yield s
+            published = s.info.pop(_PUBLISHED, False)
+        if published:
+            await self.notify()
 
     async def notify(self) -> None:
         """Wake local watchers after a commit."""

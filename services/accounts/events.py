@@ -6,12 +6,12 @@ EventStreamService. The ids are the merged cursor of libs/events.py."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from ctrlmesh.common.v1 import internal_pb2
 
 from libs import events as streams
 from libs.principal import Principal
+from services.accounts.domain import AccountsDomain
 
 
 def _scope(p: Principal) -> dict[str, str]:
@@ -23,7 +23,7 @@ def _scope(p: Principal) -> dict[str, str]:
 
 
 async def watch(
-    domain: Any, p: Principal, last_event_id: str, types: list[str]
+    domain: AccountsDomain, p: Principal, last_event_id: str, types: list[str]
 ) -> AsyncIterator[internal_pb2.Event]:
     """The merged stream for principal `p`, resumed from `last_event_id`."""
     positions = streams.decode_cursor(last_event_id)

@@ -88,7 +88,7 @@ class DatabasesDomain:
         ts = now()
         db_id = str(uuid.uuid4())
         try:
-            async with self.db.session() as s:
+            async with self.outbox.session() as s:
                 await repo.lock_account(s, t.account_id)
                 if limits.max_databases:
                     n = await repo.count_account_databases(s, t.account_id)
@@ -126,7 +126,6 @@ class DatabasesDomain:
             raise AlreadyExists(
                 f"a database named {name!r} already exists", details={"field": "name"}
             ) from err
-        await self.outbox.notify()
         # The storage (initdb, the role, the database) is made now, never on the wake path.
         await self.lifecycle.run(t.id, db_id)
         async with self.db.session() as s:
