@@ -16,7 +16,6 @@ import secrets
 import socket
 import ssl
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
@@ -27,10 +26,11 @@ from libs.telemetry import ATTR_DATABASE, ATTR_PG_OUTCOME, ATTR_PG_USER, ATTR_TE
 from pggateway import errors, keys
 from pggateway import protocol as pq
 from pggateway.backend import CANCEL_TIMEOUT, send_cancel
+from pggateway.config import GatewayConfig
 from pggateway.controlplane import ControlPlane, ControlPlaneError, CredentialCache, Credentials
 from pggateway.metrics import GatewayMetrics
 from pggateway.prepared import StatementRegistry
-from pggateway.route import RouteConfig, Router
+from pggateway.route import Router
 from pggateway.scram import SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramError, ScramServer, Verifier
 from pggateway.session import ClientSession, client_settings
 from pggateway.tls import TlsMaterial, channel_binding_data, server_context, write_records
@@ -44,37 +44,6 @@ HANDSHAKE_TIMEOUT = 30.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
 # A cancel passed between workers on this host.
 PEER_TIMEOUT = 2.0
-
-
-@dataclass(frozen=True)
-class GatewayConfig:
-    host: str
-    port: int
-    holder_id: str
-    pool_size: int = 20
-    wake_timeout: float = 30.0
-    checkout_timeout: float = 30.0
-    lease_ttl: float = 30.0
-    credentials_ttl: float = 2.0
-    # A database's lease is released this long after its last client left.
-    release_grace: float = 1.0
-    # Named prepared statements kept by the gateway, at most this many per backend (0: a named
-    # statement pins its session instead). See pggateway/prepared.py.
-    max_prepared_statements: int = 200
-    # This process's place among the gateway workers sharing the port (`pggateway.workers`),
-    # and every worker's private socket for passed-on cancels, by index (empty: the only one).
-    worker_index: int = 0
-    peers: tuple[str, ...] = ()
-
-    def route_config(self) -> RouteConfig:
-        return RouteConfig(
-            holder_id=self.holder_id,
-            pool_size=self.pool_size,
-            wake_timeout=self.wake_timeout,
-            checkout_timeout=self.checkout_timeout,
-            lease_ttl=self.lease_ttl,
-            release_grace=self.release_grace,
-        )
 
 
 class _Disconnected(Exception):

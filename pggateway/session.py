@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from opentelemetry.trace import Span
 
@@ -26,12 +27,26 @@ from pggateway import backend as backends
 from pggateway import classify, errors
 from pggateway import protocol as pq
 from pggateway.backend import Backend
-from pggateway.prepared import PreparedRelay, mentions_reset
+from pggateway.config import GatewayConfig
+from pggateway.metrics import GatewayMetrics
+from pggateway.prepared import PreparedRelay, StatementRegistry, mentions_reset
 from pggateway.route import Route
 from pggateway.tls import TLS_RECORD_PLAINTEXT, write_records
 
-if TYPE_CHECKING:
-    from pggateway.server import GatewayServer
+
+class SessionHost(Protocol):
+    """What a session needs from the server that accepted it (`GatewayServer`): its settings and
+    metrics, the shared prepared statements, a place for background work, and word when the
+    session ends. A Protocol, so the session does not import the server that imports it."""
+
+    config: GatewayConfig
+    metrics: GatewayMetrics
+    prepared: StatementRegistry
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+
+    def session_finished(self, session: ClientSession) -> None: ...
+
 
 log = logging.getLogger("ctrlmesh.pggateway.session")
 
@@ -75,7 +90,7 @@ def client_settings(params: dict[str, str]) -> dict[str, tuple[str, str]]:
 class ClientSession(asyncio.Protocol):
     def __init__(
         self,
-        server: GatewayServer,
+        server: SessionHost,
         route: Route,
         transport: asyncio.Transport,
         settings: dict[str, tuple[str, str]],
