@@ -283,7 +283,7 @@ class Edge:
                 and "last_event_id" in route.input.fields_by_name
                 and request.headers.get("last-event-id")
             ):
-                msg.last_event_id = request.headers["last-event-id"]  # type: ignore[attr-defined]
+                setattr(msg, "last_event_id", request.headers["last-event-id"])  # noqa: B010  # the message type is only known from the descriptor
         except CtrlmeshError as err:
             status, payload = errors.from_ctrlmesh(err)
             return JSONResponse(payload, status_code=status)

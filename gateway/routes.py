@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -103,7 +104,7 @@ def load_routes() -> list[Route]:
     _import_all()
     routes: list[Route] = []
     seen: set[tuple[str, str]] = set()
-    for mod in list(importlib.sys.modules.values()):  # type: ignore[attr-defined]
+    for mod in list(sys.modules.values()):
         name = getattr(mod, "__name__", "")
         if not (name.startswith("ctrlmesh.") and name.endswith("_pb2")):
             continue
