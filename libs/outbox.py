@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, Column, DateTime, Index, MetaData, String, Table, insert, select
@@ -19,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from libs.db import Database
+from libs.timeutil import now
 
 # Marks a session that published, so only its commit wakes the watchers.
 _PUBLISHED = "ctrlmesh.outbox.published"
@@ -71,7 +71,7 @@ class Outbox:
                 resource=resource,
                 resource_id=resource_id,
                 data=data,
-                created_at=datetime.now(UTC),
+                created_at=now(),
             )
         )
 
