@@ -177,6 +177,16 @@ class Lifecycle:
             return None
         return cur
 
+    async def fail(self, db: Db, expect: State, err: BaseException, **values: Any) -> bool:
+        """Record `error` with the cause if the row is still in `expect`; True when it was not
+        (changed meanwhile: the caller drives again)."""
+        async with self.db.session() as s:
+            cur = await self.locked(s, db, expect)
+            if cur is not None:
+                await self.transition(s, cur, State.ERROR, {**values, "last_error": str(err)[:2000]})
+        await self.committed(db.id)
+        return cur is None
+
     async def committed(self, db_id: str) -> None:
         await self.outbox.notify()
         self.notify(db_id)

@@ -61,17 +61,7 @@ async def boot(lc: Lifecycle, db: Db) -> bool:
             await lc.driver.stop(spec)
         except ComputeError:
             log.warning("could not stop the failed compute of %s", db.id, exc_info=True)
-        async with lc.db.session() as s:
-            cur = await lc.locked(s, db, State.BOOTING)
-            if cur is not None:
-                await lc.transition(
-                    s,
-                    cur,
-                    State.ERROR,
-                    {"target_scale": 0, "current_scale": 0, "last_error": str(err)[:2000]},
-                )
-        await lc.committed(db.id)
-        return cur is None
+        return await lc.fail(db, State.BOOTING, err, target_scale=0, current_scale=0)
     async with lc.db.session() as s:
         cur = await lc.locked(s, db, State.BOOTING)
         if cur is not None:

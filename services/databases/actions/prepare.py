@@ -24,11 +24,7 @@ async def prepare(lc: Lifecycle, db: Db) -> bool:
         size = await lc.driver.storage_bytes(spec)
     except Exception as err:  # whatever failed, the storage is not usable: `error`
         log.error("could not prepare database %s: %s", db.id, err)
-        async with lc.db.session() as s:
-            cur = await lc.locked(s, db, State.CREATING)
-            if cur is not None:
-                await lc.transition(s, cur, State.ERROR, {"last_error": str(err)[:2000]})
-        await lc.committed(db.id)
+        await lc.fail(db, State.CREATING, err)
         return False
     async with lc.db.session() as s:
         cur = await lc.locked(s, db, State.CREATING)

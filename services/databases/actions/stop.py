@@ -25,16 +25,7 @@ async def stop(lc: Lifecycle, db: Db) -> bool:
         await lc.driver.stop(spec)
     except ComputeError as err:
         log.error("could not stop database %s: %s", db.id, err)
-        async with lc.db.session() as s:
-            cur = await lc.locked(s, db, State.STOPPING)
-            if cur is not None:
-                await lc.transition(
-                    s,
-                    cur,
-                    State.ERROR,
-                    {"target_scale": 0, "current_scale": 0, "last_error": str(err)[:2000]},
-                )
-        await lc.committed(db.id)
+        await lc.fail(db, State.STOPPING, err, target_scale=0, current_scale=0)
         return False
     size = await lc.driver.storage_bytes(spec)
     async with lc.db.session() as s:
