@@ -17,6 +17,7 @@ from libs.outbox import Outbox
 from services.instances import repository as repo
 from services.instances import specs
 from services.instances.deployments import publish_deployment
+from services.instances.endpoints import endpoints_of
 from services.instances.health import Outcome, execute
 from services.instances.providers.base import GroupSpec, Provider, ProviderError, Replica
 from services.instances.repository import Row, Scope, now
@@ -222,6 +223,7 @@ class Executor:
         for svc in specs.long_running(inst["spec"]["services"]):
             await provider.remove_group(inst["id"], svc["name"], dep["previous_release_id"])
         main = specs.main_service(target)
+        reps = await provider.replicas(inst["id"])
         async with self.db.session() as s:
             row = await repo.get_instance(s, Scope.system(), inst["id"], lock=True)
             if row is None:
@@ -232,6 +234,9 @@ class Executor:
                 "current_release": release["id"],
                 **specs.per_replica(target),
             }
+            # In the same commit as the new release: a reader that sees the deployment succeeded
+            # must not be handed the previous release's endpoints.
+            values["endpoints"] = endpoints_of({**row, **values}, reps)
             await repo.update_instance(s, Scope.system(), inst["id"], values)
             await repo.activate_release(s, Scope.system(), inst["id"], release["id"])
             done = {

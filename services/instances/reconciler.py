@@ -20,6 +20,7 @@ from libs.reconcile import Claims, KeyedRunner, every, process_owner
 from services.instances import repository as repo
 from services.instances import specs
 from services.instances.domain import InstancesDomain
+from services.instances.endpoints import endpoints_of
 from services.instances.executor import Executor
 from services.instances.models import reconcile_claims
 from services.instances.providers import Registry
@@ -27,32 +28,6 @@ from services.instances.providers.base import GroupSpec, Provider, ProviderError
 from services.instances.repository import Row, Scope
 
 log = logging.getLogger("ctrlmesh.instances.reconciler")
-
-
-def endpoints_of(instance: Row, replicas: list[Replica]) -> list[dict[str, Any]]:
-    """Where the current release answers: one endpoint per published port of each replica."""
-    out = []
-    by_name = {s["name"]: s for s in instance["spec"]["services"]}
-    for r in replicas:
-        if not r.running or r.release_id != instance["current_release"] or r.service not in by_name:
-            continue
-        for p in by_name[r.service]["ports"]:
-            host = r.ports.get(p["container_port"])
-            if not host:
-                continue
-            proto = p.get("protocol") or "tcp"
-            scheme = {"udp": "udp", "grpc": "grpc"}.get(proto, "http")
-            out.append(
-                {
-                    "service_name": r.service,
-                    "url": f"{scheme}://127.0.0.1:{host}",
-                    "port": host,
-                    "protocol": proto,
-                    "public": True,
-                    "container_port": p["container_port"],
-                }
-            )
-    return out
 
 
 class Reconciler:
