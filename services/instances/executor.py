@@ -58,7 +58,7 @@ class Executor:
             await repo.update_deployment(s, Scope.system(), dep["id"], values)
         dep.update(values)
 
-    async def _progress(self, dep: Row, **changes: Any) -> None:
+    async def progress(self, dep: Row, **changes: Any) -> None:
         await self._save(dep, progress={**dep["progress"], **changes})
 
     async def _cancelled(self, dep: Row) -> bool:
@@ -96,20 +96,20 @@ class Executor:
                     current.get(svc["name"], svc),
                     inst["labels"],
                 )
-                await self._progress(
+                await self.progress(
                     dep,
                     services={**dep["progress"]["services"], svc["name"]: "running"},
                     message=f"rolling out {svc['name']} ({dep['strategy']})",
                 )
                 await self._strategy(dep, provider, new, old, n, checks if svc["name"] == main else [])
-                await self._progress(dep, services={**dep["progress"]["services"], svc["name"]: "succeeded"})
+                await self.progress(dep, services={**dep["progress"]["services"], svc["name"]: "succeeded"})
         except Cancelled:
             await self._restore(dep, provider, inst, target)
             await self._finish(dep, "cancelled", "", inst)
             return
         except (GateFailed, ProviderError) as err:
             log.info("deployment %s failed: %s", dep["id"], err)
-            await self._progress(
+            await self.progress(
                 dep,
                 services={
                     k: ("failed" if v == "running" else v) for k, v in dep["progress"]["services"].items()
@@ -133,19 +133,19 @@ class Executor:
             raise GateFailed(f"unknown strategy {dep['strategy']!r}")
         await strategy.run(_Rollout(self, dep, provider, new, old, n, checks))
 
-    async def _step(self, dep: Row) -> None:
+    async def check_cancel(self, dep: Row) -> None:
         if await self._cancelled(dep):
             raise Cancelled()
 
     @staticmethod
-    async def _group(provider: Provider, g: GroupSpec) -> list[Replica]:
+    async def group_replicas(provider: Provider, g: GroupSpec) -> list[Replica]:
         return [
             r
             for r in await provider.replicas(g.instance_id)
             if r.service == g.service_name and r.release_id == g.release_id
         ]
 
-    async def _gate(self, dep: Row, provider: Provider, g: GroupSpec, count: int, checks: list[Row]) -> None:
+    async def gate(self, dep: Row, provider: Provider, g: GroupSpec, count: int, checks: list[Row]) -> None:
         """Wait until `count` replicas of the group run and pass every check (or, without checks,
         keep running for the settle time); a replica that exits fails the gate at once."""
         deadline = time.monotonic() + self.gate_timeout
@@ -155,7 +155,7 @@ class Executor:
         while True:
             if await self._cancelled(dep):
                 raise Cancelled()
-            reps = [r for r in await self._group(provider, g) if r.index < count]
+            reps = [r for r in await self.group_replicas(provider, g) if r.index < count]
             for r in reps:
                 if r.state in ("exited", "dead", "failed", "rejected"):
                     raise GateFailed(
@@ -286,10 +286,10 @@ class _Rollout:
         return self._n
 
     async def step(self) -> None:
-        await self._ex._step(self._dep)
+        await self._ex.check_cancel(self._dep)
 
     async def new_running(self) -> int:
-        return len(await self._ex._group(self._provider, self._new))
+        return len(await self._ex.group_replicas(self._provider, self._new))
 
     async def scale_new(self, count: int) -> None:
         await self._provider.scale_group(self._new, count)
@@ -298,10 +298,10 @@ class _Rollout:
         await self._provider.scale_group(self._old, count)
 
     async def gate(self, count: int) -> None:
-        await self._ex._gate(self._dep, self._provider, self._new, count, self._checks)
+        await self._ex.gate(self._dep, self._provider, self._new, count, self._checks)
 
     async def ready(self, ready: int, replaced: int, message: str) -> None:
-        await self._ex._progress(
+        await self._ex.progress(
             self._dep,
             ready_replicas=self._base + ready,
             replaced_replicas=self._base + replaced,
