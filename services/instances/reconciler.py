@@ -19,40 +19,15 @@ from libs.db import Database
 from libs.reconcile import Claims, KeyedRunner, every, process_owner
 from services.instances import repository as repo
 from services.instances import specs
-from services.instances.deploys import Executor
 from services.instances.domain import InstancesDomain
+from services.instances.endpoints import endpoints_of
+from services.instances.executor import Executor
 from services.instances.models import reconcile_claims
 from services.instances.providers import Registry
 from services.instances.providers.base import GroupSpec, Provider, ProviderError, Replica
 from services.instances.repository import Row, Scope
 
 log = logging.getLogger("ctrlmesh.instances.reconciler")
-
-
-def endpoints_of(instance: Row, replicas: list[Replica]) -> list[dict[str, Any]]:
-    """Where the current release answers: one endpoint per published port of each replica."""
-    out = []
-    by_name = {s["name"]: s for s in instance["spec"]["services"]}
-    for r in replicas:
-        if not r.running or r.release_id != instance["current_release"] or r.service not in by_name:
-            continue
-        for p in by_name[r.service]["ports"]:
-            host = r.ports.get(p["container_port"])
-            if not host:
-                continue
-            proto = p.get("protocol") or "tcp"
-            scheme = {"udp": "udp", "grpc": "grpc"}.get(proto, "http")
-            out.append(
-                {
-                    "service_name": r.service,
-                    "url": f"{scheme}://127.0.0.1:{host}",
-                    "port": host,
-                    "protocol": proto,
-                    "public": True,
-                    "container_port": p["container_port"],
-                }
-            )
-    return out
 
 
 class Reconciler:
@@ -66,14 +41,17 @@ class Reconciler:
         start_timeout: float = 60.0,
         interval: float = 1.0,
         owner: str = "",
+        wake: asyncio.Event | None = None,
     ):
+        """`wake`: the event the domain sets after recording a decision (it is built before the
+        reconciler, which needs the domain), so the next pass runs at once."""
         self.db = db
         self.domain = domain
         self.registry = registry
         self.executor = executor
         self.start_timeout = start_timeout
         self.interval = interval
-        self._event = asyncio.Event()
+        self._event = wake or asyncio.Event()
         claims = Claims(db, reconcile_claims, owner or process_owner("instances"))
         # At most 50 steps per drive: an instance that keeps needing work yields to the others
         # and is picked up again by the next pass.
@@ -101,7 +79,7 @@ class Reconciler:
         """One step; True while the instance needs more (False: done, or waiting for the engine)."""
         async with self.db.session() as s:
             row = await repo.get_instance(s, Scope.system(), instance_id)
-            dep = await repo.in_flight_deployment(s, instance_id) if row else None
+            dep = await repo.in_flight_deployment(s, Scope.system(), instance_id) if row else None
         if row is None:
             return False
         try:
@@ -120,7 +98,10 @@ class Reconciler:
                 await self.domain.transition(s, fresh, "failed", last_error=error[:2000])
             elif fresh["state"] == "running":
                 await repo.update_instance(
-                    s, fresh["id"], {"last_error": error[:2000], "observed_generation": fresh["generation"]}
+                    s,
+                    Scope.system(),
+                    fresh["id"],
+                    {"last_error": error[:2000], "observed_generation": fresh["generation"]},
                 )
         await self.domain.outbox.notify()
 
@@ -189,6 +170,7 @@ class Reconciler:
             async with self.db.session() as s:
                 await repo.update_instance(
                     s,
+                    Scope.system(),
                     row["id"],
                     {"observed_generation": row["generation"], "endpoints": endpoints_of(row, reps)},
                 )
@@ -235,12 +217,13 @@ class Reconciler:
             return
         reps = await provider.replicas(instance_id)
         async with self.db.session() as s:
-            await repo.update_instance(s, instance_id, {"endpoints": endpoints_of(row, reps)})
+            await repo.update_instance(s, Scope.system(), instance_id, {"endpoints": endpoints_of(row, reps)})
 
     async def _abandon(self, dep: Row) -> None:
         async with self.db.session() as s:
             await repo.update_deployment(
                 s,
+                Scope.system(),
                 dep["id"],
                 {
                     "state": "cancelled",
@@ -263,7 +246,7 @@ class Reconciler:
                 f"provider {row['provider_name']!r} is no longer configured; engine resources not removed"
             )
         async with self.db.session() as s:
-            await repo.delete_instance(s, row["id"])
+            await repo.delete_instance(s, Scope.system(), row["id"])
             await self.domain.publish(
                 s,
                 "instance.deleted",
