@@ -397,9 +397,29 @@ def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
                 "content": {"application/json": {"schema": b.field_schema(r.input.fields_by_name[r.body])}},
             }
         if r.streaming:
+            # OpenAPI 3.1 has no item schema for streams: by the convention 3.2 writes down (and
+            # schemathesis applies), the schema of text/event-stream is that of one event, whose
+            # `data` is a JSON document of the streamed message.
             op["responses"]["200"] = {
-                "description": "Server-Sent Events; each `data:` line is one JSON message of this schema.",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": "Server-Sent Events; each `data:` is one JSON message of the streamed type.",
+                "content": {
+                    "text/event-stream": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["data"],
+                            "properties": {
+                                "data": {
+                                    "type": "string",
+                                    "contentMediaType": "application/json",
+                                    "contentSchema": b.ref(r.output),
+                                },
+                                "event": {"type": "string"},
+                                "id": {"type": "string"},
+                                "retry": {"type": "integer"},
+                            },
+                        }
+                    }
+                },
             }
         else:
             out = (
