@@ -32,7 +32,7 @@ from gateway.transcode import build_request, to_json
 from libs.clients import Channels, Signer
 from libs.errors import CtrlmeshError, Unauthenticated
 from libs.settings import SERVICES, Settings
-from libs.telemetry import ATTR_PRINCIPAL, ATTR_ROUTE, ATTR_TENANT
+from libs.telemetry import ATTR_PRINCIPAL, ATTR_ROUTE, ATTR_TENANT, scrub_server_span
 
 log = logging.getLogger("ctrlmesh.edge")
 
@@ -267,4 +267,4 @@ def create_app(settings: Settings, channels: Channels, signer: Signer) -> Any:
         ]
     )
     app.state.edge = edge
-    return OpenTelemetryMiddleware(app)
+    return OpenTelemetryMiddleware(app, server_request_hook=scrub_server_span)
