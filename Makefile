@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 
-.PHONY: run test bootstrap proto lint typecheck routes openapi bench clean
+.PHONY: run test bootstrap proto lint typecheck routes openapi bench clean admin-key
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -11,6 +11,10 @@ proto: bootstrap
 
 run: bootstrap
 	@$(PY) -m libs.launcher
+
+# Break-glass: a new global API key written straight into the control-plane database (printed once).
+admin-key: bootstrap
+	@$(PY) -m libs.admin_key
 
 test: bootstrap
 	@$(PY) -m pytest tests

@@ -4,6 +4,13 @@ Starts (when CTRLMESH_DATABASE_URL is unset) an embedded PostgreSQL under the da
 the five services, the edge and the PG Gateway as separate processes, waits until each answers its health
 check, prints the URLs and the admin API key, and on Ctrl-C (SIGINT) or SIGTERM stops every
 process it started — services first, then PostgreSQL — leaving nothing behind.
+
+Supervision: a process that dies while the mesh runs is started again after a backoff
+(CTRLMESH_RESTART_BACKOFF doubling up to CTRLMESH_RESTART_BACKOFF_MAX); one that needs more than
+CTRLMESH_RESTART_LIMIT restarts within CTRLMESH_RESTART_WINDOW is logged as failed and left
+stopped, and the rest keeps serving (the edge's /health then names it). The pid of each running
+process is in `<data_dir>/run/<name>.pid` (name: a service, `edge` or `pggateway`), replaced on
+each restart and absent while the process is down; `<data_dir>/run.pids` lists them all.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import grpc
@@ -31,6 +39,9 @@ from libs.settings import SERVICES, Settings
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY_FILE = "admin-api-key"
 PIDS_FILE = "run.pids"
+RUN_DIR = "run"
+# The processes after the services, with their modules; the launcher starts them in this order.
+FRONTS = (("edge", "gateway.main"), ("pggateway", "pggateway.main"))
 
 
 def _say(msg: str) -> None:
@@ -91,11 +102,41 @@ async def _wait_http(url: str, deadline: float) -> None:
             await asyncio.sleep(0.1)
 
 
+class RestartPolicy:
+    """When to start a dead process again: exponential backoff, and a cap on restarts per window
+    so a process that cannot stay up is given up on instead of restarted forever."""
+
+    def __init__(self, backoff: float, backoff_max: float, limit: int, window: float):
+        self.backoff, self.backoff_max, self.limit, self.window = backoff, backoff_max, limit, window
+        self.restarts: deque[float] = deque()
+
+    def on_exit(self, now: float) -> float | None:
+        """The delay before the next start, or None when the process is to be left failed."""
+        while self.restarts and self.restarts[0] <= now - self.window:
+            self.restarts.popleft()
+        if len(self.restarts) >= self.limit:
+            return None
+        delay = min(self.backoff * 2 ** len(self.restarts), self.backoff_max)
+        self.restarts.append(now)
+        return delay
+
+
 class Launcher:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.modules: dict[str, str] = {}
         self.pg: EmbeddedPostgres | None = None
+        s = settings
+        self.policies = {
+            name: RestartPolicy(
+                s.restart_backoff.total_seconds(),
+                s.restart_backoff_max.total_seconds(),
+                s.restart_limit,
+                s.restart_window.total_seconds(),
+            )
+            for name in (*SERVICES, *(n for n, _ in FRONTS))
+        }
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -108,13 +149,18 @@ class Launcher:
         return env
 
     def _spawn(self, name: str, module: str) -> None:
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=self._env())
+        self.modules[name] = module
+        self.procs[name] = p = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=self._env())
+        _write_atomic(self._pid_file(name), f"{p.pid}\n")
+
+    def _pid_file(self, name: str) -> Path:
+        return self.settings.data_dir / RUN_DIR / f"{name}.pid"
 
     def _write_pids(self) -> None:
-        pids = [str(p.pid) for p in self.procs.values()]
+        pids = [str(p.pid) for p in self.procs.values() if p.poll() is None]
         if self.pg is not None and self.pg.pid:
             pids.append(str(self.pg.pid))
-        (self.settings.data_dir / PIDS_FILE).write_text("\n".join(pids) + "\n")
+        _write_atomic(self.settings.data_dir / PIDS_FILE, "\n".join(pids) + "\n")
 
     def start(self) -> None:
         s = self.settings
@@ -134,10 +180,10 @@ class Launcher:
         self._write_pids()
         deadline = time.monotonic() + 60
         asyncio.run(self._wait_services(deadline))
-        self._spawn("edge", "gateway.main")
+        self._spawn(*FRONTS[0])
         self._write_pids()
         asyncio.run(_wait_http(f"http://{s.http_host}:{s.http_port}/health", deadline))
-        self._spawn("pggateway", "pggateway.main")
+        self._spawn(*FRONTS[1])
         self._write_pids()
         _wait_pg_gateway(s.pg_host, s.pg_port, deadline)
         base = f"http://{s.http_host}:{s.http_port}"
@@ -161,8 +207,25 @@ class Launcher:
     async def _wait_services(self, deadline: float) -> None:
         await asyncio.gather(*(_wait_grpc(self.settings.service_target(n), deadline) for n in SERVICES))
 
+    def _serving(self, name: str) -> bool:
+        """One quick probe: does the (re)started process answer yet?"""
+        s = self.settings
+        try:
+            if name == "edge":
+                # Any answer will do: /health is 503 while another process is still down.
+                httpx.get(f"http://{s.http_host}:{s.http_port}/health", timeout=0.5)
+                return True
+            if name == "pggateway":
+                _wait_pg_gateway(s.pg_host, s.pg_port, time.monotonic())
+                return True
+            with grpc.insecure_channel(s.service_target(name)) as ch:
+                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+        except (httpx.HTTPError, TimeoutError, grpc.RpcError):
+            return False
+
     def wait(self) -> int:
-        """Block until a signal or until a child dies; returns the exit code."""
+        """Supervise the children until SIGINT or SIGTERM; returns the exit code."""
         stop = {"sig": 0}
 
         def on_signal(signum: int, _frame: object) -> None:
@@ -170,12 +233,43 @@ class Launcher:
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+        restart_at: dict[str, float] = {}  # name → when to start it again
+        down_since: dict[str, float] = {}  # name → when it exited, until it serves again
+        failed: set[str] = set()
         while not stop["sig"]:
+            now = time.monotonic()
             for name, p in self.procs.items():
-                if p.poll() is not None:
-                    _say(f"{name} exited with code {p.returncode}; stopping everything")
-                    return 1
-            time.sleep(0.2)
+                if name in restart_at or name in failed or p.poll() is None:
+                    continue
+                self._pid_file(name).unlink(missing_ok=True)
+                self._write_pids()
+                down_since.setdefault(name, now)
+                delay = self.policies[name].on_exit(now)
+                if delay is None:
+                    failed.add(name)
+                    down_since.pop(name, None)
+                    pol = self.policies[name]
+                    _say(
+                        f"{name} FAILED: pid {p.pid} exited with code {p.returncode}, after {pol.limit} "
+                        f"restarts within {pol.window:g} s; not restarting it (the rest keeps serving)"
+                    )
+                    continue
+                restart_at[name] = now + delay
+                _say(f"{name} (pid {p.pid}) exited with code {p.returncode}; restarting it in {delay:g} s")
+            for name, at in list(restart_at.items()):
+                if at <= now and not stop["sig"]:
+                    del restart_at[name]
+                    self._spawn(name, self.modules[name])
+                    self._write_pids()
+                    _say(f"{name} restarted (pid {self.procs[name].pid})")
+            for name, since in list(down_since.items()):
+                if name not in restart_at and self.procs[name].poll() is None and self._serving(name):
+                    del down_since[name]
+                    pid = self.procs[name].pid
+                    _say(
+                        f"{name} is serving again (pid {pid}), {time.monotonic() - since:.1f} s after it exited"
+                    )
+            time.sleep(0.1)
         return 0
 
     def stop(self) -> None:
@@ -198,8 +292,18 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        for name in self.procs:
+            self._pid_file(name).unlink(missing_ok=True)
         if self.pg is not None:
             self.pg.stop()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers (tests, operators' scripts) never see a half-written pid file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _interrupt(signum: int, _frame: object) -> None:

@@ -101,6 +101,13 @@ class Settings(BaseSettings):
     # Without health checks, a new replica passes the gate after running this long.
     deploy_settle: Duration = timedelta(seconds=2)
     provider_probe_interval: Duration = timedelta(seconds=10)
+    # The launcher restarts a process that dies: after restart_backoff, doubling per restart up
+    # to restart_backoff_max; a process that needs more than restart_limit restarts within
+    # restart_window is left stopped (logged as failed) while the rest keeps serving.
+    restart_backoff: Duration = timedelta(seconds=0.5)
+    restart_backoff_max: Duration = timedelta(seconds=10)
+    restart_limit: int = 5
+    restart_window: Duration = timedelta(seconds=60)
     version: str = Field(default="0.1.0")
 
     @classmethod

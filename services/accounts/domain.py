@@ -38,7 +38,8 @@ from libs.principal import Principal, is_global, is_system
 from services.accounts.models import Account, ApiKey, AuditEntry, Tenant
 from services.accounts.peers import Peers
 
-PERMISSIONS = ("can_create_tenant", "can_create_db", "can_scale", "can_delete")
+# SPG99's four flags, then ctrlmesh's own (common.v1.Permissions documents each).
+PERMISSIONS = ("can_create_tenant", "can_create_db", "can_scale", "can_delete", "can_rotate_credentials")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,77 @@ def slugify(name: str) -> str:
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def default_key_name() -> str:
+    """The name of a key created without one: its UTC creation time, as neonctl names things."""
+    return now().strftime("key-%Y%m%d-%H%M%S")
+
+
+def add_key(
+    s: AsyncSession,
+    account_id: str,
+    name: str,
+    scope: str,
+    tenant_id: str | None,
+    perms: dict[str, bool],
+    expires_at: datetime | None,
+    token: str,
+) -> ApiKey:
+    key = ApiKey(
+        id=ids.new_id("key"),
+        account_id=account_id,
+        tenant_id=tenant_id,
+        name=name,
+        scope=scope,
+        token_hash=token_hash(token),
+        prefix=token[:10],
+        expires_at=expires_at,
+        created_at=now(),
+        **{k: bool(perms.get(k)) for k in PERMISSIONS},
+    )
+    s.add(key)
+    return key
+
+
+async def mint_break_glass_key(db: Database, outbox: Outbox, name: str, actor: str) -> tuple[ApiKey, str]:
+    """A new global key in the platform account, written straight to the database (for an
+    operator who has lost every global key), audited and announced like any other key."""
+    async with db.session() as s:
+        acct = await s.scalar(select(Account).where(Account.is_platform))
+        if acct is None:
+            raise InvalidState("the platform account does not exist yet: start the platform once first")
+        token = new_token()
+        key = add_key(s, acct.id, name, "global", None, dict.fromkeys(PERMISSIONS, True), None, token)
+        await s.flush()
+        s.add(
+            AuditEntry(
+                id=ids.new_id("aud"),
+                created_at=now(),
+                tenant_id="",
+                actor_id=actor,
+                actor_type="system",
+                resource="api_key",
+                resource_id=key.id,
+                action="break_glass_create",
+                outcome="success",
+                reason="",
+                service="admin_key",
+                method="python -m libs.admin_key",
+                trace_id="",
+            )
+        )
+        await outbox.publish(
+            s,
+            "api_key.created",
+            resource="api_key",
+            resource_id=key.id,
+            data={"id": key.id, "name": name, "scope": "global", "tenant": ""},
+            tenant_id="",
+            account_id=acct.id,
+        )
+    await outbox.notify()
+    return key, token
 
 
 @dataclass
@@ -256,6 +328,8 @@ class AccountsDomain:
         return acct, key, token
 
     async def billing(self, p: Principal) -> tuple[Account, Plan, dict[str, Any], datetime, datetime]:
+        """The account's plan and this period's usage; for a tenant-scoped key the usage of its
+        own tenant only (other tenants' databases and storage are not its to see)."""
         acct = await self.get_account(p)
         plan = PLANS.get(acct.plan, PLANS["standard_payg"])
         t = now()
@@ -266,7 +340,10 @@ class AccountsDomain:
             else start.replace(month=start.month + 1)
         )
         async with self.db.session() as s:
-            tenant_ids = list(await s.scalars(select(Tenant.id).where(Tenant.account_id == acct.id)))
+            q = select(Tenant.id).where(Tenant.account_id == acct.id)
+            if p.scope == "tenant":
+                q = q.where(Tenant.id == p.tenant_id)
+            tenant_ids = list(await s.scalars(q))
         counts = await self.peers.count(tenant_ids)
         usage: dict[str, Any] = {
             "tenants": len(tenant_ids),
@@ -275,6 +352,9 @@ class AccountsDomain:
             "by_profile": {},
             "storage_bytes": 0,
             "egress_bytes": 0,
+            # Percent of the account's caps only for whole-account usage: a tenant's share
+            # would invite reading the rest of the account from it.
+            "account_wide": p.scope != "tenant",
         }
         for c in counts.values():
             usage["databases"] += c.get("databases", 0)
@@ -300,20 +380,7 @@ class AccountsDomain:
         expires_at: datetime | None,
         token: str,
     ) -> ApiKey:
-        key = ApiKey(
-            id=ids.new_id("key"),
-            account_id=account_id,
-            tenant_id=tenant_id,
-            name=name,
-            scope=scope,
-            token_hash=token_hash(token),
-            prefix=token[:10],
-            expires_at=expires_at,
-            created_at=now(),
-            **{k: bool(perms.get(k)) for k in PERMISSIONS},
-        )
-        s.add(key)
-        return key
+        return add_key(s, account_id, name, scope, tenant_id, perms, expires_at, token)
 
     async def authenticate(self, token: str) -> tuple[ApiKey, Account]:
         # Our own tokens carry a checksum: junk is refused without touching the database.
@@ -384,6 +451,7 @@ class AccountsDomain:
         if expires_at is not None and expires_at <= now():
             raise InvalidArgument("expires_at is in the past", fields={"expires_at": "must be in the future"})
         target_account = account_id or p.account_id
+        name = name or default_key_name()
         async with self.db.session() as s:
             if await s.get(Account, target_account) is None:
                 raise not_found("account", target_account)
@@ -417,8 +485,40 @@ class AccountsDomain:
 
     async def revoke_key(self, p: Principal, key_id: str) -> None:
         async with self.db.session() as s:
-            key = await s.scalar(self._keys_visible(p).where(ApiKey.id == key_id).with_for_update())
+            key = await s.scalar(self._keys_visible(p).where(ApiKey.id == key_id))
             if key is None:
+                raise not_found("api_key", key_id)
+            if key.scope == "global":
+                if not is_global(p):
+                    raise PermissionDenied("only a global key can revoke a global key")
+                # Every active global key locked, always in id order (so two revokes cannot
+                # deadlock): of two concurrent revokes of the last two, the second sees the
+                # first's commit and finds itself holding the last one.
+                t = now()
+                active = list(
+                    await s.scalars(
+                        select(ApiKey.id)
+                        .where(
+                            ApiKey.scope == "global",
+                            ApiKey.revoked_at.is_(None),
+                            or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > t),
+                        )
+                        .order_by(ApiKey.id)
+                        .with_for_update()
+                    )
+                )
+                if active == [key.id]:
+                    raise InvalidState(
+                        "this is the last active global key; create another global key first",
+                        details={"key_id": key.id},
+                    )
+            key = await s.scalar(
+                self._keys_visible(p)
+                .where(ApiKey.id == key_id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+            if key is None:  # revoked meanwhile by a concurrent call
                 raise not_found("api_key", key_id)
             key.revoked_at = now()
             await self.outbox.publish(
@@ -564,6 +664,9 @@ class AccountsDomain:
         return t, self.keyring.decrypt_str(t.pg_password_enc, aad=t.id)
 
     async def rotate_credentials(self, p: Principal, ref: str) -> tuple[Tenant, str]:
+        # A new password cuts off every application of the tenant, so a tenant key needs the flag.
+        if p.scope == "tenant" and not p.permissions.can_rotate_credentials:
+            raise PermissionDenied("this key lacks can_rotate_credentials")
         password = secrets.token_urlsafe(24)
         async with self.db.session() as s:
             t = await self._find(s, p, ref, lock=True)

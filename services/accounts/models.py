@@ -73,6 +73,7 @@ class ApiKey(Base):
     can_create_db: Mapped[bool] = mapped_column(Boolean)
     can_scale: Mapped[bool] = mapped_column(Boolean)
     can_delete: Mapped[bool] = mapped_column(Boolean)
+    can_rotate_credentials: Mapped[bool] = mapped_column(Boolean, default=False)
     # SHA-256 of the token; the token itself is never stored.
     token_hash: Mapped[str] = mapped_column(String(64))
     prefix: Mapped[str] = mapped_column(String(16))

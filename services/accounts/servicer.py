@@ -136,7 +136,7 @@ class AccountService(rpc.AccountServiceServicer):
             ("compute_cu_hours", plan.max_compute_cu_hours, usage["compute_cu_hours"]),
             ("egress_bytes", plan.max_egress_bytes, usage["egress_bytes"]),
         ):
-            if cap:
+            if cap and usage["account_wide"]:
                 percent[key] = round(100.0 * value / cap, 2)
         return pb.BillingSummary(
             plan=acct.plan,

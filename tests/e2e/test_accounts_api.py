@@ -115,6 +115,7 @@ def test_api_keys_create_list_me_revoke(mesh, account):
         "can_create_db": True,
         "can_scale": False,
         "can_delete": False,
+        "can_rotate_credentials": False,
     }
     listed = c.get("/v2/api-keys").json()
     assert new["id"] in [k["id"] for k in listed["items"]]
