@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from ctrlmesh.common.v1 import common_pb2
 
 from gateway.routes import Route, load_routes
 from libs.ids import new_id
@@ -40,7 +41,9 @@ from tests.fixtures.mesh import Mesh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-ALL_PERMISSIONS = {"can_create_tenant": True, "can_create_db": True, "can_scale": True, "can_delete": True}
+# Every permission flag the contract has (new ones included automatically), so a permission
+# check can never stand in for the tenancy check.
+ALL_PERMISSIONS = {f.name: True for f in common_pb2.Permissions.DESCRIPTOR.fields}
 
 
 def _random_name() -> str:
