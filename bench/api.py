@@ -70,6 +70,10 @@ class Owned:
     admin_tenants: list[str] = field(default_factory=list)
     instances: list[str] = field(default_factory=list)
     deleting_instances: set[str] = field(default_factory=set)
+    # A create or delete that answered 5xx (an overloaded machine's deadline): its outcome is
+    # unknown to the client, so it is left out of the exact counts and reported beside them.
+    unknown_dbs: set[str] = field(default_factory=set)  # names
+    unknown_instances: set[str] = field(default_factory=set)  # ids (a failed delete)
 
 
 class Client:
@@ -100,12 +104,13 @@ class Client:
             self.stats.unexpected.append(f"{method} {path} → {r.status_code} {r.text[:200]}")
         return r
 
-    async def setup(self) -> None:
+    async def setup(self, heavy: asyncio.Semaphore) -> None:
         self.owned.db_tenant = self.name("t")
         await self.call(
             self.http, "spg99", "POST", "/v2/tenants", (201,), json={"name": self.owned.db_tenant}
         )
-        await self.create_db()
+        async with heavy:  # database storage is made at create: not 16 at once in the setup
+            await self.create_db()
 
     async def create_db(self) -> None:
         name = self.name("d")
@@ -119,6 +124,8 @@ class Client:
         )
         if r.status_code == 201:
             self.owned.dbs[name] = r.json()["db_id"]
+        elif r.status_code >= 500:
+            self.owned.unknown_dbs.add(name)
 
     async def step(self) -> None:
         o, rng = self.owned, self.rng
@@ -198,6 +205,8 @@ class Client:
                 r = await self.call(self.http, "spg99", "DELETE", f"/v2/tenants/{t}/dbs/{name}", (202,))
                 if r.status_code == 202:
                     o.deleting_dbs.add(db_id)
+                elif r.status_code >= 500:
+                    o.unknown_dbs.add(name)
         elif roll < 0.96 and self.env.instances:
             if len(o.instances) < 1:
                 r = await self.call(
@@ -223,6 +232,8 @@ class Client:
                 )
                 if r.status_code == 202:
                     o.deleting_instances.add(iid)
+                elif r.status_code >= 500:
+                    o.unknown_instances.add(iid)
         else:
             await self.call(self.http, "spg99", "GET", "/v2/api-keys/me", (200,))
 
@@ -247,7 +258,8 @@ async def soak(
     ):
         env = Env(instance_key is not None, inst)
         workers = [Client(i, run, http, admin, stats, env) for i in range(clients)]
-        await asyncio.gather(*(w.setup() for w in workers))
+        heavy = asyncio.Semaphore(2)
+        await asyncio.gather(*(w.setup(heavy) for w in workers))
         stats.reads.clear()
         stats.writes.clear()
         deadline = time.monotonic() + seconds
@@ -329,6 +341,7 @@ async def verify(
     want_tenants = {w.owned.db_tenant for w in workers} | {t for w in workers for t in w.owned.bare_tenants}
     got_tenants = {t["name"] for t in await _all_pages(http, "/v2/tenants")}
     want_dbs = {(w.owned.db_tenant, n) for w in workers for n in w.owned.dbs}
+    unknown_dbs = {(w.owned.db_tenant, n) for w in workers for n in w.owned.unknown_dbs}
     got_dbs = set()
     for w in workers:
         got_dbs |= {
@@ -346,6 +359,11 @@ async def verify(
     got_inst = (
         {i["id"] for i in await _all_pages(inst, "/v1/instances")} if workers[0].env.instances else set()
     )
+    # A create or delete that answered 5xx may or may not have happened: out of the comparison.
+    unknown_inst = {i for w in workers for i in w.owned.unknown_instances}
+    unknown = {"databases": len(unknown_dbs), "instances": len(unknown_inst)}
+    got_dbs -= unknown_dbs
+    got_inst -= unknown_inst
     checks = {
         "spg99 tenants": (len(want_tenants), want_tenants == got_tenants),
         "spg99 databases": (len(want_dbs), want_dbs == got_dbs),
@@ -353,7 +371,9 @@ async def verify(
         "admin tenants": (len(want_admin), want_admin == got_admin),
         "instances": (len(want_inst), want_inst == got_inst),
     }
-    return {k: {"expected": n, "exact": ok} for k, (n, ok) in checks.items()}
+    out: dict[str, Any] = {k: {"expected": n, "exact": ok} for k, (n, ok) in checks.items()}
+    out["outcome unknown to the client (answered 5xx), left out"] = unknown
+    return out
 
 
 async def edge_vs_direct(m: Mesh, key: str, db_id: str, seconds: float, clients: int) -> dict[str, Any]:
@@ -441,8 +461,10 @@ def docker_host() -> str | None:
 
 def table(r: dict[str, Any]) -> str:
     s, e = r["soak"], r["edge"]
-    counts = ", ".join(f"{k} {v['expected']}" for k, v in s["counts"].items())
-    exact = all(v["exact"] for v in s["counts"].values())
+    checked = {k: v for k, v in s["counts"].items() if "exact" in v}
+    counts = ", ".join(f"{k} {v['expected']}" for k, v in checked.items())
+    exact = all(v["exact"] for v in checked.values())
+    unknown = s["counts"].get("outcome unknown to the client (answered 5xx), left out", {})
     rows = [
         f"| API soak ({s['clients']} clients, {s['seconds']:.0f} s, {r['families']}) | n | p50 | p99 |",
         "|---|---|---|---|",
@@ -450,8 +472,10 @@ def table(r: dict[str, Any]) -> str:
         f"| mutations | {s['mutation_ms']['n']:,} | {s['mutation_ms']['p50']:.1f} ms | {s['mutation_ms']['p99']:.1f} ms |",
         "",
         f"{s['requests']:,} requests ({s['requests_per_s']:.0f}/s), **{s['5xx']} 5xx**, "
-        f"{s['unexpected_count']} other unexpected answers; counts afterwards "
-        f"{'exact' if exact else 'NOT exact'} ({counts}). Zectre `/api/v1` answers 501 today and is not in the mix.",
+        f"{s['unexpected_count']} answers other than the expected status (5xx included); counts afterwards "
+        f"{'exact' if exact else 'NOT exact'} ({counts}"
+        + (f"; left out, outcome unknown after a 5xx: {unknown}" if any(unknown.values()) else "")
+        + "). Zectre `/api/v1` answers 501 today and is not in the mix.",
         "",
         f"| `GET /v2/dbs/{{id}}`, {e['clients']} concurrent clients | requests/s | p50 |",
         "|---|---|---|",
@@ -459,7 +483,8 @@ def table(r: dict[str, Any]) -> str:
         f"| the same RPC directly over gRPC (signed principal) | {e['direct_rps']:,.0f} | {e['direct_p50_ms']:.1f} ms |",
         f"| edge / direct | {e['edge_over_direct']:.2f}x | |",
         "",
-        f"{r['machine']}; load generator, edge, services and PostgreSQL share the machine; "
+        f"{r['machine']} (load average {r['load_average']}); load generator, edge, services and PostgreSQL "
+        "share the machine; "
         f"`bench/api.py`, {r['date']}.",
     ]
     return "\n".join(rows)
@@ -484,6 +509,7 @@ def main() -> None:
             }
         )
     m = start_mesh(env)
+    load_before = os.getloadavg()[0]
     try:
         # An account of its own: the soak's SPG99 lists hold only what it made.
         sys_md = principals.sign(principals.system_principal("bench"), m.internal_secret)
@@ -535,6 +561,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
         "families": families,
+        "load_average": " → ".join(f"{x:.1f}" for x in (load_before, os.getloadavg()[0])),
         "soak": soaked,
         "edge": edge,
     }
@@ -545,7 +572,7 @@ def main() -> None:
     ok = (
         soaked["5xx"] == 0
         and soaked["unexpected_count"] == 0
-        and all(v["exact"] for v in soaked["counts"].values())
+        and all(v["exact"] for v in soaked["counts"].values() if "exact" in v)
     )
     sys.exit(0 if ok else 1)
 
