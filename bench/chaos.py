@@ -1,6 +1,6 @@
 """Chaos benchmark: 20 rounds (by default) of `kill -9` of the databases service during a create,
-a delete and a compute boot, and of the instances service during a deploy and an instance
-delete, on a mesh whose launcher restarts them; each round checks that the platform kept
+a delete and a compute boot, of accounts during a tenant's cascade delete, and of the instances
+service during a deploy and an instance delete, on a mesh whose launcher restarts them; each round checks that the platform kept
 serving, every operation converged, and nothing is duplicated or orphaned (tests/fixtures/chaos.py
 holds the rounds; tests/e2e/test_chaos.py runs 5 of each in the suite).
 
@@ -28,7 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
 from bench.readme import write_block  # noqa: E402
-from tests.fixtures.chaos import CHAOS_ENV, DatabaseChaos, InstanceChaos, RoundResult  # noqa: E402
+from tests.fixtures.chaos import (  # noqa: E402
+    CHAOS_ENV,
+    DatabaseChaos,
+    InstanceChaos,
+    RoundResult,
+    TenantChaos,
+)
 from tests.fixtures.instances import MESH_ENV  # noqa: E402
 from tests.fixtures.mesh import start_mesh  # noqa: E402
 
@@ -76,6 +82,7 @@ def table(r: dict[str, Any]) -> str:
     ]
     for key, label in (
         ("databases", "databases: create in `creating` + delete after 202 + compute boot on first connect"),
+        ("accounts", "accounts: tenant cascade delete after 202 (an open PG connection keeps answering)"),
         ("instances", "instances: rolling deploy after 201 + instance delete after 202"),
     ):
         s = r[key]
@@ -100,6 +107,11 @@ def main() -> None:
     try:
         dbs = DatabaseChaos(m)
         db_rounds = [dbs.round() for _ in range(args.rounds)]
+        tenants = TenantChaos(m)
+        try:
+            tenant_rounds = [tenants.round() for _ in range(args.rounds)]
+        finally:
+            tenants.close()
         inst = InstanceChaos(m, host)
         try:
             inst_rounds = [inst.round() for _ in range(args.rounds)]
@@ -112,6 +124,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
         "databases": summary(db_rounds),
+        "accounts": summary(tenant_rounds),
         "instances": summary(inst_rounds),
     }
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
