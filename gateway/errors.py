@@ -6,11 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from libs.errors import DEFAULT_REASON, CtrlmeshError, http_status_for
-
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
+from libs.peers import decode
 
 
 def body(reason: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -24,27 +22,25 @@ def from_ctrlmesh(err: CtrlmeshError) -> tuple[int, dict[str, Any]]:
 
 
 def from_rpc_error(err: grpc.aio.AioRpcError, service: str) -> tuple[int, dict[str, Any]]:
-    code = err.code()
-    reason = None
-    details: dict[str, Any] = {}
-    message = err.details() or ""
-    for key, value in err.trailing_metadata() or ():
-        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        st = status_pb2.Status.FromString(value)
-        for anyd in st.details:
-            if anyd.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                anyd.Unpack(info)
-                reason = info.reason
-                details.update(info.metadata)
-            elif anyd.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                br = error_details_pb2.BadRequest()
-                anyd.Unpack(br)
-                details["fields"] = {v.field: v.description for v in br.field_violations}
+    f = decode(err)
+    code, reason, message = f.code, f.reason, f.message
+    details: dict[str, Any] = dict(f.metadata)
+    if f.fields:
+        details["fields"] = f.fields
     if reason is None:
         reason = DEFAULT_REASON.get(code, "Internal")
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # Without an ErrorInfo this is gRPC's own limit, never a tenant quota (a quota always
+            # carries its reason): a message over the size limit, or the server out of capacity.
+            if "larger than max" in message:
+                return 413, body(
+                    "PayloadTooLarge",
+                    "a message exceeds the gRPC message size limit; send or ask for less at once",
+                )
+            return 503, body("Unavailable", f"the {service} service is overloaded", {"service": service})
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            message, details = f"the {service} service did not answer in time", {"service": service}
+        elif code == grpc.StatusCode.UNAVAILABLE:
             message, details = f"the {service} service is unavailable", {"service": service}
         elif code == grpc.StatusCode.UNIMPLEMENTED:
             message = "this route is not implemented yet"

@@ -7,10 +7,14 @@ import re
 import sys
 from typing import Any
 
+import protovalidate
+from buf.validate import validate_pb2 as _validate_pb2
+from google.protobuf import message_factory
 from google.protobuf.descriptor import FieldDescriptor
 
-from gateway.routes import Route, load_routes
+from gateway.routes import PUBLIC_ROUTES, Route, load_routes
 from gateway.transcode import _FLOATS, _INT64, _INTS, Descriptor, _is_repeated
+from libs.errors import REASONS
 
 _WKT: dict[str, dict[str, Any]] = {
     "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
@@ -32,6 +36,193 @@ _ERROR = {
 }
 
 
+# The generated module has no type stubs (mypy-protobuf skips the buf package).
+validate_pb2: Any = _validate_pb2
+
+_STRING_FORMATS = {
+    "uuid": "uuid",
+    "email": "email",
+    "hostname": "hostname",
+    "uri": "uri",
+    "uri_ref": "uri-reference",
+    "ipv4": "ipv4",
+    "ipv6": "ipv6",
+}
+_NUMBER_RULES = (
+    "float",
+    "double",
+    "int32",
+    "int64",
+    "uint32",
+    "uint64",
+    "sint32",
+    "sint64",
+    "fixed32",
+    "fixed64",
+    "sfixed32",
+    "sfixed64",
+)
+
+
+def _field_rules(f: FieldDescriptor) -> Any:
+    opts = f.GetOptions()
+    return opts.Extensions[validate_pb2.field] if opts.HasExtension(validate_pb2.field) else None
+
+
+def _rule_keywords(rules: Any) -> dict[str, Any]:
+    """The JSON Schema keywords of one field's scalar `buf.validate` rules (the server enforces
+    exactly these, so clients and fuzzers see what will be refused)."""
+    kind = rules.WhichOneof("type")
+    out: dict[str, Any] = {}
+    if kind == "string":
+        r = rules.string
+        if r.HasField("len"):
+            out["minLength"] = out["maxLength"] = r.len
+        if r.HasField("min_len"):
+            out["minLength"] = r.min_len
+        if r.HasField("max_len"):
+            out["maxLength"] = r.max_len
+        patterns = [r.pattern] if r.HasField("pattern") else []
+        if r.HasField("prefix"):
+            patterns.append("^" + re.escape(r.prefix))
+        if r.HasField("suffix"):
+            patterns.append(re.escape(r.suffix) + "$")
+        if r.HasField("contains"):
+            patterns.append(re.escape(r.contains))
+        if patterns:
+            out["pattern"] = patterns[0]
+            if len(patterns) > 1:
+                out["allOf"] = [{"pattern": p} for p in patterns[1:]]
+        if r.HasField("const"):
+            out["const"] = r.const
+        if len(r.__getattribute__("in")):
+            out["enum"] = list(r.__getattribute__("in"))
+        if r.not_in:
+            out["not"] = {"enum": list(r.not_in)}
+        well_known = r.WhichOneof("well_known")
+        if well_known in _STRING_FORMATS and getattr(r, well_known):
+            out["format"] = _STRING_FORMATS[well_known]
+        if r.HasField("max_bytes"):
+            out["description"] = f"At most {r.max_bytes} bytes (UTF-8)."
+    elif kind in _NUMBER_RULES:
+        r = getattr(rules, kind)
+        for name, keyword in (("gt", "exclusiveMinimum"), ("gte", "minimum")):
+            if r.HasField(name):
+                out[keyword] = getattr(r, name)
+        for name, keyword in (("lt", "exclusiveMaximum"), ("lte", "maximum")):
+            if r.HasField(name):
+                out[keyword] = getattr(r, name)
+        if r.HasField("const"):
+            out["const"] = r.const
+        if len(r.__getattribute__("in")):
+            out["enum"] = list(r.__getattribute__("in"))
+        if r.not_in:
+            out["not"] = {"enum": list(r.not_in)}
+    elif kind == "duration":
+        r = rules.duration
+        bounds = []
+        for name, word in (("gt", "more than"), ("gte", "at least"), ("lt", "less than"), ("lte", "at most")):
+            if r.HasField(name):
+                d = getattr(r, name)
+                bounds.append(f"{word} {d.seconds + d.nanos / 1e9:g}s")
+        if bounds:
+            out["description"] = "Duration " + " and ".join(bounds) + "."
+    elif kind == "enum" and rules.enum.defined_only:
+        pass  # the schema's enum already lists the defined values only
+    cel = [c.message or c.expression for c in rules.cel]
+    if cel:
+        out["description"] = " ".join([out.get("description", ""), *cel]).strip()
+    return out
+
+
+def _zero(f: FieldDescriptor) -> Any:
+    if f.type in _INTS or f.type in _FLOATS:
+        return 0
+    if f.type == FieldDescriptor.TYPE_BOOL:
+        return False
+    return ""
+
+
+def _apply(base: dict[str, Any], keywords: dict[str, Any]) -> dict[str, Any]:
+    if not keywords:
+        return base
+    if "$ref" in base:
+        return {"allOf": [base, keywords]}
+    return {**base, **keywords}
+
+
+def required_fields(desc: Descriptor) -> list[str]:
+    """Fields whose zero value the server's rules refuse: leaving them out is refused too, so
+    they are `required`. Asked of protovalidate itself, so it can never disagree with it."""
+    if desc.full_name in _WKT:
+        return []
+    empty = message_factory.GetMessageClass(desc)()
+    names: list[str] = []
+    for v in protovalidate.collect_violations(empty):
+        elements = v.proto.field.elements if v.proto.field is not None else []
+        if len(elements) >= 1 and elements[0].field_name not in names:
+            names.append(elements[0].field_name)
+    return [f.name for f in desc.fields if f.name in names]
+
+
+_HEALTH = {
+    "type": "object",
+    "required": ["status", "version"],
+    "properties": {
+        "status": {"type": "string", "enum": ["healthy", "degraded"]},
+        "version": {"type": "string"},
+        "failing": {
+            "type": "object",
+            "description": "Each failing service with its gRPC health status or error code.",
+            "additionalProperties": {"type": "string"},
+        },
+    },
+}
+# The edge's own routes (PUBLIC_ROUTES): no key, so `security: []`.
+_PUBLIC_OPS: dict[str, dict[str, Any]] = {
+    "/health": {
+        "operationId": "Edge_Health",
+        "security": [],
+        "responses": {
+            "200": {"description": "healthy", "content": {"application/json": {"schema": _HEALTH}}},
+            "503": {"description": "degraded", "content": {"application/json": {"schema": _HEALTH}}},
+        },
+    },
+    "/openapi.json": {
+        "operationId": "Edge_OpenApi",
+        "security": [],
+        "responses": {
+            "200": {
+                "description": "This document.",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+        },
+    },
+    "/metrics": {
+        "operationId": "Edge_Metrics",
+        "security": [],
+        "responses": {
+            "200": {
+                "description": "Prometheus text: request counters and latency by route template and status.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    },
+}
+
+
+def _error_statuses(has_body: bool) -> dict[int, list[tuple[str, str]]]:
+    """Every error status an operation can answer, from the reasons catalogue. Not 500: an
+    internal error is a bug, so the contract leaves it undocumented and a fuzzer flags it; not
+    405, which only a path's undeclared verbs answer; 413 and 415 only where there is a body."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    for reason in REASONS.values():
+        if reason.http in (405, 500) or (reason.http in (413, 415) and not has_body):
+            continue
+        out.setdefault(reason.http, []).append((reason.name, reason.doc))
+    return dict(sorted(out.items()))
+
+
 def _schema_name(desc: Descriptor) -> str:
     return desc.full_name.removeprefix("ctrlmesh.").replace(".", "_")
 
@@ -41,11 +232,56 @@ class _Builder:
         self.schemas: dict[str, Any] = {"Error": _ERROR}
 
     def field_schema(self, f: FieldDescriptor) -> dict[str, Any]:
+        rules = _field_rules(f)
         if f.message_type is not None and f.message_type.GetOptions().map_entry:
-            return {
-                "type": "object",
-                "additionalProperties": self.field_schema(f.message_type.fields_by_name["value"]),
-            }
+            vf = f.message_type.fields_by_name["value"]
+            schema: dict[str, Any] = {"type": "object", "additionalProperties": self.field_schema(vf)}
+            if rules is not None and rules.WhichOneof("type") == "map":
+                m = rules.map
+                if m.HasField("min_pairs"):
+                    schema["minProperties"] = m.min_pairs
+                if m.HasField("max_pairs"):
+                    schema["maxProperties"] = m.max_pairs
+                if m.HasField("keys"):
+                    names = _rule_keywords(m.keys)
+                    names.pop("description", None)
+                    if names:
+                        schema["propertyNames"] = names
+                if m.HasField("values"):
+                    schema["additionalProperties"] = _apply(
+                        schema["additionalProperties"], _rule_keywords(m.values)
+                    )
+            return schema
+        base = self._base_schema(f)
+        if _is_repeated(f):
+            array: dict[str, Any] = {"type": "array", "items": base}
+            if rules is not None and rules.WhichOneof("type") == "repeated":
+                r = rules.repeated
+                if r.HasField("min_items"):
+                    array["minItems"] = r.min_items
+                if r.HasField("max_items"):
+                    array["maxItems"] = r.max_items
+                if r.unique:
+                    array["uniqueItems"] = True
+                if r.HasField("items"):
+                    array["items"] = _apply(base, _rule_keywords(r.items))
+            return array
+        keywords = _rule_keywords(rules) if rules is not None else {}
+        ruled = _apply(base, keywords)
+        if (
+            keywords
+            and rules is not None
+            and rules.ignore == validate_pb2.IGNORE_IF_ZERO_VALUE
+            and f.message_type is None
+        ):
+            # The rules hold only for a value that is set; the zero value passes as such.
+            ruled = {"anyOf": [{"const": _zero(f)}, ruled]}
+        if f.message_type is not None or f.has_presence:
+            return {"anyOf": [ruled, {"type": "null"}]}
+        return ruled
+
+    def _base_schema(self, f: FieldDescriptor) -> dict[str, Any]:
+        base: dict[str, Any]
         if f.message_type is not None:
             base = self.ref(f.message_type)
         elif f.type in _INTS:
@@ -60,10 +296,6 @@ class _Builder:
             base = {"type": "string", "contentEncoding": "base64"}
         else:
             base = {"type": "string"}
-        if _is_repeated(f):
-            return {"type": "array", "items": base}
-        if f.message_type is not None or f.has_presence:
-            return {"anyOf": [base, {"type": "null"}]}
         return base
 
     def ref(self, desc: Descriptor) -> dict[str, Any]:
@@ -72,16 +304,56 @@ class _Builder:
         name = _schema_name(desc)
         if name not in self.schemas:
             self.schemas[name] = {}  # placeholder against recursion
-            self.schemas[name] = {
+            schema: dict[str, Any] = {
                 "type": "object",
                 "properties": {f.name: self.field_schema(f) for f in desc.fields},
+                # Requests refuse unknown fields (rule 4); responses carry exactly these.
+                "additionalProperties": False,
             }
+            required = required_fields(desc)
+            if required:
+                schema["required"] = required
+            cel = [c.message or c.expression for c in _message_cel(desc)]
+            if cel:
+                schema["description"] = " ".join(cel)
+            self.schemas[name] = schema
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def body_schema(self, desc: Descriptor, path_fields: list[str]) -> dict[str, Any]:
+        """The body of a `body: "*"` route: the request message less the fields its path sets."""
+        if not path_fields:
+            return self.ref(desc)
+        self.ref(desc)
+        full = self.schemas[_schema_name(desc)]
+        body = {
+            **full,
+            "properties": {k: v for k, v in full["properties"].items() if k not in path_fields},
+        }
+        required = [f for f in full.get("required", []) if f not in path_fields]
+        body.pop("required", None)
+        if required:
+            body["required"] = required
+        name = _schema_name(desc) + "_Body"
+        self.schemas[name] = body
         return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _param_schema(f: FieldDescriptor, b: _Builder) -> dict[str, Any]:
+def _message_cel(desc: Descriptor) -> list[Any]:
+    opts = desc.GetOptions()
+    if not opts.HasExtension(validate_pb2.message):
+        return []
+    return list(opts.Extensions[validate_pb2.message].cel)
+
+
+def _param_schema(f: FieldDescriptor, b: _Builder, in_path: bool = False) -> dict[str, Any]:
+    """A parameter is never JSON null: drop that alternative; a path segment is never empty."""
     s = b.field_schema(f)
-    return s.get("anyOf", [s])[0] if "anyOf" in s else s
+    if "anyOf" in s and {"type": "null"} in s["anyOf"]:
+        rest = [x for x in s["anyOf"] if x != {"type": "null"}]
+        s = rest[0] if len(rest) == 1 else {"anyOf": rest}
+    if in_path and s.get("type") == "string" and "minLength" not in s:
+        s = {**s, "minLength": 1}
+    return s
 
 
 def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
@@ -97,21 +369,27 @@ def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
         for name in r.path_fields:
             f = r.input.fields_by_name[name]
             op["parameters"].append(
-                {"name": name, "in": "path", "required": True, "schema": _param_schema(f, b)}
+                {"name": name, "in": "path", "required": True, "schema": _param_schema(f, b, True)}
             )
         if not r.body:
+            required = set(required_fields(r.input))
             for f in r.input.fields:
                 if f.name in r.path_fields or (
                     f.message_type is not None and f.message_type.full_name not in _WKT
                 ):
                     continue
                 op["parameters"].append(
-                    {"name": f.name, "in": "query", "required": False, "schema": _param_schema(f, b)}
+                    {
+                        "name": f.name,
+                        "in": "query",
+                        "required": f.name in required,
+                        "schema": _param_schema(f, b),
+                    }
                 )
         elif r.body == "*":
             op["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": b.ref(r.input)}},
+                "content": {"application/json": {"schema": b.body_schema(r.input, r.path_fields)}},
             }
         else:
             op["requestBody"] = {
@@ -138,10 +416,11 @@ def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
                 }
             if r.empty_status:
                 op["responses"][str(r.empty_status)] = {"description": "Done at once; no body."}
-        op["responses"]["default"] = {
-            "description": "Error",
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-        }
+        for status, reasons in _error_statuses(bool(r.body)).items():
+            op["responses"][str(status)] = {
+                "description": "; ".join(f"`{n}`: {d}" for n, d in reasons),
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            }
         doc = r.method.GetOptions()
         del doc
         paths.setdefault(r.template, {})[r.http_method.lower()] = op
@@ -155,13 +434,7 @@ def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "paths": {
-            "/health": {
-                "get": {
-                    "operationId": "Edge_Health",
-                    "security": [],
-                    "responses": {"200": {"description": "healthy"}, "503": {"description": "degraded"}},
-                }
-            },
+            **{path: {method.lower(): _PUBLIC_OPS[path]} for method, path in PUBLIC_ROUTES},
             **dict(sorted(paths.items(), key=lambda kv: re.sub(r"\{.*?\}", "", kv[0]))),
         },
         "components": {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -20,6 +21,14 @@ from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import Message
 
 _VAR = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_.]*)\}")
+
+# The edge's own routes, the only ones served without an API key. gateway/README.md, ROUTES.md
+# and /openapi.json are checked against this list (tests/unit/test_edge_rules.py).
+PUBLIC_ROUTES: tuple[tuple[str, str], ...] = (
+    ("GET", "/health"),
+    ("GET", "/openapi.json"),
+    ("GET", "/metrics"),
+)
 
 
 @dataclass
@@ -95,7 +104,7 @@ def load_routes() -> list[Route]:
     _import_all()
     routes: list[Route] = []
     seen: set[tuple[str, str]] = set()
-    for mod in list(importlib.sys.modules.values()):  # type: ignore[attr-defined]
+    for mod in list(sys.modules.values()):
         name = getattr(mod, "__name__", "")
         if not (name.startswith("ctrlmesh.") and name.endswith("_pb2")):
             continue
@@ -136,15 +145,20 @@ class Router:
     def __init__(self, routes: list[Route]):
         self.routes = routes
 
-    def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
-        """(route, path params, whether the path exists under another method)."""
-        path_exists = False
+    def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], list[str]]:
+        """(route, path params, the methods this path is served under: the `Allow` of a 405).
+
+        The methods are those of every template matching the path, so a 405 never hides a
+        route that a more literal template of another verb shadows."""
+        allowed: set[str] = set()
+        found: tuple[Route, dict[str, str]] | None = None
         for r in self.routes:
             m = r.regex.match(path)
             if m is None:
                 continue
-            if r.http_method != method:
-                path_exists = True
-                continue
-            return r, {k.replace("__", "."): v for k, v in m.groupdict().items()}, True
-        return None, {}, path_exists
+            allowed.add(r.http_method)
+            if found is None and r.http_method == method:
+                found = r, {k.replace("__", "."): v for k, v in m.groupdict().items()}
+        if found is None:
+            return None, {}, sorted(allowed)
+        return found[0], found[1], sorted(allowed)

@@ -33,7 +33,7 @@ async def mint(database_url: str, name: str, actor: str) -> tuple[str, str]:
     """(key id, token) of a new global key in the platform account."""
     # The accounts service's own rules and tables; imported here so `libs` stays importable
     # without the services for every other use.
-    from services.accounts.domain import mint_break_glass_key
+    from services.accounts.account import Accounts
     from services.accounts.models import SCHEMA, outbox
 
     engine = make_engine(database_url, pool_size=1)
@@ -41,7 +41,7 @@ async def mint(database_url: str, name: str, actor: str) -> tuple[str, str]:
         # The schema as the running service expects it (a no-op unless this is newer code).
         await migrate(engine, SCHEMA, MIGRATIONS)
         db = Database(engine)
-        key, token = await mint_break_glass_key(db, Outbox(outbox, db), name, actor)
+        key, token = await Accounts(db, Outbox(outbox, db)).mint_break_glass_key(name, actor)
         return key.id, token
     finally:
         await engine.dispose()

@@ -41,14 +41,21 @@ class Database:
         await self.engine.dispose()
 
 
-def _lock_key(schema: str) -> int:
+def advisory_key(namespace: str, value: str) -> int:
+    """The 64-bit PostgreSQL advisory-lock key of (namespace, value): the one hashing of it."""
     return int.from_bytes(
-        hashlib.sha256(f"ctrlmesh-migrate:{schema}".encode()).digest()[:8], "big", signed=True
+        hashlib.sha256(f"ctrlmesh-{namespace}:{value}".encode()).digest()[:8], "big", signed=True
     )
 
 
+async def xact_lock(s: AsyncSession, namespace: str, value: str) -> None:
+    """Hold an advisory lock on (namespace, value) until the session's transaction ends: for
+    invariants over rows that may not exist yet (quotas, plan caps), where no row can be locked."""
+    await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_key(namespace, value)})
+
+
 def _upgrade(conn: Connection, schema: str, script_location: Path) -> None:
-    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(schema)})
+    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_key("migrate", schema)})
     conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
     cfg = Config()
     cfg.set_main_option("script_location", str(script_location))

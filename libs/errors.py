@@ -13,6 +13,9 @@ from typing import Any
 
 import grpc
 
+# The trailing-metadata key of the serialized google.rpc.Status (gRPC's rich error model).
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
 
 @dataclass(frozen=True)
 class Reason:
@@ -119,6 +122,29 @@ REASONS: dict[str, Reason] = {
             "An unexpected error; it has been logged with the trace id.",
         ),
         Reason("NotImplemented", grpc.StatusCode.UNIMPLEMENTED, 501, False, "This route has no logic yet."),
+        # The edge's own refusals, before any service is called; their codes are the nearest gRPC
+        # ones, so a service raising one maps to the same HTTP status.
+        Reason(
+            "MethodNotAllowed",
+            grpc.StatusCode.UNIMPLEMENTED,
+            405,
+            False,
+            "The path exists under other methods; the `Allow` header lists them.",
+        ),
+        Reason(
+            "PayloadTooLarge",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            413,
+            False,
+            "The request body, or a message on its way, exceeds the size limit.",
+        ),
+        Reason(
+            "UnsupportedMediaType",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            415,
+            False,
+            "A request body must be JSON (`Content-Type: application/json`).",
+        ),
     )
 }
 
@@ -240,6 +266,30 @@ class Internal(CtrlmeshError):
     reason = "Internal"
 
 
+class DeadlineExceeded(CtrlmeshError):
+    reason = "DeadlineExceeded"
+
+
+class PayloadTooLarge(CtrlmeshError):
+    reason = "PayloadTooLarge"
+
+
+class UnsupportedMediaType(CtrlmeshError):
+    reason = "UnsupportedMediaType"
+
+
 def not_found(kind: str, ident: str) -> NotFound:
     """The one NOT_FOUND message, identical for a missing and an invisible resource."""
     return NotFound(f"{kind} {ident!r} not found", details={"resource": kind})
+
+
+def from_reason(reason: str, message: str, details: dict[str, Any] | None = None) -> CtrlmeshError:
+    """The error of a catalogued reason as its own class (so `except NotFound` still catches a
+    refusal that crossed a process boundary)."""
+    details = dict(details or {})
+    if reason == InvalidArgument.reason:
+        return InvalidArgument(message, fields=details.get("fields") or {})
+    for cls in CtrlmeshError.__subclasses__():
+        if cls.reason == reason and cls is not InvalidArgument:
+            return cls(message, details=details)
+    return CtrlmeshError(message, details=details, reason=reason)

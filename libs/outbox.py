@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import BigInteger, Column, DateTime, Index, MetaData, String, Table, insert, select
@@ -18,6 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from libs.db import Database
+from libs.timeutil import now
+
+# Marks a session that published, so only its commit wakes the watchers.
+_PUBLISHED = "ctrlmesh.outbox.published"
 
 
 def outbox_table(metadata: MetaData) -> Table:
@@ -51,10 +55,14 @@ class Outbox:
         resource: str,
         resource_id: str,
         data: dict[str, Any],
-        tenant_id: str = "",
-        account_id: str = "",
+        tenant_id: str,
+        account_id: str | ColumnElement[str],
     ) -> None:
-        """Write an event in the caller's transaction; it is visible once that commits."""
+        """Write an event in the caller's transaction; it is visible once that commits.
+
+        Every event names its tenant and account (visibility filters of every stream read
+        them); `account_id` may be a scalar subquery where only the owning row knows it."""
+        session.info[_PUBLISHED] = True
         await session.execute(
             insert(self.table).values(
                 type=type_,
@@ -63,9 +71,19 @@ class Outbox:
                 resource=resource,
                 resource_id=resource_id,
                 data=data,
-                created_at=datetime.now(UTC),
+                created_at=now(),
             )
         )
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """One transaction that may publish: once it commits, local watchers are woken if it
+        did (the publish-then-notify every writer needs; a rollback wakes nobody)."""
+        async with self._db.session() as s:
+            yield s
+            published = s.info.pop(_PUBLISHED, False)
+        if published:
+            await self.notify()
 
     async def notify(self) -> None:
         """Wake local watchers after a commit."""

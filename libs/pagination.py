@@ -7,7 +7,6 @@ last id served: the next page is `id < last`. Rows created meanwhile never shift
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -30,10 +29,11 @@ def decode_cursor(cursor: str) -> str | None:
     if not cursor:
         return None
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError):
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        # ValueError: a non-ASCII cursor (binascii.Error is one too); the ids we encode are ASCII.
         raw = ""
-    if not raw.startswith("v1:") or len(raw) < 4:
+    if not raw.startswith("v1:") or len(raw) < 4 or not raw.isprintable():
         raise InvalidArgument("invalid cursor", fields={"cursor": "not a cursor this API returned"})
     return raw[3:]
 

@@ -54,15 +54,22 @@ class Settings(BaseSettings):
     pg_tls_key: Path | None = None
     # How long a client is held while its database boots before 57P03 "the database is starting".
     pg_wake_timeout: Duration = timedelta(seconds=30)
-    # Backend connections per database, and how long a client waits for one before 53300.
+    # Backend connections per database (split between the gateway workers), and how long a
+    # client waits for one before 53300.
     pg_pool_size: int = 20
     pg_checkout_timeout: Duration = timedelta(seconds=30)
     # The gateway's lease on a database (renewed every third of it while clients are connected).
     pg_lease_ttl: Duration = timedelta(seconds=30)
     # How long looked-up tenant credentials are reused: short, so a rotation applies quickly.
     pg_credentials_cache_ttl: Duration = timedelta(seconds=2)
-    # Prometheus /metrics of the gateway; pg_port + 1000 when unset.
+    # Named prepared statements the PG Gateway keeps per backend, so drivers that prepare
+    # (asyncpg, psycopg) keep transaction pooling; 0 turns it off (a named statement pins).
+    pg_max_prepared_statements: int = Field(default=200, ge=0)
+    # Prometheus /metrics of the gateway; pg_port + 1000 when unset. Worker i of the gateway
+    # serves its own figures on this port + i.
     pg_metrics_port: int | None = None
+    # Gateway worker processes sharing pg_port (SO_REUSEPORT); the number of CPUs when unset.
+    pg_workers: int | None = None
     grpc_host: str = "127.0.0.1"
     accounts_port: int = 50051
     databases_port: int = 50052
@@ -78,6 +85,13 @@ class Settings(BaseSettings):
     # How the databases service runs writers: `local` (one PostgreSQL process per database here).
     compute_driver: str = "local"
     auth_cache_ttl: Duration = timedelta(seconds=5)
+    # The edge: the largest request body it reads (413 beyond), and the deadline of a call that
+    # sends no `Grpc-Timeout` (GET reads, other methods writes), so a frozen service costs seconds.
+    max_body_bytes: int = 1024 * 1024
+    read_deadline: Duration = timedelta(seconds=5)
+    write_deadline: Duration = timedelta(seconds=15)
+    # How long `/health` waits for each service's answer before naming it failing.
+    health_timeout: Duration = timedelta(seconds=1)
     # Signs the principal the edge hands to services; generated into the data dir when unset.
     internal_secret: str | None = None
     # Key-encryption key (base64, 32 bytes) for secrets stored encrypted; generated when unset.

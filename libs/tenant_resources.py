@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 import grpc
 from ctrlmesh.common.v1 import internal_pb2, internal_pb2_grpc
@@ -50,7 +51,9 @@ class TenantResources(internal_pb2_grpc.TenantResourcesServiceServicer):
         if not principals.is_system(principals.current()):
             raise PermissionDenied("internal RPC")
 
-    async def CountTenantResources(self, request, context):  # type: ignore[no-untyped-def]
+    async def CountTenantResources(
+        self, request: internal_pb2.CountTenantResourcesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> internal_pb2.CountTenantResourcesResponse:
         self._internal_only()
         out = internal_pb2.CountTenantResourcesResponse()
         ids = list(request.tenant_ids)
@@ -68,7 +71,9 @@ class TenantResources(internal_pb2_grpc.TenantResourcesServiceServicer):
                     out.tenants[tenant_id].counts[c.key] = int(value or 0)
         return out
 
-    async def PurgeTenant(self, request, context):  # type: ignore[no-untyped-def]
+    async def PurgeTenant(
+        self, request: internal_pb2.PurgeTenantRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> internal_pb2.PurgeTenantResponse:
         self._internal_only()
         if self._spec.before_purge is not None and not await self._spec.before_purge(request.tenant_id):
             return internal_pb2.PurgeTenantResponse(done=False)
@@ -77,7 +82,9 @@ class TenantResources(internal_pb2_grpc.TenantResourcesServiceServicer):
                 await s.execute(delete(t).where(t.c.tenant_id == request.tenant_id))
         return internal_pb2.PurgeTenantResponse(done=True)
 
-    async def GetResourceStats(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetResourceStats(
+        self, request: internal_pb2.GetResourceStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> internal_pb2.GetResourceStatsResponse:
         self._internal_only()
         out = internal_pb2.GetResourceStatsResponse()
         async with self._db.session() as s:

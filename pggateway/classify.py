@@ -73,9 +73,10 @@ def pin_reason_for_query(sql: str) -> str | None:
     return None
 
 
-def pin_reason_for_parse(name: str, sql: str) -> str | None:
-    """The reason an extended-protocol Parse pins: a named statement outlives the transaction."""
-    if name:
+def pin_reason_for_parse(name: str, sql: str, *, named_pins: bool = True) -> str | None:
+    """The reason an extended-protocol Parse pins: a named statement outlives the transaction,
+    unless the gateway keeps named statements itself (`named_pins=False`, pggateway.prepared)."""
+    if name and named_pins:
         return NAMED_STATEMENT
     return pin_reason_for_query(sql)
 

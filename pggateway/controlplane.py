@@ -21,13 +21,12 @@ import grpc
 from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from ctrlmesh.databases.v1 import databases_pb2, databases_pb2_grpc
 from google.protobuf.duration_pb2 import Duration
-from google.rpc import error_details_pb2, status_pb2
 
 from libs.clients import Channels, Signer
+from libs.peers import decode
 
 log = logging.getLogger("ctrlmesh.pggateway.controlplane")
 
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # Lease states (databases.v1.Database.state) the gateway acts on.
 STATE_READY = "ready"
 WAITING_STATES = frozenset({"booting", "stopped", "stopping", "creating"})
@@ -97,21 +96,10 @@ class ControlPlane(Protocol):
 
 
 def error_from_rpc(err: grpc.aio.AioRpcError) -> ControlPlaneError:
-    """Keep the status code and the ErrorInfo reason of a failed call."""
-    reason = None
-    for key, value in err.trailing_metadata() or ():
-        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        try:
-            st = status_pb2.Status.FromString(value)
-        except ValueError:
-            continue
-        for detail in st.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = info.reason
-    return ControlPlaneError(err.code(), reason, err.details() or "")
+    """Keep the status code and the ErrorInfo reason of a failed call (pggateway/errors.py maps
+    them to SQLSTATEs)."""
+    f = decode(err)
+    return ControlPlaneError(f.code, f.reason, f.message)
 
 
 def _duration(seconds: float) -> Duration:

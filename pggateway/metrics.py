@@ -31,6 +31,9 @@ class HotPathMetrics(Collector):
 
     def checkout(self, waited: float) -> None:
         self.checkouts += 1
+        if waited <= 0.0:  # an idle backend at once: the common case, no search
+            self._wait_counts[0] += 1
+            return
         self._wait_counts[bisect.bisect_left(_WAIT_BUCKETS, waited)] += 1
         self._wait_sum += waited
 
@@ -106,13 +109,18 @@ class GatewayMetrics:
         )
         self.cancel_requests_total = Counter(
             "pggateway_cancel_requests_total",
-            "CancelRequests, by whether they reached a backend.",
+            "CancelRequests by outcome: forwarded to a backend, passed_on to the worker that owns the session, ignored.",
             ["outcome"],
+            registry=r,
+        )
+        self.backends_lost_total = Counter(
+            "pggateway_backends_lost_total",
+            "Backend connections the compute closed unexpectedly (terminated, timed out, crashed).",
             registry=r,
         )
         self.compute_lost_total = Counter(
             "pggateway_compute_lost_total",
-            "Backend connections that broke while in use (pool dropped).",
+            "Lost backends whose compute was then found gone (no login): pool dropped, writer re-resolved.",
             registry=r,
         )
         self.tls_handshake_failures_total = Counter(

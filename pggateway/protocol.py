@@ -288,6 +288,12 @@ def parse_fields(payload: bytes) -> dict[str, str]:
     return out
 
 
+def is_fatal(error_body: bytes) -> bool:
+    """Whether an ErrorResponse body is FATAL or PANIC (the server closes the connection next)."""
+    fields = parse_fields(error_body)
+    return fields.get("V", fields.get("S", "")) in ("FATAL", "PANIC")
+
+
 def parse_parameter_status(payload: bytes) -> tuple[str, str]:
     name, pos = read_cstr(payload, 0)
     value, _ = read_cstr(payload, pos)
@@ -340,20 +346,29 @@ class ServerStreamScanner:
     """Follows message boundaries in the backend → client stream without buffering it.
 
     The relay forwards every byte as it arrives; this only remembers where the current message
-    ends, and collects the bodies of the two messages pooling needs: ReadyForQuery (whose status
-    byte says when the backend can be returned) and ParameterStatus (the backend's reported
-    settings). Large DataRows therefore pass through with no copy.
+    ends, and picks out the few messages pooling needs: ReadyForQuery (whose status byte says
+    when the backend can be returned), ParameterStatus (the backend's reported settings) and
+    ErrorResponse (rare; a FATAL one means the compute is ending this backend). Large DataRows
+    therefore pass through with no copy.
+
+    `feed` is the relay's per-read cost, so it allocates nothing for the common case: it returns
+    how many ReadyForQuery messages the chunk completed, leaves the last one's status in
+    `status`, and appends (type, body) of the rare ParameterStatus and ErrorResponse messages to
+    `others`, which the caller empties.
     """
 
-    __slots__ = ("_body", "_head", "_kind", "_remaining")
+    __slots__ = ("_body", "_head", "_kind", "_remaining", "others", "status")
 
-    WANTED = frozenset((READY_FOR_QUERY, PARAMETER_STATUS))
+    # Collected across reads when split; ReadyForQuery is the one looked at inline.
+    OTHERS = frozenset((PARAMETER_STATUS, ERROR_RESPONSE))
 
     def __init__(self) -> None:
         self._head = b""  # a partial 5-byte header
         self._kind = 0
         self._remaining = 0  # body bytes of the current message not seen yet
-        self._body: bytearray | None = None  # collected body of a wanted message
+        self._body: bytearray | None = None  # collected body of a split wanted message
+        self.status = b"I"
+        self.others: list[tuple[int, bytes]] = []
 
     def reset(self) -> None:
         self._head, self._kind, self._remaining, self._body = b"", 0, 0, None
@@ -362,18 +377,18 @@ class ServerStreamScanner:
     def at_boundary(self) -> bool:
         return not self._head and self._remaining == 0
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        """The wanted messages completed by this chunk, as (type, body)."""
-        out: list[tuple[int, bytes]] = []
+    def feed(self, data: bytes) -> int:
+        """The number of ReadyForQuery messages this chunk completed (see the class)."""
+        ready = 0
         pos, n = 0, len(data)
         if self._remaining:
-            take = min(self._remaining, n)
+            take = self._remaining if self._remaining < n else n
             if self._body is not None:
                 self._body += data[:take]
             self._remaining -= take
             pos = take
             if self._remaining == 0 and self._body is not None:
-                out.append((self._kind, bytes(self._body)))
+                ready += self._complete(self._kind, bytes(self._body))
                 self._body = None
         if self._head:
             # A header split across reads (a partial header never coexists with _remaining).
@@ -381,7 +396,6 @@ class ServerStreamScanner:
             self._head = b""
             n = len(data)
         unpack = _HEADER.unpack_from
-        wanted = self.WANTED
         while pos < n:
             if pos + 5 > n:
                 self._head = bytes(data[pos:])
@@ -389,15 +403,25 @@ class ServerStreamScanner:
             kind, length = unpack(data, pos)
             if length < 4:
                 raise ProtocolError(f"invalid message length {length}")
-            body_start = pos + 5
             end = pos + 1 + length
             if end <= n:
-                if kind in wanted:
-                    out.append((kind, bytes(data[body_start:end])))
+                if kind == READY_FOR_QUERY:
+                    ready += 1
+                    self.status = data[pos + 5 : pos + 6]
+                elif kind == PARAMETER_STATUS or kind == ERROR_RESPONSE:
+                    self.others.append((kind, bytes(data[pos + 5 : end])))
                 pos = end
                 continue
             self._kind = kind
             self._remaining = end - n
-            self._body = bytearray(data[body_start:n]) if kind in wanted else None
+            wanted = kind == READY_FOR_QUERY or kind in self.OTHERS
+            self._body = bytearray(data[pos + 5 : n]) if wanted else None
             break
-        return out
+        return ready
+
+    def _complete(self, kind: int, body: bytes) -> int:
+        if kind == READY_FOR_QUERY:
+            self.status = body[:1]
+            return 1
+        self.others.append((kind, body))
+        return 0

@@ -9,8 +9,10 @@ connect-per-request client does not release and re-acquire the lease every time)
 - while clients are attached a timer renews the lease with the number of connections; a stale
   epoch (FAILED_PRECONDITION) or an expired lease (NOT_FOUND) is re-acquired, a freeze stops new
   checkouts until it clears, then the writer is re-resolved;
-- a backend lost while in use means the compute went away: the pool is dropped and the next
-  checkout re-resolves the writer (waiting for a restart if there is one);
+- a backend the compute closed is dropped alone if the writer still answers (a client's
+  `pg_terminate_backend`, an idle timeout): a bounded login probe tells that from a compute that
+  went away, in which case the pool is dropped and the next checkout re-resolves the writer
+  (waiting for a restart if there is one);
 - when the last client leaves, the lease is released and the pool closed (idle backends must not
   keep a stopping compute busy).
 """
@@ -46,6 +48,12 @@ FROZEN_RENEW_SECONDS = 0.1
 # Between attempts to reach a writer the control plane still calls ready after a crash.
 RECONNECT_PAUSE_SECONDS = 0.05
 BACKEND_CONNECT_TIMEOUT = 5.0
+# The bound of the login that tells a lost backend from a lost compute.
+PROBE_TIMEOUT = 3.0
+# Login refusals that mean the compute itself is going or gone (class 57, operator intervention:
+# shutting down, crashed and restarting, starting up); any other refusal (53300 too many
+# connections, ...) comes from a writer that still answers.
+_COMPUTE_GONE_CLASS = "57"
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,8 @@ class Route:
         self._renew_task: asyncio.Task[None] | None = None
         self._release_handle: asyncio.TimerHandle | None = None
         self._release_task: asyncio.Task[None] | None = None
-        self.pool = Pool(config.pool_size, self._connect, metrics, on_lost=self._compute_lost)
+        self._probe_task: asyncio.Task[None] | None = None
+        self.pool = Pool(config.pool_size, self._connect, metrics, on_lost=self._backend_lost)
 
     def __repr__(self) -> str:
         return f"Route({self.tenant_id}/{self.database}, clients={self.clients})"
@@ -258,10 +267,34 @@ class Route:
     async def _connect(self, target: BackendTarget, on_lost: Callable[[Backend], None]) -> Backend:
         return await backends.connect(target, BACKEND_CONNECT_TIMEOUT, on_lost)
 
-    def _compute_lost(self, b: Backend) -> None:
-        if b.generation != self.pool.generation:
-            return  # an old writer's backend: already forgotten
-        log.warning("a backend of %s was lost; dropping the pool", self)
+    def _backend_lost(self, b: Backend) -> None:
+        """The compute closed one of our backends: find out whether it is the compute that went."""
+        if b.generation != self.pool.generation or self.closing:
+            return  # an old writer's backend (already forgotten), or a closing route
+        self._metrics.backends_lost_total.inc()
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.get_running_loop().create_task(
+                self._probe_writer(b.target, self.pool.generation)
+            )
+
+    async def _probe_writer(self, target: BackendTarget, generation: int) -> None:
+        """Log in to the writer once, bounded: only a writer that does not answer drops the pool."""
+        reason: str | None = None
+        try:
+            probe = await backends.connect(target, PROBE_TIMEOUT)
+        except BackendConnectError as exc:
+            reason = str(exc)
+        except BackendLoginError as exc:
+            if exc.fields.get("C", "").startswith(_COMPUTE_GONE_CLASS):
+                reason = f"the compute refuses logins ({exc.fields.get('C')})"
+        else:
+            probe.close()
+        if self.closing or generation != self.pool.generation:
+            return
+        if reason is None:
+            log.info("a backend of %s was closed by its compute, which still answers; dropped it alone", self)
+            return
+        log.warning("the compute of %s is gone (%s); dropping the pool", self, reason)
         self._metrics.compute_lost_total.inc()
         self._writer_suspect = True
         self.pool.drop()
@@ -275,6 +308,8 @@ class Route:
             self._release_task = asyncio.get_running_loop().create_task(self._release())
 
     async def _release(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
         if self._renew_task is not None:
             self._renew_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

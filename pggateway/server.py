@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import ssl
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
@@ -23,12 +23,14 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from libs.telemetry import ATTR_DATABASE, ATTR_PG_OUTCOME, ATTR_PG_USER, ATTR_TENANT
-from pggateway import errors
+from pggateway import errors, keys
 from pggateway import protocol as pq
-from pggateway.backend import send_cancel
+from pggateway.backend import CANCEL_TIMEOUT, send_cancel
+from pggateway.config import GatewayConfig
 from pggateway.controlplane import ControlPlane, ControlPlaneError, CredentialCache, Credentials
 from pggateway.metrics import GatewayMetrics
-from pggateway.route import RouteConfig, Router
+from pggateway.prepared import StatementRegistry
+from pggateway.route import Router
 from pggateway.scram import SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramError, ScramServer, Verifier
 from pggateway.session import ClientSession, client_settings
 from pggateway.tls import TlsMaterial, channel_binding_data, server_context, write_records
@@ -40,30 +42,8 @@ tracer = trace.get_tracer("ctrlmesh.pggateway")
 # is 60 s; a client that stalls here holds only a socket, but we still bound it).
 HANDSHAKE_TIMEOUT = 30.0
 TLS_HANDSHAKE_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True)
-class GatewayConfig:
-    host: str
-    port: int
-    holder_id: str
-    pool_size: int = 20
-    wake_timeout: float = 30.0
-    checkout_timeout: float = 30.0
-    lease_ttl: float = 30.0
-    credentials_ttl: float = 2.0
-    # A database's lease is released this long after its last client left.
-    release_grace: float = 1.0
-
-    def route_config(self) -> RouteConfig:
-        return RouteConfig(
-            holder_id=self.holder_id,
-            pool_size=self.pool_size,
-            wake_timeout=self.wake_timeout,
-            checkout_timeout=self.checkout_timeout,
-            lease_ttl=self.lease_ttl,
-            release_grace=self.release_grace,
-        )
+# A cancel passed between workers on this host.
+PEER_TIMEOUT = 2.0
 
 
 class _Disconnected(Exception):
@@ -173,8 +153,11 @@ class GatewayServer:
         self._channel_binding = channel_binding_data(tls.cert_path)
         self._credentials = CredentialCache(control_plane, config.credentials_ttl)
         self.router = Router(control_plane, config.route_config(), self.metrics)
+        self.prepared = StatementRegistry(config.max_prepared_statements)
+        self.metrics.registry.register(self.prepared)
         self._decoy_secret = secrets.token_bytes(32)
         self._server: asyncio.Server | None = None
+        self._peer_server: asyncio.Server | None = None
         self._sessions: dict[tuple[int, int], ClientSession] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -191,15 +174,25 @@ class GatewayServer:
             self.config.host,
             self.config.port,
             reuse_address=True,
+            # Workers share the port; the kernel spreads connections across them.
+            reuse_port=bool(self.config.peers),
             backlog=1024,
         )
-        log.info("PG Gateway listening on %s:%d", self.config.host, self.port)
+        if self.config.peers:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(self.config.peers[self.config.worker_index])
+            self._peer_server = await asyncio.start_unix_server(self._peer_cancel, sock=sock)
+        log.info(
+            "PG Gateway worker %d listening on %s:%d", self.config.worker_index, self.config.host, self.port
+        )
 
     async def stop(self) -> None:
         """Stop accepting, tell every client, release every lease."""
         self._stopping = True
         if self._server is not None:
             self._server.close()
+        if self._peer_server is not None:
+            self._peer_server.close()
         for session in list(self._sessions.values()):
             session.fatal(errors.shutting_down())
         await self.router.close()
@@ -383,12 +376,22 @@ class GatewayServer:
         return creds
 
     def _new_cancel_key(self) -> tuple[int, int]:
+        """An id no real backend can have (see `pggateway.keys`), and a random secret."""
         while True:
-            key = (secrets.randbits(31), secrets.randbits(31))
+            key = keys.new_key(self.config.worker_index)
             if key not in self._sessions:
                 return key
 
-    async def _cancel(self, pid: int, secret: int) -> None:
+    async def _cancel(self, pid: int, secret: int, *, passed_on: bool = False) -> None:
+        owner = keys.key_worker(pid)
+        if (
+            not passed_on
+            and owner is not None
+            and owner != self.config.worker_index
+            and owner < len(self.config.peers)
+        ):
+            await self._pass_on_cancel(owner, pid, secret)
+            return
         session = self._sessions.get((pid, secret))
         b = session.cancel_target() if session is not None else None
         if b is None or not b.pid:
@@ -396,3 +399,39 @@ class GatewayServer:
             return
         self.metrics.cancel_requests_total.labels("forwarded").inc()
         await send_cancel(b.target.host, b.target.port, b.pid, b.secret)
+
+    async def _pass_on_cancel(self, owner: int, pid: int, secret: int) -> None:
+        """Hand a CancelRequest to the worker that issued its key."""
+        try:
+            # The owner answers (closes) once it has forwarded the cancel to the compute.
+            async with asyncio.timeout(PEER_TIMEOUT + CANCEL_TIMEOUT):
+                # Connected by hand: uvloop cannot take an abstract socket name as a path.
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    await asyncio.get_running_loop().sock_connect(sock, self.config.peers[owner])
+                except BaseException:
+                    sock.close()
+                    raise
+                reader, writer = await asyncio.open_unix_connection(sock=sock)
+                writer.write(pq.cancel_request(pid, secret))
+                await writer.drain()
+                await reader.read(1)  # the owner closes once it has acted on it
+                writer.close()
+        except (OSError, TimeoutError) as exc:
+            log.warning("could not pass a cancel request on to worker %d: %s", owner, exc)
+            self.metrics.cancel_requests_total.labels("ignored").inc()
+            return
+        self.metrics.cancel_requests_total.labels("passed_on").inc()
+
+    async def _peer_cancel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A CancelRequest another worker received for one of our sessions."""
+        try:
+            async with asyncio.timeout(PEER_TIMEOUT):
+                packet = pq.parse_startup(await reader.readexactly(16))
+            if packet.code == pq.CANCEL_REQUEST:
+                await self._cancel(packet.pid, packet.secret, passed_on=True)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, pq.ProtocolError) as exc:
+            log.warning("a passed-on cancel request failed: %s", exc)
+        finally:
+            writer.close()

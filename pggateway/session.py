@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from opentelemetry.trace import Span
 
@@ -26,11 +27,26 @@ from pggateway import backend as backends
 from pggateway import classify, errors
 from pggateway import protocol as pq
 from pggateway.backend import Backend
+from pggateway.config import GatewayConfig
+from pggateway.metrics import GatewayMetrics
+from pggateway.prepared import PreparedRelay, StatementRegistry, mentions_reset
 from pggateway.route import Route
-from pggateway.tls import write_records
+from pggateway.tls import TLS_RECORD_PLAINTEXT, write_records
 
-if TYPE_CHECKING:
-    from pggateway.server import GatewayServer
+
+class SessionHost(Protocol):
+    """What a session needs from the server that accepted it (`GatewayServer`): its settings and
+    metrics, the shared prepared statements, a place for background work, and word when the
+    session ends. A Protocol, so the session does not import the server that imports it."""
+
+    config: GatewayConfig
+    metrics: GatewayMetrics
+    prepared: StatementRegistry
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...
+
+    def session_finished(self, session: ClientSession) -> None: ...
+
 
 log = logging.getLogger("ctrlmesh.pggateway.session")
 
@@ -74,7 +90,7 @@ def client_settings(params: dict[str, str]) -> dict[str, tuple[str, str]]:
 class ClientSession(asyncio.Protocol):
     def __init__(
         self,
-        server: GatewayServer,
+        server: SessionHost,
         route: Route,
         transport: asyncio.Transport,
         settings: dict[str, tuple[str, str]],
@@ -100,9 +116,16 @@ class ClientSession(asyncio.Protocol):
         self._waiting_since: float | None = None
         self._wait_timer: asyncio.TimerHandle | None = None
         self._scanner = pq.ServerStreamScanner()
+        # Named statements kept by the gateway (max_prepared_statements > 0): the relay then
+        # rewrites Parse/Bind/Describe/Close and follows the backend stream in the scanner's
+        # place. Each queued chunk has (needs rewriting, Sync/Query/FunctionCall count) beside it.
+        registry = server.prepared
+        self._relay = PreparedRelay(registry) if registry.enabled else None
+        self._queue_meta: list[tuple[bool, int, list[tuple[int, int, int]] | None]] = []
         self._finished = False
         self._client_paused = False  # the client's socket is full: backend reading paused
         self._client_reading_paused = False  # the backend's socket is full: client reading paused
+        self._server_fatal = False  # the attached backend sent a FATAL error: it closes next
 
     # -- set-up -------------------------------------------------------------------------------
     async def apply_settings(self, b: Backend) -> None:
@@ -148,27 +171,39 @@ class ClientSession(asyncio.Protocol):
             return
         out_end = consumed
         terminate = False
+        relay = self._relay
+        rewrite = False
+        batches = 0
         for kind, start, end in msgs:
             if kind == pq.QUERY:
                 self.pending += 1
+                batches += 1
                 if self.pin_reason is None:
                     self._maybe_pin(classify.pin_reason_for_query(pq.parse_query(view[start + 5 : end])))
+                if relay is not None and mentions_reset(view[start + 5 : end]):
+                    rewrite = True
             elif kind == pq.SYNC:
                 self.pending += 1
+                batches += 1
                 self.unsynced = False
             elif kind == pq.PARSE:
                 self.unsynced = True
+                if relay is not None:
+                    rewrite = True
                 if self.pin_reason is None:
                     name, sql = pq.parse_parse(view[start + 5 : end])
-                    self._maybe_pin(classify.pin_reason_for_parse(name, sql))
+                    self._maybe_pin(classify.pin_reason_for_parse(name, sql, named_pins=relay is None))
             elif kind == pq.TERMINATE:
                 out_end = start
                 terminate = True
                 break
             elif kind == pq.FUNCTION_CALL:
                 self.pending += 1
+                batches += 1
             elif kind in _EXTENDED:
                 self.unsynced = True
+                if relay is not None and kind in _NAMED:
+                    rewrite = True
         if view is data:
             chunk = data if out_end == len(data) else data[:out_end]
             if consumed < len(data) and not terminate:
@@ -178,7 +213,20 @@ class ClientSession(asyncio.Protocol):
             del buf[:consumed]
         if chunk:
             b = self.backend
-            if b is not None:
+            if relay is not None:
+                if b is None and rewrite and len(msgs) == 1 and self._answer_idle(relay, chunk):
+                    pass
+                elif b is not None:
+                    framing = None if terminate else msgs
+                    b.write(relay.client_chunk(chunk, self.tx_status, framing) if rewrite else chunk)
+                    if not rewrite:
+                        relay.count_batches(batches)
+                else:
+                    self._queue.append(chunk)
+                    self._queue_meta.append((rewrite, batches, None if terminate else msgs))
+                    if self._checkout_task is None and self._waiting_since is None:
+                        self._begin_checkout()
+            elif b is not None:
                 b.write(chunk)
             else:
                 self._queue.append(chunk)
@@ -186,6 +234,26 @@ class ClientSession(asyncio.Protocol):
                     self._begin_checkout()
         if terminate:
             self.finish()
+
+    def _answer_idle(self, relay: PreparedRelay, chunk: bytes) -> bool:
+        """A lone DEALLOCATE of the client's own statements between transactions is answered
+        without a backend (psycopg sends DEALLOCATE ALL after every ROLLBACK)."""
+        if (
+            chunk[0] != pq.QUERY
+            or self.pending != 1
+            or self.unsynced
+            or self.tx_status != b"I"
+            or self._queue
+            or self._checkout_task is not None
+            or self._waiting_since is not None
+        ):
+            return False
+        reply = relay.deallocate_idle(pq.parse_query(chunk[5:]))
+        if reply is None:
+            return False
+        self.pending = 0
+        write_records(self.transport, reply)
+        return True
 
     def _maybe_pin(self, reason: str | None) -> None:
         if reason is None:
@@ -223,6 +291,8 @@ class ClientSession(asyncio.Protocol):
         if self._finished or self._waiting_since is None:
             return False
         waited = asyncio.get_running_loop().time() - self._waiting_since
+        # The pool has already taken this waiter off its queue: no search of the queue for it.
+        self._waiting_since = None
         self._stop_waiting()
         if b is not None and b.applied == self._want:
             self.server.metrics.hot.checkout(waited)
@@ -252,6 +322,18 @@ class ClientSession(asyncio.Protocol):
 
     def _attach_and_flush(self, b: Backend) -> None:
         self._attach(b)
+        relay = self._relay
+        if relay is not None:
+            status = self.tx_status
+            parts = []
+            for chunk, (rewrite, batches, framing) in zip(self._queue, self._queue_meta, strict=True):
+                if rewrite:
+                    parts.append(relay.client_chunk(chunk, status, framing))
+                else:
+                    parts.append(chunk)
+                    relay.count_batches(batches)
+            self._queue_meta.clear()
+            self._queue[:] = parts
         data = b"".join(self._queue) if len(self._queue) != 1 else self._queue[0]
         self._queue.clear()
         b.write(data)
@@ -293,7 +375,13 @@ class ClientSession(asyncio.Protocol):
     def _attach(self, b: Backend) -> None:
         self.backend = b
         b.session = self
-        self._scanner.reset()
+        scanner = self._scanner
+        if not scanner.at_boundary:
+            scanner.reset()
+        scanner.others.clear()
+        self._server_fatal = False
+        if self._relay is not None:
+            self._relay.attach(b)
         if self._client_paused and b.transport is not None:
             b.transport.pause_reading()
 
@@ -311,8 +399,19 @@ class ClientSession(asyncio.Protocol):
 
     # -- backend → client ---------------------------------------------------------------------
     def backend_data(self, data: bytes) -> None:
+        # The relay's per-read path: no allocation, no logging, one write to the client. With
+        # the gateway keeping prepared statements, the relay's follower reads the stream in the
+        # scanner's place: it must see every response to keep its queue in step, and it drops
+        # or rewrites the replies to what it injected.
+        relay = self._relay
+        stream: pq.ServerStreamScanner | PreparedRelay
         try:
-            events = self._scanner.feed(data)
+            if relay is None:
+                stream = self._scanner
+                ready = stream.feed(data)
+            else:
+                stream = relay
+                data, ready = relay.feed(data)
         except pq.ProtocolError:
             log.error("the compute broke the protocol; closing the session")
             b = self._detach()
@@ -320,35 +419,53 @@ class ClientSession(asyncio.Protocol):
                 self.route.pool.discard(b)
             self.fatal(errors.compute_lost())
             return
-        write_records(self.transport, data)
-        if not events:
+        if len(data) <= TLS_RECORD_PLAINTEXT:
+            if data:
+                self.transport.write(data)
+        else:
+            write_records(self.transport, data)
+        if stream.others:
+            self._server_messages(stream.others)
+        if not ready:
             return
-        ready = False
-        b = self.backend
-        for kind, body in events:
-            if kind == pq.READY_FOR_QUERY:
-                self.pending -= 1
-                self.tx_status = body[:1]
-                ready = True
-            elif b is not None:
-                name, value = pq.parse_parameter_status(body)
-                b.reported[name] = value
+        self.pending -= ready
+        self.tx_status = stream.status
         if (
-            ready
-            and self.pending <= 0
+            self.pending <= 0
             and self.tx_status == b"I"
             and not self.unsynced
             and self.pin_reason is None
-            and self._scanner.at_boundary
+            and stream.at_boundary
         ):
             self.pending = 0
             b = self._detach()
             if b is not None:
                 self.route.pool.release(b)
 
+    def _at_boundary(self) -> bool:
+        return self._scanner.at_boundary if self._relay is None else self._relay.at_boundary
+
+    def _server_messages(self, messages: list[tuple[int, bytes]]) -> None:
+        """ParameterStatus and ErrorResponse from the attached backend (rare: kept off the path)."""
+        b = self.backend
+        for kind, body in messages:
+            if kind == pq.ERROR_RESPONSE:
+                if pq.is_fatal(body):
+                    self._server_fatal = True
+            elif b is not None:
+                name, value = pq.parse_parameter_status(body)
+                b.reported[name] = value
+        messages.clear()
+
     def backend_lost(self) -> None:
         """The compute closed our backend mid-use (crash, stop, terminate)."""
         self.backend = None
+        if self._server_fatal:
+            # PostgreSQL said why (FATAL 57P01 after a pg_terminate_backend, ...) and the client
+            # has it: it ends the way it would directly, with no second error of ours.
+            self.server.metrics.connection_errors_total.labels(errors.COMPUTE).inc()
+            self.finish()
+            return
         self.fatal(errors.compute_lost())
 
     # -- flow control -------------------------------------------------------------------------
@@ -401,9 +518,7 @@ class ClientSession(asyncio.Protocol):
             self._checkout_task.cancel()
             self._checkout_task = None
         self._stop_waiting()
-        clean = (
-            self.pending <= 0 and self.tx_status == b"I" and not self.unsynced and self._scanner.at_boundary
-        )
+        clean = self.pending <= 0 and self.tx_status == b"I" and not self.unsynced and self._at_boundary()
         b = self._detach()
         if b is not None and not b.closed:
             if not clean:
@@ -434,6 +549,7 @@ class ClientSession(asyncio.Protocol):
             self.route.pool.discard(b)
             return
         b.applied = {}
+        self.server.prepared.forget(b)
         self.route.pool.release(b)
 
     def cancel_target(self) -> Backend | None:
@@ -442,3 +558,5 @@ class ClientSession(asyncio.Protocol):
 
 
 _EXTENDED = frozenset((pq.BIND, pq.EXECUTE, pq.DESCRIBE, pq.CLOSE, pq.FLUSH))
+# Extended-protocol messages that may name a statement (the relay rewrites them).
+_NAMED = frozenset((pq.BIND, pq.DESCRIBE, pq.CLOSE))

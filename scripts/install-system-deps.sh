@@ -8,6 +8,9 @@
 #   pgbouncer   PgBouncer, the reference pooler bench/pg_gateway.py measures the PG Gateway
 #               against (run by the bench itself; Debian's own service is kept stopped, since
 #               it would listen on 6432, the PG Gateway's default port).
+#   jdbc        PostgreSQL's JDBC driver (/usr/share/java/postgresql.jar) and a JDK to run
+#               tests/clients/jdbc/Drivers.java from source (java 11+ runs a source file).
+#   nodejs      Node.js and npm, for tests/clients/node (node-postgres).
 set -euo pipefail
 
 SUDO=""
@@ -35,11 +38,31 @@ install_pgbouncer() {
   fi
 }
 
+install_jdbc() {
+  local want=()
+  [ -f /usr/share/java/postgresql.jar ] || want+=(libpostgresql-jdbc-java)
+  command -v java >/dev/null 2>&1 || want+=(default-jdk-headless)
+  if [ ${#want[@]} -eq 0 ]; then return 0; fi
+  echo "installing ${want[*]} (Debian packages)"
+  apt_install "${want[@]}"
+}
+
+install_nodejs() {
+  local want=()
+  command -v node >/dev/null 2>&1 || want+=(nodejs)
+  command -v npm >/dev/null 2>&1 || want+=(npm)
+  if [ ${#want[@]} -eq 0 ]; then return 0; fi
+  echo "installing ${want[*]} (Debian packages)"
+  apt_install "${want[@]}"
+}
+
 components=("$@")
-if [ ${#components[@]} -eq 0 ]; then components=(pgbouncer); fi
+if [ ${#components[@]} -eq 0 ]; then components=(pgbouncer jdbc nodejs); fi
 for c in "${components[@]}"; do
   case "$c" in
     pgbouncer) install_pgbouncer ;;
+    jdbc) install_jdbc ;;
+    nodejs) install_nodejs ;;
     *) echo "unknown component: $c" >&2; exit 2 ;;
   esac
 done

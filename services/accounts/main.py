@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 from libs import keys
 from libs.grpc_server import AuditSink, Service
 from libs.outbox import Outbox
+from libs.reconcile import every
 from libs.service_main import Runtime, run
 from services.accounts import servicer
 from services.accounts.domain import AccountsDomain
@@ -32,7 +32,7 @@ def _write_admin_key(rt: Runtime, token: str) -> None:
 
 
 async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
-    domain = AccountsDomain(
+    domain = AccountsDomain.build(
         rt.db,
         keys.keyring(rt.settings),
         Outbox(outbox, rt.db),
@@ -42,27 +42,23 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     )
 
     async def on_start() -> None:
-        token = await domain.bootstrap(rt.settings.admin_email, rt.settings.bootstrap_admin_key)
+        token = await domain.accounts.bootstrap(rt.settings.admin_email, rt.settings.bootstrap_admin_key)
         if token:
             _write_admin_key(rt, token)
 
     async def reconcile() -> None:
         """Finish cascading tenant deletes, including ones a previous process left half done."""
-        while True:
-            try:
-                await domain.reconcile_deleting()
-            except Exception:
-                log.warning("tenant delete reconcile pass failed; retrying", exc_info=True)
-            await asyncio.sleep(1.0)
+        await every("tenant-delete-reconcile", 1.0, domain.tenants.reconcile_deleting, jitter=0.0, first=0.0)
 
     async def sink(entry: dict[str, Any]) -> None:
-        await domain.record_audit(entry)
+        await domain.audit.record(entry)
 
     service = Service(
         name="accounts",
         register=lambda server: servicer.register(server, domain),
         on_start=on_start,
         background=[reconcile],
+        events=domain.outbox,
     )
     return service, sink
 

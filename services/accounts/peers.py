@@ -5,35 +5,34 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from typing import Any
 
-import grpc
 from ctrlmesh.common.v1 import internal_pb2, internal_pb2_grpc
-from ctrlmesh.databases.v1 import databases_pb2, databases_pb2_grpc
 
+from libs import events
 from libs.clients import Channels, Signer
-from libs.errors import Unavailable
+from libs.peers import Peer
 
 # The services that own tenant resources (accounts counts its own; clusters owns none yet).
 OWNERS = ("databases", "instances", "network")
+
+
+class Owner(Peer):
+    """One owning service's TenantResourcesService (system principal)."""
+
+    def stub(self) -> internal_pb2_grpc.TenantResourcesServiceStub:
+        return internal_pb2_grpc.TenantResourcesServiceStub(self.channel)
 
 
 class Peers:
     def __init__(self, channels: Channels, signer: Signer, timeout: float = 5.0):
         self._channels = channels
         self._signer = signer
-        self._timeout = timeout
+        self._owners = {s: Owner(channels, signer, timeout, service=s) for s in OWNERS}
 
-    def _stub(self, service: str) -> internal_pb2_grpc.TenantResourcesServiceStub:
-        return internal_pb2_grpc.TenantResourcesServiceStub(self._channels.get(service))
-
-    async def _call(self, service: str, method: str, request):  # type: ignore[no-untyped-def]
-        try:
-            return await getattr(self._stub(service), method)(
-                request, metadata=self._signer.system(), timeout=self._timeout
-            )
-        except grpc.aio.AioRpcError as err:
-            raise Unavailable(f"the {service} service is unavailable", details={"service": service}) from err
+    async def _call(self, service: str, method: str, request: Any) -> Any:
+        owner = self._owners[service]
+        return await owner.call(getattr(owner.stub(), method), request)
 
     async def count(self, tenant_ids: list[str]) -> dict[str, dict[str, int]]:
         """Per tenant, the merged counts of every owning service."""
@@ -53,21 +52,13 @@ class Peers:
         answers = await asyncio.gather(*(self._call(s, "PurgeTenant", req) for s in OWNERS))
         return all(a.done for a in answers)
 
-    async def watch_databases(
-        self, after: int | None, types: list[str], *, account_id: str = "", tenant_id: str = ""
-    ) -> AsyncIterator[internal_pb2.Event]:
-        """The databases service's events after `after` (from now, led by a `stream.head` event
-        carrying the position, when None), of one account or tenant when given."""
-        req = databases_pb2.WatchDatabaseEventsRequest(
-            last_event_id="" if after is None else str(after),
-            send_head=after is None,
-            type=types,
-            account_id=account_id,
-            tenant_id=tenant_id,
+    def event_source(
+        self, service: str, types: list[str], *, account_id: str = "", tenant_id: str = ""
+    ) -> events.Source:
+        """Another service's event stream, filtered to a visibility (for /v2/events)."""
+        return events.remote_source(
+            self._channels, self._signer, service, types=types, account_id=account_id, tenant_id=tenant_id
         )
-        stub = databases_pb2_grpc.DatabaseServiceStub(self._channels.get("databases"))
-        async for event in stub.WatchDatabaseEvents(req, metadata=self._signer.system()):
-            yield event
 
     async def stats(self) -> dict[str, int]:
         req = internal_pb2.GetResourceStatsRequest()

@@ -12,8 +12,8 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.db import Database
 from libs.errors import (
@@ -30,9 +30,11 @@ from libs.errors import (
 from libs.outbox import Outbox
 from libs.pagination import page_limit
 from libs.principal import Principal, is_global, is_system
+from libs.timeutil import now
 from services.databases import events
 from services.databases import repository as repo
-from services.databases.lifecycle import Lifecycle, now, spec_of
+from services.databases.actions.common import spec_of
+from services.databases.lifecycle import Lifecycle
 from services.databases.peers import Accounts, TenantRef
 from services.databases.repository import Db, LeaseRow
 from services.databases.state import RUNNING, WAKEABLE, State
@@ -86,7 +88,7 @@ class DatabasesDomain:
         ts = now()
         db_id = str(uuid.uuid4())
         try:
-            async with self.db.session() as s:
+            async with self.outbox.session() as s:
                 await repo.lock_account(s, t.account_id)
                 if limits.max_databases:
                     n = await repo.count_account_databases(s, t.account_id)
@@ -124,7 +126,6 @@ class DatabasesDomain:
             raise AlreadyExists(
                 f"a database named {name!r} already exists", details={"field": "name"}
             ) from err
-        await self.outbox.notify()
         # The storage (initdb, the role, the database) is made now, never on the wake path.
         await self.lifecycle.run(t.id, db_id)
         async with self.db.session() as s:
@@ -299,7 +300,7 @@ class LeaseDomain:
             row = settled
         return lease, row
 
-    async def _locked_pair(self, s, lease_id: str) -> tuple[LeaseRow | None, Db | None]:  # type: ignore[no-untyped-def]
+    async def _locked_pair(self, s: AsyncSession, lease_id: str) -> tuple[LeaseRow | None, Db | None]:
         """The lease and its database, locked database first (AcquireLease's order: no deadlock)."""
         peek = await repo.get_lease(s, lease_id)
         if peek is None:
@@ -360,37 +361,3 @@ def deadline_after(seconds: float | None, default: float = 30.0, margin: float =
     """A monotonic deadline shortly before the caller's, so the answer arrives in time."""
     budget = default if seconds is None else seconds
     return time.monotonic() + max(0.0, budget - margin)
-
-
-class EventsDomain:
-    """The databases outbox as an internal, resumable stream (merged into /v2/events by accounts)."""
-
-    def __init__(self, outbox: Outbox):
-        self.outbox = outbox
-
-    async def start(self, p: Principal, last_event_id: str) -> int:
-        """The sequence number to stream after: the given id, or the current head."""
-        _require_system(p)
-        if not last_event_id:
-            return await self.outbox.last_seq()
-        try:
-            return int(last_event_id)
-        except ValueError:
-            raise InvalidArgument(
-                "last_event_id is not an event id", fields={"last_event_id": "not an event id"}
-            ) from None
-
-    def watch(self, after: int, *, tenant_id: str, account_id: str, db_id: str, types: list[str]):  # type: ignore[no-untyped-def]
-        def where(t):  # type: ignore[no-untyped-def]
-            conds = []
-            if tenant_id:
-                conds.append(t.c.tenant_id == tenant_id)
-            if account_id:
-                conds.append(t.c.account_id == account_id)
-            if db_id:
-                conds.append(t.c.resource_id == db_id)
-            if types:
-                conds.append(t.c.type.in_(types))
-            return and_(*conds) if conds else None
-
-        return self.outbox.watch(after, where)

@@ -20,8 +20,6 @@ CREATED = "database.created"
 STATE_CHANGED = "database.state_changed"
 COMPUTE_LOST = "database.compute_lost"
 DELETED = "database.deleted"
-# Sent first on a stream opened with send_head (never stored).
-STREAM_HEAD = "stream.head"
 
 _TIMESTAMPS = (
     "last_used_at",

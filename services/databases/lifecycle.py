@@ -6,10 +6,12 @@ the database is "kicked": one drive task per database runs the action `state.nex
 and the outcome is written back with its event in one transaction. Because every step starts
 from the row, a restarted service simply drives every unfinished row again (`resume`).
 
-Single flight: at most one drive task per database in this process, and the row lock plus
-conditional transitions keep concurrent callers (leases, the idle stopper, the crash monitor,
-deletes) from both acting. One databases-service process runs per data directory (the `local`
-driver's computes live there).
+Single flight: the drives run on `libs.reconcile.KeyedRunner` (at most one per database in this
+process), and the row lock plus conditional transitions keep concurrent callers (leases, the idle
+stopper, the crash monitor, deletes) from both acting. One databases-service process runs per
+data directory (the `local` driver's computes live there), so no cross-process claim is taken.
+Each action is a module of `services/databases/actions/`; the periodic passes run on
+`libs.reconcile.every`.
 """
 
 from __future__ import annotations
@@ -17,51 +19,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.db import Database
 from libs.errors import CtrlmeshError
+from libs.events import STREAM_HEAD
 from libs.outbox import Outbox
+from libs.reconcile import KeyedRunner, every
+from libs.timeutil import now
 from services.databases import events
 from services.databases import repository as repo
+from services.databases.actions import ACTIONS
+from services.databases.actions.common import STOPPED_WRITER, spec_of
 from services.databases.compute.base import ComputeDriver, ComputeError, ComputeSpec
-from services.databases.compute.profiles import profile
 from services.databases.peers import Accounts
 from services.databases.repository import Db
 from services.databases.state import Action, State, can_transition, next_action
 
 log = logging.getLogger("ctrlmesh.databases.lifecycle")
 
-COLD_STARTS = Counter("ctrlmesh_databases_cold_starts_total", "Writers started", ["outcome"])
-BOOT_SECONDS = Histogram(
-    "ctrlmesh_databases_boot_seconds",
-    "booting → ready, control plane included",
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-COMPUTES_LOST = Counter("ctrlmesh_databases_computes_lost_total", "Writers that died while ready")
 IDLE_STOPS = Counter("ctrlmesh_databases_idle_stops_total", "Writers stopped after the idle timeout")
 
 # States that need a drive to finish (the reconcile pass re-kicks them).
 UNFINISHED = (State.CREATING.value, State.BOOTING.value, State.STOPPING.value, State.DELETING.value)
 
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-def spec_of(db: Db) -> ComputeSpec:
-    return ComputeSpec(
-        db_id=db.id,
-        tenant_id=db.tenant_id,
-        db_name=db.name,
-        role=db.pg_user,
-        generation=db.lease_control_epoch,
-    )
+DbKey = tuple[str, str]  # (tenant_id, db_id)
 
 
 class Lifecycle:
@@ -85,8 +71,7 @@ class Lifecycle:
         self.monitor_interval = monitor_interval
         self.reconcile_interval = reconcile_interval
         self.storage_interval = storage_interval
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._again: set[str] = set()
+        self.runner: KeyedRunner[DbKey] = KeyedRunner("database drive", self._drive)
         self._changed: dict[str, asyncio.Event] = {}
         # Fire-and-forget work, referenced so it is not garbage-collected mid-flight.
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -95,38 +80,15 @@ class Lifecycle:
 
     def kick(self, tenant_id: str, db_id: str) -> asyncio.Task[None]:
         """Make sure a drive of this database runs (again) soon; returns its task."""
-        task = self._tasks.get(db_id)
-        if task is not None and not task.done():
-            self._again.add(db_id)
-            return task
-        task = asyncio.create_task(self._drive_loop(tenant_id, db_id), name=f"drive-{db_id}")
-        self._tasks[db_id] = task
-        return task
+        return self.runner.kick((tenant_id, db_id))
 
     async def run(self, tenant_id: str, db_id: str) -> None:
         """Kick and wait for the drive to settle (a create waits for its storage this way)."""
-        await asyncio.shield(self.kick(tenant_id, db_id))
+        await self.runner.run((tenant_id, db_id))
 
-    async def _drive_loop(self, tenant_id: str, db_id: str) -> None:
-        try:
-            while True:
-                self._again.discard(db_id)
-                try:
-                    again = await self._drive(tenant_id, db_id)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    # The row still says what is wanted: the reconcile pass retries it.
-                    log.exception("drive of database %s failed; will retry", db_id)
-                    again = False
-                if not again and db_id not in self._again:
-                    return
-        finally:
-            if self._tasks.get(db_id) is asyncio.current_task():
-                del self._tasks[db_id]
-
-    async def _drive(self, tenant_id: str, db_id: str) -> bool:
+    async def _drive(self, key: DbKey) -> bool:
         """One step toward desired state. True when another step should follow at once."""
+        tenant_id, db_id = key
         async with self.db.session() as s:
             db = await repo.get(s, tenant_id, db_id)
         if db is None:
@@ -138,17 +100,9 @@ class Lifecycle:
         if action is Action.NONE:
             return False
         log.debug("database %s: %s (%s)", db.id, action, db.state)
-        handler = {
-            Action.PREPARE: self._prepare,
-            Action.BOOT: self._boot,
-            Action.STOP: self._stop,
-            Action.DELETE: self._delete,
-            Action.LOST: self._lost,
-            Action.REAP: self._reap,
-        }[action]
-        return await handler(db)
+        return await ACTIONS[action](self, db)
 
-    def _background(self, coro: Any, what: str) -> None:
+    def background(self, coro: Any, what: str) -> None:
         async def guarded() -> None:
             try:
                 await coro
@@ -213,9 +167,7 @@ class Lifecycle:
             await events.publish(self.outbox, s, event, row, **extra)
         return row
 
-    async def _locked(
-        self, s: AsyncSession, db: Db, expect: State, worker_id: str | None = None
-    ) -> Db | None:
+    async def locked(self, s: AsyncSession, db: Db, expect: State, worker_id: str | None = None) -> Db | None:
         """The row, locked, if it is still in `expect` (and still this writer): a transition
         decided from an older read must not overwrite a newer one."""
         cur = await repo.get(s, db.tenant_id, db.id, lock=True)
@@ -225,200 +177,19 @@ class Lifecycle:
             return None
         return cur
 
+    async def fail(self, db: Db, expect: State, err: BaseException, **values: Any) -> bool:
+        """Record `error` with the cause if the row is still in `expect`; True when it was not
+        (changed meanwhile: the caller drives again)."""
+        async with self.db.session() as s:
+            cur = await self.locked(s, db, expect)
+            if cur is not None:
+                await self.transition(s, cur, State.ERROR, {**values, "last_error": str(err)[:2000]})
+        await self.committed(db.id)
+        return cur is None
+
     async def committed(self, db_id: str) -> None:
         await self.outbox.notify()
         self.notify(db_id)
-
-    # -- actions ---------------------------------------------------------------------------------
-
-    async def _prepare(self, db: Db) -> bool:
-        spec = spec_of(db)
-        try:
-            verifier = await self.accounts.role_verifier(db.pg_user)
-            await self.driver.prepare(spec, verifier)
-            size = await self.driver.storage_bytes(spec)
-        except Exception as err:  # whatever failed, the storage is not usable: `error`
-            log.error("could not prepare database %s: %s", db.id, err)
-            async with self.db.session() as s:
-                cur = await self._locked(s, db, State.CREATING)
-                if cur is not None:
-                    await self.transition(s, cur, State.ERROR, {"last_error": str(err)[:2000]})
-            await self.committed(db.id)
-            return False
-        async with self.db.session() as s:
-            cur = await self._locked(s, db, State.CREATING)
-            if cur is not None:
-                await self.transition(s, cur, State.STOPPED, {"storage_bytes": size, "last_error": ""})
-        await self.committed(db.id)
-        return cur is None  # deleted meanwhile: drive again
-
-    async def _boot(self, db: Db) -> bool:
-        if db.state == State.STOPPED:  # wanted but not marked booting (only after manual repair)
-            async with self.db.session() as s:
-                cur = await self._locked(s, db, State.STOPPED)
-                if cur is None or cur.target_scale != 1:
-                    return True
-                db = await self.transition(s, cur, State.BOOTING)
-            await self.committed(db.id)
-        spec = spec_of(db)
-        prof = profile(db.target_profile)
-        t0, started_at = time.monotonic(), now()
-        try:
-            # The verifier lookup runs while the server starts: the wake path pays for one.
-            endpoint, verifier = await asyncio.gather(
-                self.driver.start(spec, prof), self.accounts.role_verifier(db.pg_user)
-            )
-            if await self.driver.role_verifier_applied(spec, verifier):
-                # Unchanged since it was last set: route at once, and set it again behind (it
-                # undoes a password the tenant may have changed from inside its own session).
-                self._background(self.driver.set_role_verifier(spec, verifier), f"verifier of {db.id}")
-            else:
-                await self.driver.set_role_verifier(spec, verifier)
-        except Exception as err:  # whatever failed (driver, accounts, the admin login): not ready
-            COLD_STARTS.labels("error").inc()
-            log.error("could not start database %s: %s", db.id, err)
-            try:
-                await self.driver.stop(spec)
-            except ComputeError:
-                log.warning("could not stop the failed compute of %s", db.id, exc_info=True)
-            async with self.db.session() as s:
-                cur = await self._locked(s, db, State.BOOTING)
-                if cur is not None:
-                    await self.transition(
-                        s,
-                        cur,
-                        State.ERROR,
-                        {"target_scale": 0, "current_scale": 0, "last_error": str(err)[:2000]},
-                    )
-            await self.committed(db.id)
-            return cur is None
-        async with self.db.session() as s:
-            cur = await self._locked(s, db, State.BOOTING)
-            if cur is not None:
-                await self.transition(
-                    s,
-                    cur,
-                    State.READY,
-                    {
-                        "current_scale": 1,
-                        "current_profile": prof.name,
-                        "worker_id": endpoint.worker_id,
-                        "writer_host": endpoint.host,
-                        "writer_port": endpoint.port,
-                        "last_error": "",
-                    },
-                )
-                await repo.open_run(
-                    s, cur, worker_id=endpoint.worker_id, profile=prof.name, cu=prof.cu, started_at=started_at
-                )
-        await self.committed(db.id)
-        if cur is None:
-            return True  # deleted or otherwise changed while booting: the next step handles it
-        COLD_STARTS.labels("ok").inc()
-        BOOT_SECONDS.observe(time.monotonic() - t0)
-        log.info(
-            "database %s ready on %s:%d in %.0f ms",
-            db.id,
-            endpoint.host,
-            endpoint.port,
-            1000 * (time.monotonic() - t0),
-        )
-        return False
-
-    async def _stop(self, db: Db) -> bool:
-        spec = spec_of(db)
-        try:
-            await self.driver.stop(spec)
-        except ComputeError as err:
-            log.error("could not stop database %s: %s", db.id, err)
-            async with self.db.session() as s:
-                cur = await self._locked(s, db, State.STOPPING)
-                if cur is not None:
-                    await self.transition(
-                        s,
-                        cur,
-                        State.ERROR,
-                        {
-                            "target_scale": 0,
-                            "current_scale": 0,
-                            "last_error": str(err)[:2000],
-                        },
-                    )
-            await self.committed(db.id)
-            return False
-        size = await self.driver.storage_bytes(spec)
-        async with self.db.session() as s:
-            cur = await self._locked(s, db, State.STOPPING)
-            if cur is not None:
-                t = now()
-                await repo.close_runs(s, cur.id, t)
-                await repo.delete_expired_leases(s, cur.id, t)
-                stopped = {
-                    "current_scale": 0,
-                    "worker_id": "",
-                    "writer_host": "",
-                    "writer_port": 0,
-                    "active_connections": 0,
-                    "storage_bytes": size,
-                }
-                # A lease that came while stopping wants a writer again: boot once stopped.
-                nxt = State.BOOTING if cur.target_scale == 1 else State.STOPPED
-                await self.transition(s, cur, nxt, stopped)
-        await self.committed(db.id)
-        return cur is None or cur.target_scale == 1
-
-    async def _delete(self, db: Db) -> bool:
-        try:
-            await self.driver.destroy(spec_of(db))
-        except (ComputeError, OSError) as err:
-            log.error("could not destroy database %s: %s", db.id, err)
-            return False
-        async with self.db.session() as s:
-            cur = await self._locked(s, db, State.DELETING)
-            if cur is not None:
-                await repo.close_runs(s, cur.id, now())
-                await repo.delete_database(s, cur.tenant_id, cur.id)  # leases go with it (cascade)
-                await events.publish(self.outbox, s, events.DELETED, replace(cur, updated_at=now()))
-        await self.committed(db.id)
-        return False
-
-    async def _lost(self, db: Db) -> bool:
-        async with self.db.session() as s:
-            cur = await self._locked(s, db, State.READY, worker_id=db.worker_id)
-            # Re-checked under the lock: a stop or a newer writer may have raced the monitor.
-            if cur is None or await self.driver.is_alive(spec_of(cur)):
-                return False
-            await repo.close_runs(s, cur.id, now())
-            await repo.delete_expired_leases(s, cur.id, now())
-            await self.transition(
-                s,
-                cur,
-                State.STOPPED,
-                {
-                    "current_scale": 0,
-                    "target_scale": 0,
-                    "worker_id": "",
-                    "writer_host": "",
-                    "writer_port": 0,
-                    "active_connections": 0,
-                    "lease_control_epoch": cur.lease_control_epoch + 1,
-                    "last_error": "compute process exited",
-                },
-                event=events.COMPUTE_LOST,
-                lost_worker_id=cur.worker_id,
-            )
-        COMPUTES_LOST.inc()
-        log.warning("compute %s of database %s died; marked stopped", cur.worker_id, cur.id)
-        await self.committed(db.id)
-        return False
-
-    async def _reap(self, db: Db) -> bool:
-        log.warning("database %s is %s but its compute runs; stopping it", db.id, db.state)
-        try:
-            await self.driver.stop(spec_of(db))
-        except ComputeError:
-            log.warning("could not stop the stray compute of %s", db.id, exc_info=True)
-        return False
 
     # -- idle stop -----------------------------------------------------------------------------
 
@@ -473,29 +244,25 @@ class Lifecycle:
 
     async def reconcile_loop(self) -> None:
         await self.resume()
-        while True:
-            await asyncio.sleep(self.reconcile_interval)
-            try:
-                async with self.db.session() as s:
-                    keys = await repo.keys_in_states(s, UNFINISHED)
-                for tenant_id, db_id in keys:
-                    if db_id not in self._tasks:
-                        self.kick(tenant_id, db_id)
-            except Exception:
-                log.warning("reconcile pass failed; retrying", exc_info=True)
+        await every("database reconcile", self.reconcile_interval, self._kick_unfinished)
+
+    async def _kick_unfinished(self) -> None:
+        async with self.db.session() as s:
+            keys = await repo.keys_in_states(s, UNFINISHED)
+        for key in keys:
+            if not self.runner.busy(key):
+                self.runner.kick(key)
 
     async def monitor_loop(self) -> None:
         """Notice a writer that died while `ready` (crash, OOM kill, kill -9)."""
-        while True:
-            await asyncio.sleep(self.monitor_interval)
-            try:
-                async with self.db.session() as s:
-                    ready = await self._ready_specs(s)
-                for tenant_id, db_id, spec in ready:
-                    if db_id not in self._tasks and not await self.driver.is_alive(spec):
-                        self.kick(tenant_id, db_id)
-            except Exception:
-                log.warning("compute monitor pass failed; retrying", exc_info=True)
+        await every("compute monitor", self.monitor_interval, self._check_writers, jitter=0)
+
+    async def _check_writers(self) -> None:
+        async with self.db.session() as s:
+            ready = await self._ready_specs(s)
+        for tenant_id, db_id, spec in ready:
+            if not self.runner.busy((tenant_id, db_id)) and not await self.driver.is_alive(spec):
+                self.kick(tenant_id, db_id)
 
     async def _ready_specs(self, s: AsyncSession) -> list[tuple[str, str, ComputeSpec]]:
         out = []
@@ -507,39 +274,34 @@ class Lifecycle:
 
     async def idle_loop(self) -> None:
         interval = min(max(self.idle_timeout.total_seconds() / 4, 0.2), 5.0)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.stop_idle()
-            except Exception:
-                log.warning("idle stop pass failed; retrying", exc_info=True)
+        await every("idle stop", interval, self.stop_idle, jitter=0)
 
     async def storage_loop(self) -> None:
         """Keep storage_bytes (billing, quota) near the truth for running databases."""
-        while True:
-            await asyncio.sleep(self.storage_interval)
-            try:
-                async with self.db.session() as s:
-                    keys = await repo.keys_in_states(s, (State.READY.value,))
-                for tenant_id, db_id in keys:
-                    async with self.db.session() as s:
-                        db = await repo.get(s, tenant_id, db_id)
-                    if db is None:
-                        continue
-                    size = await self.driver.storage_bytes(spec_of(db))
-                    async with self.db.session() as s:
-                        await repo.update_database(s, tenant_id, db_id, {"storage_bytes": size})
-            except Exception:
-                log.warning("storage measurement failed; retrying", exc_info=True)
+        await every("storage measurement", self.storage_interval, self._measure_storage)
+
+    async def _measure_storage(self) -> None:
+        async with self.db.session() as s:
+            keys = await repo.keys_in_states(s, (State.READY.value,))
+        for tenant_id, db_id in keys:
+            async with self.db.session() as s:
+                db = await repo.get(s, tenant_id, db_id)
+            if db is None:
+                continue
+            size = await self.driver.storage_bytes(spec_of(db))
+            async with self.db.session() as s:
+                await repo.update_database(s, tenant_id, db_id, {"storage_bytes": size})
 
     async def credentials_loop(self) -> None:
         """Follow accounts' `tenant.credentials_rotated` events and give the running writers of
         that tenant the new verifier at once (stopped ones get it at their next boot)."""
-        last = ""
+        last: int | None = None
         while True:
             try:
                 async for ev in self.accounts.watch(["tenant.credentials_rotated"], last):
-                    last = ev.id
+                    last = int(ev.id)
+                    if ev.type == STREAM_HEAD:
+                        continue
                     async with self.db.session() as s:
                         ids = await repo.tenant_database_ids(s, ev.tenant_id)
                     for db_id in ids:
@@ -554,9 +316,7 @@ class Lifecycle:
         """A clean stop of the service: with a driver whose computes are our children, stop them
         and record `stopped` (the next lease wakes them); unfinished creates and deletes resume at
         the next start."""
-        for task in list(self._tasks.values()):
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await self.runner.shutdown()
         if not self.driver.stop_on_shutdown:
             return
         async with self.db.session() as s:
@@ -574,18 +334,7 @@ class Lifecycle:
                 if db.state == State.READY:
                     db = await self.transition(s, db, State.STOPPING, {"target_scale": 0}, reason="shutdown")
                 await self.transition(
-                    s,
-                    db,
-                    State.STOPPED,
-                    {
-                        "current_scale": 0,
-                        "target_scale": 0,
-                        "worker_id": "",
-                        "writer_host": "",
-                        "writer_port": 0,
-                        "active_connections": 0,
-                    },
-                    reason="shutdown",
+                    s, db, State.STOPPED, {**STOPPED_WRITER, "target_scale": 0}, reason="shutdown"
                 )
 
         results = await asyncio.gather(*(stop_one(t, d) for t, d in keys), return_exceptions=True)

@@ -1,6 +1,6 @@
 """The databases service process: `python -m services.databases.main`.
 
-Serves DatabaseService (the /v2 database routes, ResolveDatabase, WatchDatabaseEvents),
+Serves DatabaseService (the /v2 database routes, ResolveDatabase), its EventStreamService,
 LeaseService (the PG Gateway's leases) and the internal TenantResourcesService, and runs the
 reconciler's loops: resume/reconcile, the compute monitor, idle stop, storage measurement and
 the credentials-rotation follower.
@@ -8,9 +8,12 @@ the credentials-rotation follower.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import and_, func
+import grpc
+from sqlalchemy import ColumnElement, Table, and_, func
 
 from libs.grpc_server import AuditSink, Service
 from libs.outbox import Outbox
@@ -19,18 +22,18 @@ from libs.tenant_resources import Count, Spec, register_resources
 from services.databases import servicer
 from services.databases.compute import make_driver
 from services.databases.compute.profiles import PROFILES
-from services.databases.domain import DatabasesDomain, EventsDomain, LeaseDomain
+from services.databases.domain import DatabasesDomain, LeaseDomain
 from services.databases.lifecycle import Lifecycle
 from services.databases.models import SCHEMA, compute_runs, databases, leases, outbox
 from services.databases.peers import Accounts
 
 
-def _period_start():  # type: ignore[no-untyped-def]
+def _period_start() -> ColumnElement[Any]:
     """The start of this UTC calendar month (the billing period accounts reports)."""
     return func.timezone("UTC", func.date_trunc("month", func.timezone("UTC", func.now())))
 
 
-def _cu_millihours(t):  # type: ignore[no-untyped-def]
+def _cu_millihours(t: Table) -> ColumnElement[Any]:
     """CU·h * 1000 of the run intervals this period (a run still open counts until now)."""
     end = func.coalesce(t.c.ended_at, func.now())
     seconds = func.extract("epoch", end - func.greatest(t.c.started_at, _period_start()))
@@ -46,7 +49,7 @@ def _usage(name: str) -> Count:
     )
 
 
-def spec(purge_hook) -> Spec:  # type: ignore[no-untyped-def]
+def spec(purge_hook: Callable[[str], Awaitable[bool]]) -> Spec:
     return Spec(
         counts=[
             Count("databases", databases, where=lambda t: t.c.state != "deleting"),
@@ -77,11 +80,10 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     lifecycle = Lifecycle(rt.db, driver, accounts, events, idle_timeout=rt.settings.idle_timeout)
     dbs = DatabasesDomain(rt.db, accounts, events, lifecycle)
     lease_domain = LeaseDomain(rt.db, accounts, lifecycle)
-    events_domain = EventsDomain(events)
 
-    def register(server):  # type: ignore[no-untyped-def]
+    def register(server: grpc.aio.Server) -> list[str]:
         return [
-            *servicer.register(server, dbs, lease_domain, events_domain),
+            *servicer.register(server, dbs, lease_domain),
             *register_resources(server, rt.db, spec(dbs.purge_tenant)),
         ]
 
@@ -89,6 +91,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         name="databases",
         register=register,
         on_stop=lifecycle.shutdown,
+        events=events,
         background=[
             lifecycle.reconcile_loop,
             lifecycle.monitor_loop,

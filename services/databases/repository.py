@@ -7,15 +7,16 @@ reconciler needs return only (tenant_id, db_id) keys.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, delete, exists, func, insert, select, text, update
+from sqlalchemy import and_, delete, exists, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from libs.db import xact_lock
 from services.databases.models import compute_runs, databases, leases
 
 
@@ -128,10 +129,7 @@ async def list_databases(
 async def lock_account(s: AsyncSession, account_id: str) -> None:
     """Serialise creates within one account until the transaction ends, so the plan's database
     cap holds under concurrent creates (the rows to count may not exist yet: no row to lock)."""
-    key = int.from_bytes(
-        hashlib.sha256(f"ctrlmesh-dbs:{account_id}".encode()).digest()[:8], "big", signed=True
-    )
-    await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+    await xact_lock(s, "dbs", account_id)
 
 
 async def count_account_databases(s: AsyncSession, account_id: str) -> int:
@@ -157,7 +155,7 @@ async def delete_database(s: AsyncSession, tenant_id: str, db_id: str) -> bool:
     res = await s.execute(
         delete(databases).where(databases.c.tenant_id == tenant_id, databases.c.id == db_id)
     )
-    return bool(res.rowcount)  # type: ignore[attr-defined]
+    return bool(cast(CursorResult[Any], res).rowcount)
 
 
 async def tenant_database_ids(s: AsyncSession, tenant_id: str) -> list[str]:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
+from typing import Any
 
 import grpc
-from ctrlmesh.common.v1 import internal_pb2
 from ctrlmesh.databases.v1 import databases_pb2 as pb
 from ctrlmesh.databases.v1 import databases_pb2_grpc as rpc
-from google.protobuf import duration_pb2, empty_pb2, struct_pb2
+from google.protobuf import duration_pb2, empty_pb2
 
 from libs import principal as principals
 from libs.protoconv import ts
-from services.databases import events
-from services.databases.domain import DatabasesDomain, EventsDomain, LeaseDomain, deadline_after
+from services.databases.domain import DatabasesDomain, LeaseDomain, deadline_after
 from services.databases.repository import Db, LeaseRow
 from services.databases.state import State
 
@@ -75,11 +73,12 @@ def lease(row: LeaseRow, d: Db) -> pb.Lease:
 
 
 class DatabaseService(rpc.DatabaseServiceServicer):
-    def __init__(self, domain: DatabasesDomain, events_: EventsDomain):
+    def __init__(self, domain: DatabasesDomain):
         self.d = domain
-        self.e = events_
 
-    async def CreateDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateDatabase(
+        self, request: pb.CreateDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Database:
         row, t = await self.d.create(
             principals.current(),
             request.tenant,
@@ -90,7 +89,9 @@ class DatabaseService(rpc.DatabaseServiceServicer):
         )
         return database(row, t.name)
 
-    async def ListDatabases(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListDatabases(
+        self, request: pb.ListDatabasesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListDatabasesResponse:
         rows, total, t = await self.d.list(
             principals.current(),
             request.tenant,
@@ -101,65 +102,57 @@ class DatabaseService(rpc.DatabaseServiceServicer):
         )
         return pb.ListDatabasesResponse(items=[database(r, t.name) for r in rows], total=total)
 
-    async def GetDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetDatabase(
+        self, request: pb.GetDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Database:
         row, t = await self.d.get(principals.current(), request.tenant, request.db)
         return database(row, t.name)
 
-    async def GetDatabaseById(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetDatabaseById(
+        self, request: pb.GetDatabaseByIdRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Database:
         row, t = await self.d.get_by_id(principals.current(), request.db_id)
         return database(row, t.name)
 
-    async def DeleteDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteDatabase(
+        self, request: pb.DeleteDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Database:
         row, t = await self.d.delete(principals.current(), request.tenant, request.db, force=request.force)
         return database(row, t.name)
 
-    async def StartDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def StartDatabase(
+        self, request: pb.StartDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         self.d.manual_lifecycle("start")
         return empty_pb2.Empty()
 
-    async def StopDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def StopDatabase(
+        self, request: pb.StopDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         self.d.manual_lifecycle("stop")
         return empty_pb2.Empty()
 
-    async def ScaleDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def ScaleDatabase(
+        self, request: pb.ScaleDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         self.d.manual_lifecycle("scale")
         return empty_pb2.Empty()
 
-    async def ResolveDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def ResolveDatabase(
+        self, request: pb.ResolveDatabaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ResolveDatabaseResponse:
         row = await self.d.resolve(principals.current(), request.tenant_id, request.name)
         host, port = writer(row)
         return pb.ResolveDatabaseResponse(database=database(row), writer_host=host, writer_port=port)
-
-    async def WatchDatabaseEvents(self, request, context) -> AsyncIterator[internal_pb2.Event]:  # type: ignore[no-untyped-def,override]
-        after = await self.e.start(principals.current(), request.last_event_id)
-        if request.send_head and not request.last_event_id:
-            yield internal_pb2.Event(id=str(after), type=events.STREAM_HEAD, time=ts(datetime.now(UTC)))
-        rows = self.e.watch(
-            after,
-            tenant_id=request.tenant_id,
-            account_id=request.account_id,
-            db_id=request.db_id,
-            types=list(request.type),
-        )
-        async for row in rows:
-            data = struct_pb2.Struct()
-            data.update(row["data"])
-            yield internal_pb2.Event(
-                id=str(row["seq"]),
-                type=row["type"],
-                tenant_id=row["tenant_id"],
-                resource=row["resource"],
-                resource_id=row["resource_id"],
-                data=data,
-                time=ts(row["created_at"]),
-            )
 
 
 class LeaseService(rpc.LeaseServiceServicer):
     def __init__(self, domain: LeaseDomain):
         self.d = domain
 
-    async def AcquireLease(self, request, context):  # type: ignore[no-untyped-def]
+    async def AcquireLease(
+        self, request: pb.AcquireLeaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Lease:
         row, db = await self.d.acquire(
             principals.current(),
             request.tenant_id,
@@ -170,7 +163,9 @@ class LeaseService(rpc.LeaseServiceServicer):
         )
         return lease(row, db)
 
-    async def RenewLease(self, request, context):  # type: ignore[no-untyped-def]
+    async def RenewLease(
+        self, request: pb.RenewLeaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Lease:
         row, db = await self.d.renew(
             principals.current(),
             request.lease_id,
@@ -180,14 +175,14 @@ class LeaseService(rpc.LeaseServiceServicer):
         )
         return lease(row, db)
 
-    async def ReleaseLease(self, request, context):  # type: ignore[no-untyped-def]
+    async def ReleaseLease(
+        self, request: pb.ReleaseLeaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         await self.d.release(principals.current(), request.lease_id, request.epoch)
         return empty_pb2.Empty()
 
 
-def register(
-    server: grpc.aio.Server, databases: DatabasesDomain, leases: LeaseDomain, events_: EventsDomain
-) -> list[str]:
-    rpc.add_DatabaseServiceServicer_to_server(DatabaseService(databases, events_), server)
+def register(server: grpc.aio.Server, databases: DatabasesDomain, leases: LeaseDomain) -> list[str]:
+    rpc.add_DatabaseServiceServicer_to_server(DatabaseService(databases), server)
     rpc.add_LeaseServiceServicer_to_server(LeaseService(leases), server)
     return [s.full_name for s in pb.DESCRIPTOR.services_by_name.values()]

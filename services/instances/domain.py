@@ -8,6 +8,7 @@ a per-tenant advisory lock, so concurrent creates and scales cannot together exc
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,11 @@ from services.instances import specs
 from services.instances.providers import Registry
 from services.instances.repository import Row, Scope, now
 from services.instances.tenants import Limits, Tenants
+
+log = logging.getLogger("ctrlmesh.instances")
+
+# Where the follower of accounts' `tenant.suspended` events stands (a row of `cursors`).
+SUSPENSION_CURSOR = "accounts.tenant_suspended"
 
 # Upstream event names for state changes (ctrlplane's instance.* events).
 STATE_EVENTS = {"running": "instance.started", "stopped": "instance.stopped", "failed": "instance.failed"}
@@ -65,6 +71,13 @@ def check_quota(limits: Limits, used: dict[str, int], add: dict[str, int]) -> No
             )
 
 
+def ensure_not_suspended(row: Row) -> None:
+    if row["suspended_at"] is not None:
+        raise InvalidState(
+            f"instance {row['id']!r} is suspended; unsuspend it first", details={"state": row["state"]}
+        )
+
+
 class InstancesDomain:
     def __init__(
         self, db: Database, registry: Registry, tenants: Tenants, outbox: Outbox, wake: Callable[[], None]
@@ -96,7 +109,11 @@ class InstancesDomain:
                 details={"state": row["state"], "target": state},
             )
         if not await repo.update_instance(
-            s, row["id"], {"state": state, **values}, expect_state=row["state"]
+            s,
+            Scope.tenant(row["tenant_id"]),
+            row["id"],
+            {"state": state, **values},
+            expect_state=row["state"],
         ):
             return False
         new = {**row, "state": state, **values}
@@ -105,7 +122,7 @@ class InstancesDomain:
             await self.publish(s, STATE_EVENTS[state], new)
         return True
 
-    async def _load(self, s: AsyncSession, p: Principal, instance_id: str, *, lock: bool = False) -> Row:
+    async def load(self, s: AsyncSession, p: Principal, instance_id: str, *, lock: bool = False) -> Row:
         row = await repo.get_instance(s, Scope.of(p), instance_id, lock=lock)
         if row is None:
             raise not_found("instance", instance_id)
@@ -121,13 +138,6 @@ class InstancesDomain:
                 "the tenant is suspended; its instances are read-only", details={"tenant_id": tenant_id}
             )
         return limits
-
-    @staticmethod
-    def _not_suspended(row: Row) -> None:
-        if row["suspended_at"] is not None:
-            raise InvalidState(
-                f"instance {row['id']!r} is suspended; unsuspend it first", details={"state": row["state"]}
-            )
 
     def _target_tenant(self, p: Principal, tenant_id: str) -> str:
         if p.scope == "tenant":
@@ -216,7 +226,7 @@ class InstancesDomain:
 
     async def get(self, p: Principal, instance_id: str) -> Row:
         async with self.db.session() as s:
-            return await self._load(s, p, instance_id)
+            return await self.load(s, p, instance_id)
 
     async def find(
         self, p: Principal, *, state: str, label: str, provider: str, tenant_id: str, cursor: str, limit: int
@@ -264,9 +274,9 @@ class InstancesDomain:
         if labels:
             values["labels"] = labels
         async with self.db.session() as s:
-            row = await self._load(s, p, instance_id, lock=True)
+            row = await self.load(s, p, instance_id, lock=True)
             if values:
-                await repo.update_instance(s, instance_id, values)
+                await repo.update_instance(s, Scope.of(p), instance_id, values)
                 row = {**row, **values, "updated_at": now()}
                 await self.publish(s, "instance.updated", row)
         await self.outbox.notify()
@@ -278,7 +288,7 @@ class InstancesDomain:
         row = await self.get(p, instance_id)
         await self.writable(p, row["tenant_id"])
         async with self.db.session() as s:
-            row = await self._load(s, p, instance_id, lock=True)
+            row = await self.load(s, p, instance_id, lock=True)
             await action(s, row)
         await self.outbox.notify()
         self.wake()
@@ -286,13 +296,16 @@ class InstancesDomain:
 
     async def start(self, p: Principal, instance_id: str) -> Row:
         async def act(s: AsyncSession, row: Row) -> None:
-            self._not_suspended(row)
-            if row["state"] == "provisioning":
-                await repo.update_instance(s, row["id"], {"desired_state": "running"})
+            ensure_not_suspended(row)
+            if row["state"] in ("provisioning", "stopping"):
+                # Recorded; the reconciler starts it once provisioned, or once it has stopped.
+                await repo.update_instance(
+                    s, Scope.tenant(row["tenant_id"]), row["id"], {"desired_state": "running"}
+                )
                 return
             if row["state"] not in ("stopped", "failed"):
                 raise InvalidState(
-                    f"instance {row['id']!r} is {row['state']}; start needs provisioning, stopped or failed",
+                    f"instance {row['id']!r} is {row['state']}; start needs provisioning, stopping, stopped or failed",
                     details={"state": row["state"]},
                 )
             await self.transition(s, row, "starting", desired_state="running", last_error="")
@@ -301,28 +314,33 @@ class InstancesDomain:
 
     async def stop(self, p: Principal, instance_id: str) -> Row:
         async def act(s: AsyncSession, row: Row) -> None:
-            self._not_suspended(row)
+            ensure_not_suspended(row)
             if row["state"] != "running":
                 raise InvalidState(
                     f"instance {row['id']!r} is {row['state']}; stop needs running",
                     details={"state": row["state"]},
                 )
-            await self._cancel_in_flight(s, row["id"])
+            await self._cancel_in_flight(s, row)
             await self.transition(s, row, "stopping", desired_state="stopped")
 
         return await self._act(p, instance_id, act)
 
     async def restart(self, p: Principal, instance_id: str) -> Row:
         async def act(s: AsyncSession, row: Row) -> None:
-            self._not_suspended(row)
+            ensure_not_suspended(row)
             if row["state"] == "running":
                 # Down and up again: stopping, then the reconciler starts it (desired running).
                 await self.transition(s, row, "stopping", desired_state="running")
+            elif row["state"] == "stopping":
+                # Already on its way down: up again once it is stopped.
+                await repo.update_instance(
+                    s, Scope.tenant(row["tenant_id"]), row["id"], {"desired_state": "running"}
+                )
             elif row["state"] in ("stopped", "failed"):
                 await self.transition(s, row, "starting", desired_state="running", last_error="")
             else:
                 raise InvalidState(
-                    f"instance {row['id']!r} is {row['state']}; restart needs running, stopped or failed",
+                    f"instance {row['id']!r} is {row['state']}; restart needs running, stopping, stopped or failed",
                     details={"state": row["state"]},
                 )
             await self.publish(s, "instance.restarted", row)
@@ -336,13 +354,13 @@ class InstancesDomain:
         limits = await self.writable(p, row["tenant_id"])
 
         async def act(s: AsyncSession, row: Row) -> None:
-            self._not_suspended(row)
+            ensure_not_suspended(row)
             if row["state"] not in ("running", "stopped", "failed"):
                 raise InvalidState(
                     f"instance {row['id']!r} is {row['state']}; scale needs running, stopped or failed",
                     details={"state": row["state"]},
                 )
-            if await repo.in_flight_deployment(s, row["id"]):
+            if await repo.in_flight_deployment(s, Scope.tenant(row["tenant_id"]), row["id"]):
                 raise InvalidState(
                     "a deployment is in progress; scale after it finishes", details={"state": row["state"]}
                 )
@@ -360,7 +378,7 @@ class InstancesDomain:
             values = {"spec": {**row["spec"], "services": services}, **per, "replicas": n}
             if row["state"] == "running":
                 values["generation"] = row["generation"] + 1
-            await repo.update_instance(s, row["id"], values)
+            await repo.update_instance(s, Scope.tenant(row["tenant_id"]), row["id"], values)
             await self.publish(
                 s, "instance.scaled", {**row, **values}, replicas=n, resources=main["resources"]
             )
@@ -379,11 +397,11 @@ class InstancesDomain:
                     details={"state": row["state"]},
                 )
             values = {"suspended_at": now(), "suspend_reason": reason, "desired_state": "stopped"}
-            await self._cancel_in_flight(s, row["id"])
+            await self._cancel_in_flight(s, row)
             if row["state"] == "running":
                 await self.transition(s, row, "stopping", **values)
             else:
-                await repo.update_instance(s, row["id"], values)
+                await repo.update_instance(s, Scope.tenant(row["tenant_id"]), row["id"], values)
             await self.publish(s, "instance.suspended", {**row, **values}, reason=reason)
 
         return await self._act(p, instance_id, act)
@@ -398,7 +416,7 @@ class InstancesDomain:
             if row["state"] in ("stopped", "failed"):
                 await self.transition(s, row, "starting", last_error="", **values)
             else:
-                await repo.update_instance(s, row["id"], values)
+                await repo.update_instance(s, Scope.tenant(row["tenant_id"]), row["id"], values)
             await self.publish(s, "instance.unsuspended", {**row, **values}, reason=reason)
 
         return await self._act(p, instance_id, act)
@@ -407,21 +425,57 @@ class InstancesDomain:
         async def act(s: AsyncSession, row: Row) -> None:
             if row["state"] in ("destroying", "destroyed"):
                 return
-            await self._cancel_in_flight(s, row["id"])
+            await self._cancel_in_flight(s, row)
             # Convergent: from any state; the reconciler removes whatever the engine holds.
-            await repo.update_instance(s, row["id"], {"state": "destroying", "desired_state": "destroyed"})
+            await repo.update_instance(
+                s,
+                Scope.tenant(row["tenant_id"]),
+                row["id"],
+                {"state": "destroying", "desired_state": "destroyed"},
+            )
             await self.publish(
                 s, "instance.state_changed", {**row, "state": "destroying"}, previous_state=row["state"]
             )
 
         return await self._act(p, instance_id, act)
 
-    async def _cancel_in_flight(self, s: AsyncSession, instance_id: str) -> None:
-        dep = await repo.in_flight_deployment(s, instance_id)
+    async def _cancel_in_flight(self, s: AsyncSession, row: Row) -> None:
+        scope = Scope.tenant(row["tenant_id"])
+        dep = await repo.in_flight_deployment(s, scope, row["id"])
         if dep is not None:
-            await repo.update_deployment(s, dep["id"], {"cancel_requested": True})
+            await repo.update_deployment(s, scope, dep["id"], {"cancel_requested": True})
 
-    # -- tenant suspension -------------------------------------------------------------------
+    # -- the tenant's lifecycle in accounts ---------------------------------------------------
+
+    async def purge_tenant(self, tenant_id: str) -> bool:
+        """Accounts deletes a tenant: delete its instances first; done once all are gone."""
+        scope = Scope.tenant(tenant_id)
+        async with self.db.session() as s:
+            rows = await repo.tenant_instances(s, tenant_id)
+            for row in rows:
+                if row["state"] != "destroying":
+                    await repo.update_instance(
+                        s, scope, row["id"], {"state": "destroying", "desired_state": "destroyed"}
+                    )
+        self.wake()
+        return not rows
+
+    async def follow_suspensions(self) -> None:
+        """Stop the instances of each tenant accounts suspends, resuming after the last event
+        handled (by this or an earlier process)."""
+        await self.tenants.watch_suspensions(self._load_cursor, self._save_cursor, self._suspended)
+
+    async def _load_cursor(self) -> int | None:
+        async with self.db.session() as s:
+            return await repo.get_cursor(s, SUSPENSION_CURSOR)
+
+    async def _save_cursor(self, value: int) -> None:
+        async with self.db.session() as s:
+            await repo.set_cursor(s, SUSPENSION_CURSOR, value)
+
+    async def _suspended(self, tenant_id: str) -> None:
+        stopped = await self.on_tenant_suspended(tenant_id)
+        log.info("tenant %s suspended: stopping %d instance(s)", tenant_id, stopped)
 
     async def on_tenant_suspended(self, tenant_id: str) -> int:
         """Stop every instance of a suspended tenant (they stay stopped after unsuspend)."""
@@ -430,11 +484,13 @@ class InstancesDomain:
             for row in await repo.tenant_instances(s, tenant_id):
                 if row["state"] in ("destroying", "destroyed", "stopped", "stopping", "failed"):
                     continue
-                await self._cancel_in_flight(s, row["id"])
+                await self._cancel_in_flight(s, row)
                 if row["state"] == "running":
                     await self.transition(s, row, "stopping", desired_state="stopped")
                 else:
-                    await repo.update_instance(s, row["id"], {"desired_state": "stopped"})
+                    await repo.update_instance(
+                        s, Scope.tenant(row["tenant_id"]), row["id"], {"desired_state": "stopped"}
+                    )
                 await self.publish(s, "instance.tenant_suspended", row)
                 stopped += 1
         await self.outbox.notify()

@@ -30,6 +30,7 @@ from libs.db import Database
 from libs.errors import InvalidArgument, not_found
 from libs.outbox import Outbox
 from libs.principal import Principal
+from libs.reconcile import every
 from services.instances import repository as repo
 from services.instances import specs
 from services.instances.domain import InstancesDomain
@@ -40,6 +41,9 @@ from services.instances.repository import Row, Scope, now
 log = logging.getLogger("ctrlmesh.instances.health")
 
 LOCAL_HOSTS = ("localhost",)
+DEFAULT_INTERVAL_S = 30.0
+DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_RETRIES = 3
 
 
 @dataclass
@@ -257,11 +261,17 @@ class HealthDomain:
         name: str,
         type_: str,
         target: str,
-        interval_s: float,
-        timeout_s: float,
-        retries: int,
-        enabled: bool,
+        interval_s: float | None,
+        timeout_s: float | None,
+        retries: int | None,
+        enabled: bool | None,
     ) -> Row:
+        """A check; what the caller leaves out takes the upstream defaults: every 30 s, a timeout
+        of 5 s (at most the interval), 3 retries, enabled."""
+        interval_s = DEFAULT_INTERVAL_S if interval_s is None else interval_s
+        timeout_s = min(DEFAULT_TIMEOUT_S, interval_s) if timeout_s is None else timeout_s
+        retries = DEFAULT_RETRIES if retries is None else retries
+        enabled = True if enabled is None else enabled
         inst = await self.instances.get(p, instance_id)
         await self.instances.writable(p, inst["tenant_id"])
         ports = {pt["container_port"] for svc in inst["spec"]["services"] for pt in svc["ports"]}
@@ -295,6 +305,7 @@ class HealthDomain:
                 resource="health_check",
                 resource_id=row["id"],
                 tenant_id=row["tenant_id"],
+                account_id=repo.account_of(instance_id),
                 data={"id": row["id"], "instance_id": instance_id},
             )
         await self.outbox.notify()
@@ -316,7 +327,7 @@ class HealthDomain:
         check = await self._check(p, check_id)
         await self.instances.writable(p, check["tenant_id"])
         async with self.db.session() as s:
-            await repo.delete_check(s, check_id)
+            await repo.delete_check(s, Scope.of(p), check_id)
             await self._refresh_aggregate(s, check["instance_id"], check["tenant_id"])
         await self.outbox.notify()
 
@@ -367,7 +378,12 @@ class HealthDomain:
                 status = "unhealthy"
             else:
                 status = current["status"]  # within its retries: keep what it was
-            await repo.update_check(s, check["id"], {"consecutive_failures": failures, "status": status})
+            await repo.update_check(
+                s,
+                Scope.tenant(check["tenant_id"]),
+                check["id"],
+                {"consecutive_failures": failures, "status": status},
+            )
             await self._refresh_aggregate(s, check["instance_id"], check["tenant_id"], cause=check["id"])
         await self.outbox.notify()
         self.hub.publish(check["instance_id"], result)
@@ -385,6 +401,7 @@ class HealthDomain:
                 resource="instance",
                 resource_id=instance_id,
                 tenant_id=tenant_id,
+                account_id=repo.account_of(instance_id),
                 data={"instance_id": instance_id, "status": status, "previous": previous, "check_id": cause},
             )
 
@@ -392,8 +409,8 @@ class HealthDomain:
         await self.instances.get(p, instance_id)
         async with self.db.session() as s:
             checks = await repo.list_checks(s, Scope.of(p), instance_id)
-            latest = await repo.latest_results(s, [c["id"] for c in checks])
-            recent = await repo.recent_results(s, instance_id, now() - timedelta(hours=24))
+            latest = await repo.latest_results(s, Scope.of(p), [c["id"] for c in checks])
+            recent = await repo.recent_results(s, Scope.of(p), instance_id, now() - timedelta(hours=24))
         status = aggregate([c["status"] for c in checks if c["enabled"]])
         uptime = (
             round(100.0 * sum(r["status"] == "healthy" for r in recent) / len(recent), 2) if recent else 0.0
@@ -425,6 +442,7 @@ class Runner:
         self._busy: set[str] = set()
         self._sem = asyncio.Semaphore(concurrency)
         self._last_prune = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def _one(self, check: Row) -> None:
         async with self._sem:
@@ -436,29 +454,24 @@ class Runner:
                 self._busy.discard(check["id"])
 
     async def run(self) -> None:
-        tasks: set[asyncio.Task[None]] = set()
-        while True:
-            try:
-                async with self.db.session() as s:
-                    checks = await repo.enabled_checks(s)
-                    if time.monotonic() - self._last_prune > 600:
-                        await repo.prune_results(s, timedelta(hours=25))
-                        self._last_prune = time.monotonic()
-                t = time.monotonic()
-                live = {c["id"] for c in checks}
-                for cid in list(self._next):
-                    if cid not in live:
-                        self._next.pop(cid, None)
-                for c in checks:
-                    due = self._next.setdefault(c["id"], t)
-                    if due <= t and c["id"] not in self._busy:
-                        self._busy.add(c["id"])
-                        self._next[c["id"]] = t + float(c["interval_s"])
-                        task = asyncio.create_task(self._one(c))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("health runner pass failed", exc_info=True)
-            await asyncio.sleep(self.tick)
+        await every("health runner", self.tick, self._pass, first=0, jitter=0)
+
+    async def _pass(self) -> None:
+        async with self.db.session() as s:
+            checks = await repo.enabled_checks(s)
+            if time.monotonic() - self._last_prune > 600:
+                await repo.prune_results(s, timedelta(hours=25))
+                self._last_prune = time.monotonic()
+        t = time.monotonic()
+        live = {c["id"] for c in checks}
+        for cid in list(self._next):
+            if cid not in live:
+                self._next.pop(cid, None)
+        for c in checks:
+            due = self._next.setdefault(c["id"], t)
+            if due <= t and c["id"] not in self._busy:
+                self._busy.add(c["id"])
+                self._next[c["id"]] = t + float(c["interval_s"])
+                task = asyncio.create_task(self._one(c))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)

@@ -13,6 +13,7 @@ from sqlalchemy import BigInteger, Boolean, Column, DateTime, Float, Integer, Me
 from sqlalchemy.dialects.postgresql import JSONB
 
 from libs.outbox import outbox_table
+from libs.reconcile import claims_table
 
 SCHEMA = "instances"
 metadata = MetaData(schema=SCHEMA)
@@ -159,3 +160,6 @@ cursors = Table(
 )
 
 outbox = outbox_table(metadata)
+
+# 0003: which process drives which instance (libs/reconcile.Claims).
+reconcile_claims = claims_table(metadata)

@@ -1,9 +1,11 @@
 """The reconciler: drives each instance's engine state toward its persisted desired state.
 
 The API only records decisions (state `provisioning`/`starting`/`stopping`/`destroying`, a
-bumped generation, a pending deployment) and wakes this loop. One task per instance does the
-engine work, one step at a time, each step a conditional state change; on start the loop finds
-every unfinished instance and deployment again, so a restarted service resumes where it stopped.
+bumped generation, a pending deployment) and wakes this loop. The drives run on
+`libs.reconcile.KeyedRunner` with claims in PostgreSQL: one drive per instance across every
+instances-service process, one step at a time, each step a conditional state change. The
+periodic pass finds every unfinished instance and deployment again, so a restarted (or another)
+process resumes where one stopped.
 """
 
 from __future__ import annotations
@@ -14,41 +16,18 @@ import time
 from typing import Any
 
 from libs.db import Database
+from libs.reconcile import Claims, KeyedRunner, every, process_owner
 from services.instances import repository as repo
 from services.instances import specs
-from services.instances.deploys import Executor
 from services.instances.domain import InstancesDomain
+from services.instances.endpoints import endpoints_of
+from services.instances.executor import Executor
+from services.instances.models import reconcile_claims
 from services.instances.providers import Registry
 from services.instances.providers.base import GroupSpec, Provider, ProviderError, Replica
 from services.instances.repository import Row, Scope
 
 log = logging.getLogger("ctrlmesh.instances.reconciler")
-
-
-def endpoints_of(instance: Row, replicas: list[Replica]) -> list[dict[str, Any]]:
-    """Where the current release answers: one endpoint per published port of each replica."""
-    out = []
-    by_name = {s["name"]: s for s in instance["spec"]["services"]}
-    for r in replicas:
-        if not r.running or r.release_id != instance["current_release"] or r.service not in by_name:
-            continue
-        for p in by_name[r.service]["ports"]:
-            host = r.ports.get(p["container_port"])
-            if not host:
-                continue
-            proto = p.get("protocol") or "tcp"
-            scheme = {"udp": "udp", "grpc": "grpc"}.get(proto, "http")
-            out.append(
-                {
-                    "service_name": r.service,
-                    "url": f"{scheme}://127.0.0.1:{host}",
-                    "port": host,
-                    "protocol": proto,
-                    "public": True,
-                    "container_port": p["container_port"],
-                }
-            )
-    return out
 
 
 class Reconciler:
@@ -61,59 +40,54 @@ class Reconciler:
         *,
         start_timeout: float = 60.0,
         interval: float = 1.0,
+        owner: str = "",
+        wake: asyncio.Event | None = None,
     ):
+        """`wake`: the event the domain sets after recording a decision (it is built before the
+        reconciler, which needs the domain), so the next pass runs at once."""
         self.db = db
         self.domain = domain
         self.registry = registry
         self.executor = executor
         self.start_timeout = start_timeout
         self.interval = interval
-        self._event = asyncio.Event()
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._event = wake or asyncio.Event()
+        claims = Claims(db, reconcile_claims, owner or process_owner("instances"))
+        # At most 50 steps per drive: an instance that keeps needing work yields to the others
+        # and is picked up again by the next pass.
+        self.runner: KeyedRunner[str] = KeyedRunner(
+            "instance reconcile", self._converge, claims=claims, max_steps=50
+        )
 
     def wake(self) -> None:
         self._event.set()
 
     async def run(self) -> None:
-        while True:
-            try:
-                async with self.db.session() as s:
-                    todo = await repo.instances_needing_work(s)
-                for row in todo:
-                    iid = row["id"]
-                    if iid not in self._tasks:
-                        self._tasks[iid] = asyncio.create_task(self._converge(iid), name=f"reconcile-{iid}")
-                        self._tasks[iid].add_done_callback(self._forget)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("reconcile pass failed", exc_info=True)
-            self._event.clear()
-            try:
-                await asyncio.wait_for(self._event.wait(), self.interval)
-            except TimeoutError:
-                pass
+        await every("instance reconcile", self.interval, self._pass, first=0, jitter=0, wake=self._event)
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        self._tasks.pop(task.get_name().removeprefix("reconcile-"), None)
+    async def _pass(self) -> None:
+        async with self.db.session() as s:
+            todo = await repo.instances_needing_work(s)
+        for row in todo:
+            if not self.runner.busy(row["id"]):
+                self.runner.kick(row["id"])
 
-    async def _converge(self, instance_id: str) -> None:
-        """Steps until the instance needs nothing more (or must wait for the provider)."""
-        for _ in range(50):
-            async with self.db.session() as s:
-                row = await repo.get_instance(s, Scope.system(), instance_id)
-                dep = await repo.in_flight_deployment(s, instance_id) if row else None
-            if row is None:
-                return
-            try:
-                more = await self._step(row, dep)
-            except Exception as err:
-                log.warning("reconciling %s failed", instance_id, exc_info=True)
-                await self._fail(row, str(err) if isinstance(err, ProviderError) else type(err).__name__)
-                return
-            if not more:
-                return
-        self.wake()
+    async def shutdown(self) -> None:
+        await self.runner.shutdown()
+
+    async def _converge(self, instance_id: str) -> bool:
+        """One step; True while the instance needs more (False: done, or waiting for the engine)."""
+        async with self.db.session() as s:
+            row = await repo.get_instance(s, Scope.system(), instance_id)
+            dep = await repo.in_flight_deployment(s, Scope.system(), instance_id) if row else None
+        if row is None:
+            return False
+        try:
+            return await self._step(row, dep)
+        except Exception as err:
+            log.warning("reconciling %s failed", instance_id, exc_info=True)
+            await self._fail(row, str(err) if isinstance(err, ProviderError) else type(err).__name__)
+            return False
 
     async def _fail(self, row: Row, error: str) -> None:
         async with self.db.session() as s:
@@ -124,7 +98,10 @@ class Reconciler:
                 await self.domain.transition(s, fresh, "failed", last_error=error[:2000])
             elif fresh["state"] == "running":
                 await repo.update_instance(
-                    s, fresh["id"], {"last_error": error[:2000], "observed_generation": fresh["generation"]}
+                    s,
+                    Scope.system(),
+                    fresh["id"],
+                    {"last_error": error[:2000], "observed_generation": fresh["generation"]},
                 )
         await self.domain.outbox.notify()
 
@@ -185,12 +162,7 @@ class Reconciler:
             return await self._reach_running(row, reps)
         if state == "stopping":
             await provider.stop(row["id"])
-            if row["desired_state"] == "running":  # a restart: down, then up again
-                return await self._set(row, "stopped") and await self._set(
-                    {**row, "state": "stopped"}, "starting"
-                )
-            await self._set(row, "stopped", endpoints=[])
-            return False
+            return await self._stopped(row["id"])
         if state == "running" and row["desired_state"] != "running":
             return await self._set(row, "stopping")
         if state == "running" and row["generation"] != row["observed_generation"]:
@@ -198,11 +170,29 @@ class Reconciler:
             async with self.db.session() as s:
                 await repo.update_instance(
                     s,
+                    Scope.system(),
                     row["id"],
                     {"observed_generation": row["generation"], "endpoints": endpoints_of(row, reps)},
                 )
             return True
         return False
+
+    async def _stopped(self, instance_id: str) -> bool:
+        """After the engine stopped an instance: `stopped`, or up again when its desired state is
+        `running` (a restart, or an unsuspend or start that came while it stopped). Decided on the
+        row as it is now, under its lock: the desired state read before the stop may be stale,
+        and both transitions commit together, so a crash between them cannot strand the instance
+        stopped while it should run."""
+        async with self.db.session() as s:
+            fresh = await repo.get_instance(s, Scope.system(), instance_id, lock=True)
+            if fresh is None or fresh["state"] != "stopping":
+                return True
+            await self.domain.transition(s, fresh, "stopped", endpoints=[])
+            again = fresh["desired_state"] == "running"
+            if again:
+                await self.domain.transition(s, {**fresh, "state": "stopped", "endpoints": []}, "starting")
+        await self.domain.outbox.notify()
+        return again
 
     async def _reach_running(self, row: Row, reps: list[Replica]) -> bool:
         async with self.db.session() as s:
@@ -227,12 +217,13 @@ class Reconciler:
             return
         reps = await provider.replicas(instance_id)
         async with self.db.session() as s:
-            await repo.update_instance(s, instance_id, {"endpoints": endpoints_of(row, reps)})
+            await repo.update_instance(s, Scope.system(), instance_id, {"endpoints": endpoints_of(row, reps)})
 
     async def _abandon(self, dep: Row) -> None:
         async with self.db.session() as s:
             await repo.update_deployment(
                 s,
+                Scope.system(),
                 dep["id"],
                 {
                     "state": "cancelled",
@@ -255,7 +246,7 @@ class Reconciler:
                 f"provider {row['provider_name']!r} is no longer configured; engine resources not removed"
             )
         async with self.db.session() as s:
-            await repo.delete_instance(s, row["id"])
+            await repo.delete_instance(s, Scope.system(), row["id"])
             await self.domain.publish(
                 s,
                 "instance.deleted",

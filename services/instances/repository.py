@@ -3,18 +3,19 @@ outside the caller's tenants is simply not found. Rows come back as plain dicts.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, func, insert, select, text, update
+from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
+from libs.db import xact_lock
 from libs.principal import Principal, is_global
+from libs.timeutil import now
 from services.instances.models import (
     cursors,
     deployments,
@@ -29,8 +30,10 @@ from services.instances.models import (
 Row = dict[str, Any]
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
+def account_of(instance_id: str) -> ColumnElement[str]:
+    """The account of an instance, as a scalar subquery: events about an instance's checks and
+    deployments carry its account without a second read."""
+    return select(instances.c.account_id).where(instances.c.id == instance_id).scalar_subquery()
 
 
 @dataclass(frozen=True)
@@ -122,28 +125,25 @@ async def insert_instance(s: AsyncSession, values: Row) -> None:
 
 
 async def update_instance(
-    s: AsyncSession, instance_id: str, values: Row, *, expect_state: str | None = None
+    s: AsyncSession, scope: Scope, instance_id: str, values: Row, *, expect_state: str | None = None
 ) -> bool:
     """Conditional on the state when given, so the worker never overwrites a newer decision."""
-    q = update(instances).where(instances.c.id == instance_id)
+    q = _scoped(update(instances).where(instances.c.id == instance_id), scope.instance_filter())
     if expect_state is not None:
         q = q.where(instances.c.state == expect_state)
     result = await s.execute(q.values(updated_at=now(), **values))
     return bool(cast(CursorResult[Any], result).rowcount)
 
 
-async def delete_instance(s: AsyncSession, instance_id: str) -> None:
+async def delete_instance(s: AsyncSession, scope: Scope, instance_id: str) -> None:
     for t in (health_results, health_checks, instance_health, deployments, releases):
-        await s.execute(delete(t).where(t.c.instance_id == instance_id))
-    await s.execute(delete(instances).where(instances.c.id == instance_id))
+        await s.execute(_scoped(delete(t).where(t.c.instance_id == instance_id), scope.child_filter(t)))
+    await s.execute(_scoped(delete(instances).where(instances.c.id == instance_id), scope.instance_filter()))
 
 
 async def lock_tenant(s: AsyncSession, tenant_id: str) -> None:
     """Serialise quota decisions of one tenant until the transaction ends."""
-    key = int.from_bytes(
-        hashlib.sha256(f"ctrlmesh-quota:{tenant_id}".encode()).digest()[:8], "big", signed=True
-    )
-    await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+    await xact_lock(s, "quota", tenant_id)
 
 
 async def tenant_usage(s: AsyncSession, tenant_id: str, *, exclude: str = "") -> dict[str, int]:
@@ -193,8 +193,9 @@ async def count_by_provider(s: AsyncSession) -> dict[str, int]:
 # -- releases ---------------------------------------------------------------------------------
 
 
-async def next_release_version(s: AsyncSession, instance_id: str) -> int:
-    v = await s.scalar(select(func.max(releases.c.version)).where(releases.c.instance_id == instance_id))
+async def next_release_version(s: AsyncSession, scope: Scope, instance_id: str) -> int:
+    q = select(func.max(releases.c.version)).where(releases.c.instance_id == instance_id)
+    v = await s.scalar(_scoped(q, scope.child_filter(releases)))
     return int(v or 0) + 1
 
 
@@ -219,11 +220,11 @@ async def list_releases(
     return [dict(r) for r in rows], int(total)
 
 
-async def activate_release(s: AsyncSession, instance_id: str, release_id: str) -> None:
-    await s.execute(
-        update(releases).where(releases.c.instance_id == instance_id, releases.c.active).values(active=False)
-    )
-    await s.execute(update(releases).where(releases.c.id == release_id).values(active=True))
+async def activate_release(s: AsyncSession, scope: Scope, instance_id: str, release_id: str) -> None:
+    f = scope.child_filter(releases)
+    q = update(releases).where(releases.c.instance_id == instance_id, releases.c.active)
+    await s.execute(_scoped(q, f).values(active=False))
+    await s.execute(_scoped(update(releases).where(releases.c.id == release_id), f).values(active=True))
 
 
 # -- deployments ------------------------------------------------------------------------------
@@ -256,21 +257,22 @@ async def list_deployments(
     return [dict(r) for r in rows], int(total)
 
 
-async def in_flight_deployment(s: AsyncSession, instance_id: str) -> Row | None:
+async def in_flight_deployment(s: AsyncSession, scope: Scope, instance_id: str) -> Row | None:
     q = select(deployments).where(
         deployments.c.instance_id == instance_id, deployments.c.state.in_(("pending", "running"))
     )
-    row = (await s.execute(q)).mappings().first()
+    row = (await s.execute(_scoped(q, scope.child_filter(deployments)))).mappings().first()
     return dict(row) if row else None
 
 
-async def update_deployment(s: AsyncSession, deployment_id: str, values: Row) -> None:
-    await s.execute(
-        update(deployments).where(deployments.c.id == deployment_id).values(updated_at=now(), **values)
-    )
+async def update_deployment(s: AsyncSession, scope: Scope, deployment_id: str, values: Row) -> None:
+    q = _scoped(update(deployments).where(deployments.c.id == deployment_id), scope.child_filter(deployments))
+    await s.execute(q.values(updated_at=now(), **values))
 
 
-async def last_succeeded_for_release(s: AsyncSession, instance_id: str, release_id: str) -> Row | None:
+async def last_succeeded_for_release(
+    s: AsyncSession, scope: Scope, instance_id: str, release_id: str
+) -> Row | None:
     q = (
         select(deployments)
         .where(
@@ -281,17 +283,17 @@ async def last_succeeded_for_release(s: AsyncSession, instance_id: str, release_
         .order_by(deployments.c.id.desc())
         .limit(1)
     )
-    row = (await s.execute(q)).mappings().first()
+    row = (await s.execute(_scoped(q, scope.child_filter(deployments)))).mappings().first()
     return dict(row) if row else None
 
 
-async def count_recent_deployments(s: AsyncSession, instance_id: str, since: datetime) -> int:
+async def count_recent_deployments(s: AsyncSession, scope: Scope, instance_id: str, since: datetime) -> int:
     q = (
         select(func.count())
         .select_from(deployments)
         .where(deployments.c.instance_id == instance_id, deployments.c.created_at >= since)
     )
-    return int(await s.scalar(q) or 0)
+    return int(await s.scalar(_scoped(q, scope.child_filter(deployments))) or 0)
 
 
 # -- health -----------------------------------------------------------------------------------
@@ -327,22 +329,25 @@ async def enabled_checks(s: AsyncSession) -> list[Row]:
     return [dict(r) for r in (await s.execute(q)).mappings().all()]
 
 
-async def delete_check(s: AsyncSession, check_id: str) -> None:
-    await s.execute(delete(health_results).where(health_results.c.check_id == check_id))
-    await s.execute(delete(health_checks).where(health_checks.c.id == check_id))
+async def delete_check(s: AsyncSession, scope: Scope, check_id: str) -> None:
+    q = delete(health_results).where(health_results.c.check_id == check_id)
+    await s.execute(_scoped(q, scope.child_filter(health_results)))
+    q = delete(health_checks).where(health_checks.c.id == check_id)
+    await s.execute(_scoped(q, scope.child_filter(health_checks)))
 
 
-async def update_check(s: AsyncSession, check_id: str, values: Row) -> None:
-    await s.execute(
-        update(health_checks).where(health_checks.c.id == check_id).values(updated_at=now(), **values)
+async def update_check(s: AsyncSession, scope: Scope, check_id: str, values: Row) -> None:
+    q = _scoped(
+        update(health_checks).where(health_checks.c.id == check_id), scope.child_filter(health_checks)
     )
+    await s.execute(q.values(updated_at=now(), **values))
 
 
 async def insert_result(s: AsyncSession, values: Row) -> None:
     await s.execute(insert(health_results).values(**values))
 
 
-async def latest_results(s: AsyncSession, check_ids: list[str]) -> dict[str, Row]:
+async def latest_results(s: AsyncSession, scope: Scope, check_ids: list[str]) -> dict[str, Row]:
     if not check_ids:
         return {}
     q = (
@@ -351,16 +356,19 @@ async def latest_results(s: AsyncSession, check_ids: list[str]) -> dict[str, Row
         .distinct(health_results.c.check_id)
         .order_by(health_results.c.check_id, health_results.c.checked_at.desc())
     )
+    q = _scoped(q, scope.child_filter(health_results))
     return {r["check_id"]: dict(r) for r in (await s.execute(q)).mappings().all()}
 
 
-async def recent_results(s: AsyncSession, instance_id: str, since: datetime) -> list[Row]:
+async def recent_results(s: AsyncSession, scope: Scope, instance_id: str, since: datetime) -> list[Row]:
     q = (
         select(health_results.c.status, health_results.c.checked_at)
         .where(health_results.c.instance_id == instance_id, health_results.c.checked_at >= since)
         .order_by(health_results.c.checked_at.desc())
     )
-    return [dict(r) for r in (await s.execute(q)).mappings().all()]
+    return [
+        dict(r) for r in (await s.execute(_scoped(q, scope.child_filter(health_results)))).mappings().all()
+    ]
 
 
 async def prune_results(s: AsyncSession, keep: timedelta) -> None:

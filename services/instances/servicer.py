@@ -12,14 +12,13 @@ from ctrlmesh.instances.v1 import instances_pb2_grpc as rpc
 from google.protobuf import duration_pb2, empty_pb2, json_format, struct_pb2
 
 from libs import principal as principals
-from libs.errors import PermissionDenied
-from libs.principal import is_global
+from libs.grpc_server import open_stream
 from libs.protoconv import ts
 from services.instances import specs
-from services.instances.deploys import DeploymentsDomain, validate_strategy
+from services.instances.deployments import DeploymentsDomain
 from services.instances.domain import InstancesDomain
 from services.instances.health import HealthDomain
-from services.instances.providers import Registry
+from services.instances.provider_status import ProvidersDomain
 from services.instances.repository import Row
 from services.instances.telemetry import Dashboard, Entry, Snapshot, TelemetryDomain
 
@@ -40,6 +39,11 @@ def as_dict(msg: Any) -> dict[str, Any]:
 
 def when(msg: Any, name: str) -> datetime | None:
     return getattr(msg, name).ToDatetime(tzinfo=UTC) if msg.HasField(name) else None
+
+
+def seconds(msg: Any, name: str) -> float | None:
+    """A Duration field in seconds; None when unset (the domain picks the default)."""
+    return getattr(msg, name).ToTimedelta().total_seconds() if msg.HasField(name) else None
 
 
 # -- rows → protos ----------------------------------------------------------------------------
@@ -235,7 +239,9 @@ class InstanceService(rpc.InstanceServiceServicer):
     def __init__(self, d: InstancesDomain):
         self.d = d
 
-    async def CreateInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateInstance(
+        self, request: pb.CreateInstanceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Instance:
         services = specs.services_from_create(
             request.image,
             as_dict(request.resources),
@@ -254,7 +260,9 @@ class InstanceService(rpc.InstanceServiceServicer):
         )
         return instance(row)
 
-    async def ListInstances(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListInstances(
+        self, request: pb.ListInstancesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListInstancesResponse:
         page = await self.d.find(
             principals.current(),
             state=request.state,
@@ -268,10 +276,14 @@ class InstanceService(rpc.InstanceServiceServicer):
             items=[instance(r) for r in page.items], next_cursor=page.next_cursor, total=page.total
         )
 
-    async def GetInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetInstance(
+        self, request: pb.GetInstanceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Instance:
         return instance(await self.d.get(principals.current(), request.id))
 
-    async def UpdateInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def UpdateInstance(
+        self, request: pb.UpdateInstanceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Instance:
         row = await self.d.update(
             principals.current(),
             request.id,
@@ -281,22 +293,32 @@ class InstanceService(rpc.InstanceServiceServicer):
         )
         return instance(row)
 
-    async def DeleteInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteInstance(
+        self, request: pb.DeleteInstanceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Instance:
         return instance(await self.d.delete(principals.current(), request.id))
 
-    async def StartInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def StartInstance(
+        self, request: pb.StartInstanceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         await self.d.start(principals.current(), request.id)
         return empty_pb2.Empty()
 
-    async def StopInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def StopInstance(
+        self, request: pb.StopInstanceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         await self.d.stop(principals.current(), request.id)
         return empty_pb2.Empty()
 
-    async def RestartInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def RestartInstance(
+        self, request: pb.RestartInstanceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         await self.d.restart(principals.current(), request.id)
         return empty_pb2.Empty()
 
-    async def ScaleInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def ScaleInstance(
+        self, request: pb.ScaleInstanceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         await self.d.scale(
             principals.current(),
             request.id,
@@ -305,11 +327,15 @@ class InstanceService(rpc.InstanceServiceServicer):
         )
         return empty_pb2.Empty()
 
-    async def SuspendInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def SuspendInstance(
+        self, request: pb.SuspendInstanceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         await self.d.suspend(principals.current(), request.id, request.reason)
         return empty_pb2.Empty()
 
-    async def UnsuspendInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def UnsuspendInstance(
+        self, request: pb.UnsuspendInstanceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         await self.d.unsuspend(principals.current(), request.id, request.reason)
         return empty_pb2.Empty()
 
@@ -318,8 +344,9 @@ class DeploymentService(rpc.DeploymentServiceServicer):
     def __init__(self, d: DeploymentsDomain):
         self.d = d
 
-    async def Deploy(self, request, context):  # type: ignore[no-untyped-def]
-        validate_strategy(request.strategy)
+    async def Deploy(
+        self, request: pb.DeployRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Deployment:
         row = await self.d.deploy(
             principals.current(),
             request.id,
@@ -332,29 +359,41 @@ class DeploymentService(rpc.DeploymentServiceServicer):
         )
         return deployment(row)
 
-    async def ListDeployments(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListDeployments(
+        self, request: pb.ListDeploymentsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListDeploymentsResponse:
         page = await self.d.list_deployments(principals.current(), request.id, request.cursor, request.limit)
         return pb.ListDeploymentsResponse(
             items=[deployment(r) for r in page.items], next_cursor=page.next_cursor, total=page.total
         )
 
-    async def GetDeployment(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetDeployment(
+        self, request: pb.GetDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Deployment:
         return deployment(await self.d.get(principals.current(), request.id))
 
-    async def CancelDeployment(self, request, context):  # type: ignore[no-untyped-def]
+    async def CancelDeployment(
+        self, request: pb.CancelDeploymentRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         await self.d.cancel(principals.current(), request.id)
         return empty_pb2.Empty()
 
-    async def Rollback(self, request, context):  # type: ignore[no-untyped-def]
+    async def Rollback(
+        self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Deployment:
         return deployment(await self.d.rollback(principals.current(), request.id, request.release_id))
 
-    async def ListReleases(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListReleases(
+        self, request: pb.ListReleasesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListReleasesResponse:
         page = await self.d.list_releases(principals.current(), request.id, request.cursor, request.limit)
         return pb.ListReleasesResponse(
             items=[release(r) for r in page.items], next_cursor=page.next_cursor, total=page.total
         )
 
-    async def GetRelease(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetRelease(
+        self, request: pb.GetReleaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Release:
         return release(await self.d.get_release(principals.current(), request.id))
 
 
@@ -362,27 +401,25 @@ class HealthService(rpc.HealthServiceServicer):
     def __init__(self, d: HealthDomain):
         self.d = d
 
-    async def CreateHealthCheck(self, request, context):  # type: ignore[no-untyped-def]
-        interval = request.interval.ToTimedelta().total_seconds() if request.HasField("interval") else 30.0
-        timeout = (
-            request.timeout.ToTimedelta().total_seconds()
-            if request.HasField("timeout")
-            else min(5.0, interval)
-        )
+    async def CreateHealthCheck(
+        self, request: pb.CreateHealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HealthCheck:
         row = await self.d.create(
             principals.current(),
             request.id,
             name=request.name,
             type_=request.type,
             target=request.target,
-            interval_s=interval,
-            timeout_s=timeout,
-            retries=request.retries if request.HasField("retries") else 3,
-            enabled=request.enabled if request.HasField("enabled") else True,
+            interval_s=seconds(request, "interval"),
+            timeout_s=seconds(request, "timeout"),
+            retries=request.retries if request.HasField("retries") else None,
+            enabled=request.enabled if request.HasField("enabled") else None,
         )
         return check(row)
 
-    async def GetInstanceHealth(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetInstanceHealth(
+        self, request: pb.GetInstanceHealthRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.InstanceHealth:
         h = await self.d.instance_health(principals.current(), request.id)
         return pb.InstanceHealth(
             instance_id=h.instance_id,
@@ -402,18 +439,28 @@ class HealthService(rpc.HealthServiceServicer):
             consecutive_failures=h.consecutive_failures,
         )
 
-    async def ListHealthChecks(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListHealthChecks(
+        self, request: pb.ListHealthChecksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListHealthChecksResponse:
         rows = await self.d.list_checks(principals.current(), request.id)
         return pb.ListHealthChecksResponse(items=[check(r) for r in rows], total=len(rows))
 
-    async def RunHealthCheck(self, request, context):  # type: ignore[no-untyped-def]
+    async def RunHealthCheck(
+        self, request: pb.RunHealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HealthResult:
         return result(await self.d.run_now(principals.current(), request.id))
 
-    async def DeleteHealthCheck(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteHealthCheck(
+        self, request: pb.DeleteHealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> empty_pb2.Empty:
         await self.d.delete(principals.current(), request.id)
         return empty_pb2.Empty()
 
-    async def WatchInstanceHealth(self, request, context) -> AsyncIterator[pb.HealthResult]:  # type: ignore[no-untyped-def,override]
+    async def WatchInstanceHealth(
+        self, request: pb.WatchInstanceHealthRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.HealthResult]:
+        await self.d.instances.get(principals.current(), request.id)
+        await open_stream(context)
         async for row in self.d.watch(principals.current(), request.id):
             yield result(row)
 
@@ -424,10 +471,14 @@ class TelemetryService(rpc.TelemetryServiceServicer):
     def __init__(self, d: TelemetryDomain):
         self.d = d
 
-    async def GetResources(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetResources(
+        self, request: pb.GetResourcesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ResourceSnapshot:
         return snapshot(await self.d.resources(principals.current(), request.id))
 
-    async def ListLogs(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListLogs(
+        self, request: pb.ListLogsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListLogsResponse:
         p = principals.current()
         inst = await self.d.instances.get(p, request.id)
         entries = await self.d.logs(
@@ -435,15 +486,20 @@ class TelemetryService(rpc.TelemetryServiceServicer):
         )
         return pb.ListLogsResponse(items=[log_entry(inst, e) for e in entries], total=len(entries))
 
-    async def WatchLogs(self, request, context) -> AsyncIterator[pb.LogEntry]:  # type: ignore[no-untyped-def,override]
+    async def WatchLogs(
+        self, request: pb.WatchLogsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.LogEntry]:
         p = principals.current()
         inst = await self.d.instances.get(p, request.id)
         tail = request.tail if request.HasField("tail") else 100
         follow = request.follow if request.HasField("follow") else True
+        await open_stream(context)
         async for e in self.d.watch_logs(p, request.id, tail=tail, follow=follow, level=request.level):
             yield log_entry(inst, e)
 
-    async def GetDashboard(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetDashboard(
+        self, request: pb.GetDashboardRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DashboardData:
         d: Dashboard = await self.d.dashboard(principals.current(), request.id)
         # Request rates, latencies and alerts have no source yet; they stay at their zero value.
         return pb.DashboardData(
@@ -456,24 +512,21 @@ class TelemetryService(rpc.TelemetryServiceServicer):
 
 
 class ProviderService(rpc.ProviderServiceServicer):
-    def __init__(self, registry: Registry, counts: Any):
-        self.registry = registry
-        self.counts = counts
+    def __init__(self, d: ProvidersDomain):
+        self.d = d
 
-    async def ListProviders(self, request, context):  # type: ignore[no-untyped-def]
-        if not is_global(principals.current()):
-            raise PermissionDenied("admin routes need a global key")
-        health = await self.registry.probe()
-        counts = await self.counts()
+    async def ListProviders(
+        self, request: pb.ListProvidersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListProvidersResponse:
         items = [
             pb.ProviderStatus(
-                name=name,
-                region="local",
-                healthy=health[name].healthy if name in health else False,
-                instances=counts.get(name, 0),
-                capabilities=list(self.registry.capabilities(name)),
+                name=st.name,
+                region=st.region,
+                healthy=st.healthy,
+                instances=st.instances,
+                capabilities=st.capabilities,
             )
-            for name in self.registry.configured
+            for st in await self.d.list(principals.current())
         ]
         return pb.ListProvidersResponse(items=items, total=len(items))
 

@@ -8,9 +8,9 @@ to providers, so nothing is lost between them.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from libs import names
 from libs.errors import InvalidArgument
 
 DEFAULT_CPU_MILLIS = 500
@@ -36,8 +36,7 @@ def can_transition(src: str, dst: str) -> bool:
 
 
 def slugify(name: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return slug[:63].strip("-") or "instance"
+    return names.slugify(name, "instance")
 
 
 def normalize_service(raw: dict[str, Any], *, default_name: str = MAIN) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from services.instances.domain import InstancesDomain
 from services.instances.health import HealthDomain
 from services.instances.providers import Registry
 from services.instances.providers.base import LogLine, ProviderError, Usage
-from services.instances.repository import Row, now
+from services.instances.repository import Row, Scope, now
 
 LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3}
 _WORD = re.compile(r"\b(DEBUG|TRACE|INFO|WARN|WARNING|ERROR|ERR|FATAL|CRITICAL|PANIC)\b", re.IGNORECASE)
@@ -137,5 +137,7 @@ class TelemetryDomain:
             snap = None  # not running, or its engine is away: the rest of the dashboard still shows
         h = await self.health.instance_health(p, instance_id)
         async with self.db.session() as s:
-            deploys = await repo.count_recent_deployments(s, instance_id, now() - timedelta(hours=24))
+            deploys = await repo.count_recent_deployments(
+                s, Scope.of(p), instance_id, now() - timedelta(hours=24)
+            )
         return Dashboard(inst, snap, h.status, h.uptime_percent, deploys)

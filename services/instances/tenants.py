@@ -7,18 +7,16 @@ applies the caller's visibility: another tenant answers NOT_FOUND, exactly like 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import grpc
 from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 
+from libs import events
 from libs import principal as principals
-from libs.clients import Channels, Signer
-from libs.errors import CtrlmeshError, NotFound, Unavailable, not_found
-
-log = logging.getLogger("ctrlmesh.instances.tenants")
+from libs.errors import NotFound
+from libs.peers import Peer
+from libs.reconcile import every
 
 
 @dataclass(frozen=True)
@@ -36,33 +34,31 @@ class Limits:
         return self.status == "suspended"
 
 
-class Tenants:
-    def __init__(self, channels: Channels, signer: Signer, timeout: float = 5.0):
-        self._channels = channels
-        self._signer = signer
-        self._timeout = timeout
+class Tenants(Peer):
+    service = "accounts"
 
     def _stub(self) -> accounts_pb2_grpc.TenantServiceStub:
-        return accounts_pb2_grpc.TenantServiceStub(self._channels.get("accounts"))
+        return accounts_pb2_grpc.TenantServiceStub(self.channel)
 
     async def limits(self, p: principals.Principal, tenant_id: str) -> Limits:
         """The tenant's status, quota and account, as visible to `p` (NotFound otherwise)."""
-        md = self._signer.metadata(p)
-        try:
-            tenant, lim = await asyncio.gather(
-                self._stub().ResolveTenant(
-                    accounts_pb2.ResolveTenantRequest(tenant=tenant_id), metadata=md, timeout=self._timeout
-                ),
-                self._stub().GetTenantLimits(
-                    accounts_pb2.GetTenantLimitsRequest(tenant_id=tenant_id),
-                    metadata=md,
-                    timeout=self._timeout,
-                ),
-            )
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:
-                raise not_found("tenant", tenant_id) from None
-            raise Unavailable("the accounts service is unavailable", details={"service": "accounts"}) from err
+        stub = self._stub()
+        tenant, lim = await asyncio.gather(
+            self.call(
+                stub.ResolveTenant,
+                accounts_pb2.ResolveTenantRequest(tenant=tenant_id),
+                caller=p,
+                kind="tenant",
+                ident=tenant_id,
+            ),
+            self.call(
+                stub.GetTenantLimits,
+                accounts_pb2.GetTenantLimitsRequest(tenant_id=tenant_id),
+                caller=p,
+                kind="tenant",
+                ident=tenant_id,
+            ),
+        )
         q = lim.quota
         return Limits(
             tenant_id=tenant.id,
@@ -82,24 +78,19 @@ class Tenants:
     ) -> None:
         """Follow accounts' `tenant.suspended` events forever, resuming where the last process
         stopped, and hand each suspended tenant to `on_suspended`."""
-        stub = accounts_pb2_grpc.EventServiceStub(self._channels.get("accounts"))
-        while True:
-            try:
-                after = await load_cursor()
-                req = accounts_pb2.WatchEventsRequest(
-                    type=["tenant.suspended"], last_event_id=str(after) if after is not None else ""
-                )
-                call = stub.WatchEvents(req, metadata=self._signer.system())
-                async for event in call:
-                    try:
-                        await on_suspended(event.tenant_id)
-                    except CtrlmeshError as err:
-                        if not isinstance(err, NotFound):
-                            raise
+        stream = events.remote_source(self._channels, self._signer, "accounts", types=["tenant.suspended"])
+
+        async def follow() -> None:
+            async for event in stream(await load_cursor()):
+                if event.type == events.STREAM_HEAD:
                     await save_cursor(int(event.id))
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
-                # Accounts restarting, or our principal aged out on a long stream: reopen.
-                log.info("tenant event stream interrupted (%s); reopening", type(err).__name__)
-            await asyncio.sleep(1.0)
+                    continue
+                try:
+                    await on_suspended(event.tenant_id)
+                except NotFound:
+                    pass  # the tenant went meanwhile: nothing of it to stop
+                await save_cursor(int(event.id))
+
+        # An interrupted stream (accounts restarting, our principal aged out on a long stream) is
+        # a failed pass: logged and counted, and reopened a second later from the saved cursor.
+        await every("tenant suspension follower", 1.0, follow, first=0, jitter=0)

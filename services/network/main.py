@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 from ctrlmesh.network.v1 import network_pb2, network_pb2_grpc
 
 from libs.grpc_server import AuditSink, Service
@@ -23,7 +24,7 @@ SPEC = Spec(
 
 
 async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
-    def register(server):  # type: ignore[no-untyped-def]
+    def register(server: grpc.aio.Server) -> list[str]:
         return [
             *register_unimplemented(server, network_pb2, network_pb2_grpc),
             *register_resources(server, rt.db, SPEC),

@@ -13,6 +13,7 @@ import uuid
 import httpx
 import pytest
 
+from libs.events import decode_cursor
 from tests.fixtures.api import create_account, unique
 from tests.fixtures.databases import Leases, run, tenant_with_db, wait_state
 
@@ -262,7 +263,8 @@ def test_tenant_cascade_delete_removes_its_databases(mesh):
 
 
 def test_database_events_reach_v2_events_with_resumable_ids(mesh):
-    """/v2/events carries database.created and state changes with `a.d` ids; Last-Event-ID resumes them."""
+    """/v2/events carries database.created and state changes with merged cursors holding the
+    accounts and databases positions; Last-Event-ID resumes them."""
     _, key = create_account(mesh)
     c = mesh.client(key)
     tenant = unique("ev")
@@ -297,7 +299,9 @@ def test_database_events_reach_v2_events_with_resumable_ids(mesh):
     assert db_events[0]["data"]["state"] == "creating" and db_events[0]["resource_id"] == db["db_id"]
     assert db_events[1]["data"]["previous_state"] == "creating"
     assert all(e["tenant_id"] == db["tenant_id"] for e in seen)
-    assert all(re.fullmatch(r"\d+\.\d+", i) for i in ids) and ids == [e["id"] for e in seen]
+    assert all({"accounts", "databases"} <= set(decode_cursor(i)) for i in ids) and ids == [
+        e["id"] for e in seen
+    ]
 
     # Resume after database.created: the state change comes again, the creation does not.
     replay: list[dict] = []

@@ -194,3 +194,150 @@ def test_every_service_process_serves_prometheus_metrics(mesh):
     # Listing tenants asked the databases service for db counts: its own counter moved too.
     databases = int(mesh.env["CTRLMESH_DATABASES_PORT"]) + offset
     assert 'method="CountTenantResources"' in httpx.get(f"http://127.0.0.1:{databases}/metrics").text
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/v1/admin/tenants?cursor=%C3%A9", "cursor"),
+        ("/v1/instances?cursor=%C3%A9", "cursor"),
+        ("/v1/admin/audit?cursor=%C3%A9", "cursor"),
+        ("/v1/admin/audit?cursor=djE6YQBi", "cursor"),  # base64 of "v1:a\0b": a NUL inside the cursor
+        ("/v2/tenants/a%00b/credentials", "tenant"),
+        ("/v2/tenants/%FF%FE/credentials", "tenant"),
+        ("/v1/admin/audit?action=%FF", "action"),
+        ("/v1/admin/audit?action=a%00b", "action"),
+    ],
+)
+def test_bad_ids_cursors_and_strings_are_400_naming_the_field(mesh, path, field):
+    """A non-ASCII or NUL-carrying cursor, a NUL or invalid UTF-8 in a path id or a query value:
+    400 BadRequest naming the field, never 500."""
+    r = mesh.admin().get(path)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "BadRequest" and field in r.json()["details"]["fields"], r.text
+
+
+def test_bad_json_bodies_are_400_naming_the_field(mesh):
+    """A NUL or an unpaired surrogate in a JSON string names the field; JSON nested 1,000 deep is 400."""
+    c = mesh.admin()
+    for raw, field in (
+        (b'{"name": "a\\u0000b"}', "name"),
+        (b'{"name": "a\\ud800b"}', "name"),
+        (b"[" * 1000 + b"]" * 1000, "body"),
+        (b'{"name": ' * 1000 + b"1" + b"}" * 1000, "body"),
+        (b'{"name": ' + b"[" * 70 + b"]" * 70 + b"}", "body"),
+    ):
+        r = c.post("/v2/tenants", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert field in r.json()["details"]["fields"], r.text
+
+
+def test_refused_requests_keep_their_audit_entry(mesh):
+    """A request refused for a NUL in its id is still audited, with the NUL shown as `\\0`."""
+    mark = unique("nul")
+    r = mesh.admin().post(f"/v2/tenants/a%00{mark}/credentials/rotate")
+    assert r.status_code == 400 and "tenant" in r.json()["details"]["fields"]
+    deadline = time.monotonic() + 10
+    while True:
+        items = mesh.admin().get("/v1/admin/audit", params={"action": "rotate_credentials"}).json()["items"]
+        mine = [e for e in items if e["resource_id"] == f"a\\0{mark}"]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert mine and mine[0]["outcome"] == "failure" and mine[0]["reason"] == "BadRequest", items[:3]
+
+
+def _send_partial_body(mesh, framing: bytes, body: bytes) -> bytes:
+    """Send headers and part of a body that never completes; return what the edge answers."""
+    import socket
+
+    head = (
+        b"POST /v2/account/contact HTTP/1.1\r\nHost: edge\r\n"
+        + f"Authorization: Bearer {mesh.admin_key}\r\n".encode()
+        + b"Content-Type: application/json\r\n"
+        + framing
+        + b"\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", mesh.http_port), timeout=10) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+def test_body_limit_is_enforced_while_reading(mesh):
+    """A body over CTRLMESH_MAX_BODY_BYTES (1 MiB) is 413 PayloadTooLarge, declared or streamed,
+    refused as soon as it passes the limit: the edge answers though the body never completes."""
+    c = mesh.admin()
+    big = b'{"name": "' + b"a" * (50 * 1024 * 1024) + b'"}'
+    r = c.post("/v2/account/contact", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "PayloadTooLarge"
+    assert r.json()["details"]["limit_bytes"] == 1024 * 1024
+    # Declared 50 MB, 2 MiB sent, the rest never: refused on the declaration.
+    answer = _send_partial_body(mesh, b"Content-Length: 52428800\r\n", b"a" * (2 * 1024 * 1024))
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    # Chunked, no length: refused once 1 MiB has arrived, without waiting for the end.
+    chunk = b"a" * (256 * 1024)
+    chunks = b"".join(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" for _ in range(8))
+    answer = _send_partial_body(mesh, b"Transfer-Encoding: chunked\r\n", chunks)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    r = c.post("/v2/account/contact", json={"name": "x" * 1000})
+    assert r.status_code == 400 and "email" in r.json()["details"]["fields"]
+
+
+def test_bodies_must_be_json(mesh):
+    """A body under another Content-Type is 415 UnsupportedMediaType; no Content-Type is read as JSON."""
+    c = mesh.admin()
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "application/xml"):
+        r = c.post("/v2/tenants", content=b'{"name": "plain_x"}', headers={"Content-Type": ctype})
+        assert r.status_code == 415 and r.json()["error"] == "UnsupportedMediaType", r.text
+    name = unique("ctype")
+    r = c.post("/v2/tenants", content=f'{{"name": "{name}"}}'.encode())
+    assert r.status_code == 201, r.text
+    r = c.post(
+        "/v2/tenants",
+        content=f'{{"name": "{unique("ctype")}"}}'.encode(),
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
+    assert r.status_code == 201, r.text
+
+
+def test_405_carries_allow_from_the_route_table(mesh):
+    """A known path under another verb is 405 with `Allow` listing the verbs the route table has."""
+    c = mesh.admin()
+    r = c.put("/v2/tenants")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    r = c.post("/v1/instances/inst_x")
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, PATCH"
+    r = c.post("/health")
+    assert r.status_code == 405 and r.headers["allow"] == "GET" and r.json()["error"] == "MethodNotAllowed"
+
+
+@pytest.mark.parametrize("suffix", ["logs/stream", "health/stream"])
+def test_streams_of_a_missing_instance_are_404_before_any_event(mesh, suffix):
+    """A stream of an instance that does not exist is a plain 404 JSON answer, not a 200 SSE."""
+    with mesh.admin().stream("GET", f"/v1/instances/inst_01m8sj42e2e5tshspdvxvryb3n/{suffix}") as r:
+        r.read()
+    assert r.status_code == 404 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"] == "NotFound"
+
+
+def test_events_stream_opens_before_its_first_event(mesh):
+    """An idle stream still answers its headers at once (the service marks it open)."""
+    started = time.monotonic()
+    with httpx.stream("GET", f"{mesh.base_url}/v2/events", params={"token": mesh.admin_key}, timeout=5) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert time.monotonic() - started < 2
+
+
+def test_any_path_bytes_get_a_json_answer(mesh):
+    """A newline in a path segment still reaches the route table: a JSON answer, never the ASGI
+    framework's plain-text 404 (found by the schemathesis gate)."""
+    for path in ("/v2/tenants/%0Ax/credentials", "/v2/%0A", "/%0A/x"):
+        r = mesh.admin().get(path)
+        assert r.headers["content-type"] == "application/json", (path, r.text)
+        assert r.status_code in (400, 404) and set(r.json()) == {"error", "message", "details"}

@@ -267,6 +267,14 @@ def test_telemetry_from_the_engine(imesh, running_instance):
         assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
         text = "".join(s.iter_text())
     assert "data: " in text and "instance_id" in text
+    # Another tenant's instance: the same plain 404 as a random id, before any SSE byte.
+    other = make_tenant(imesh).client()
+    for suffix in ("logs/stream", "health/stream"):
+        with other.stream("GET", f"/v1/instances/{inst['id']}/{suffix}") as s:
+            s.read()
+        assert s.status_code == 404 and s.headers["content-type"] == "application/json", suffix
+    with c.stream("GET", f"/v1/instances/{inst['id']}/health/stream", timeout=5) as s:
+        assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
     dash = c.get(f"/v1/instances/{inst['id']}/dashboard").json()
     assert dash["resources"]["memory_limit_mb"] == 32 and dash["health_status"] == "unknown"
     for route in ("metrics", "traces"):

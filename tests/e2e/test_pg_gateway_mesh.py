@@ -20,9 +20,10 @@ PG_BIN = "/usr/lib/postgresql/15/bin"
 
 
 @pytest.fixture(scope="module")
-def pgmesh(mesh_builder):
-    """A mesh whose databases stop after 2 s without a connection."""
-    return mesh_builder(CTRLMESH_IDLE_TIMEOUT="2s")
+def pgmesh(idle_mesh):
+    """The shared mesh whose databases stop after 2 s without a connection (test_pg_drivers.py
+    uses it too, so the suite starts one such mesh, not two)."""
+    return idle_mesh
 
 
 def _dsn(mesh, t, **params: str) -> str:

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from libs.embedded_pg import EmbeddedPostgres
-from services.accounts.domain import token_hash
+from services.accounts.crypto import token_hash
 from tests.fixtures.api import create_account, unique
 from tests.fixtures.mesh import ROOT
 

@@ -50,13 +50,14 @@ def test_kill_9_of_accounts_restarts_it_and_requests_succeed_again(sup):
     assert old is not None
     t0 = time.monotonic()
     os.kill(old, signal.SIGKILL)
-    new = sup.wait_new_pid("accounts", old, timeout=10)
+    new = sup.wait_new_pid("accounts", old, timeout=15)
     assert new != old
-    _until(lambda: c.get(f"/v2/tenants/{name}").status_code == 200, timeout=15)
+    _until(lambda: c.get(f"/v2/tenants/{name}").status_code == 200, timeout=30)
     elapsed = time.monotonic() - t0
     assert sup.proc.poll() is None, "the launcher exited"
     assert "accounts is serving again" in sup.wait_output("accounts is serving again", timeout=10)
-    assert elapsed < 10, f"requests succeeded again only after {elapsed:.1f} s"
+    # About 2 s on an idle machine; the bound leaves room for a loaded one.
+    assert elapsed < 20, f"requests succeeded again only after {elapsed:.1f} s"
     # A write, not only a read: the restarted service is fully usable.
     assert c.post("/v2/tenants", json={"name": unique("sv")}).status_code == 201
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.accounts.domain import scram_verifier
+from services.accounts.crypto import scram_verifier
 from services.databases.compute.base import ComputeSpec
 from services.databases.compute.local import LocalDriver
 from services.databases.compute.profiles import PROFILES

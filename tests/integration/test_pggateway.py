@@ -31,6 +31,7 @@ import pytest
 import uvloop
 
 from libs.embedded_pg import EmbeddedPostgres
+from pggateway import keys
 from pggateway import protocol as pq
 from pggateway.controlplane import ControlPlaneError, Credentials, LeaseInfo
 from pggateway.metrics import GatewayMetrics
@@ -390,8 +391,8 @@ def test_transaction_pooling_serves_more_clients_than_backends(env: Env) -> None
 
     def client(i: int) -> None:
         try:
-            # prepare_threshold=None: psycopg would otherwise prepare a named statement after five
-            # runs of one query, which pins (as it must) and is tested below.
+            # prepare_threshold=None: the unnamed extended protocol only (named statements are
+            # tested in test_pggateway_prepared.py).
             with psycopg.connect(env.dsn(), autocommit=True, prepare_threshold=None) as conn:
                 for n in range(15):
                     with conn.transaction():
@@ -480,32 +481,43 @@ def test_set_pins_the_session_and_does_not_leak(env: Env) -> None:
             assert c.execute("show statement_timeout").fetchone() == ("0",)
 
 
-def test_named_prepared_statements_pin_and_unnamed_ones_pool(env: Env) -> None:
-    """Named prepared statements (psycopg prepare=True, asyncpg's statement cache) pin the
-    session; the unnamed extended protocol (psycopg's default, asyncpg statement_cache_size=0)
-    keeps pooling."""
+def test_named_prepared_statements_pool_and_pin_only_when_the_gateway_keeps_none(env: Env) -> None:
+    """Named prepared statements (psycopg prepare=True, asyncpg's statement cache) keep pooling
+    while the gateway keeps them (max_prepared_statements > 0, the default); with 0 they pin the
+    session as before. The unnamed extended protocol pools either way."""
+
+    def run(dsn: str) -> None:
+        with psycopg.connect(dsn) as conn:
+            for i in range(3):
+                assert conn.execute("select %s::int", (i,), prepare=False).fetchone() == (i,)
+            for i in range(3):
+                assert conn.execute("select %s::int + 1", (i,), prepare=True).fetchone() == (i + 1,)
+
+        async def asyncpg_modes() -> None:
+            conn = await asyncpg.connect(dsn, statement_cache_size=0)
+            for i in range(5):
+                assert await conn.fetchval("select $1::int", i) == i
+            await conn.close()
+            conn = await asyncpg.connect(dsn)
+            stmt = await conn.prepare("select $1::int * 3")
+            assert [await stmt.fetchval(i) for i in range(3)] == [0, 3, 6]
+            await conn.close()
+
+        asyncio.run(asyncpg_modes())
+
     before = env.gw.metric("pggateway_pins_total", reason="named_statement")
-    with psycopg.connect(env.dsn()) as conn:
-        for i in range(3):
-            assert conn.execute("select %s::int", (i,), prepare=False).fetchone() == (i,)
-        assert env.gw.metric("pggateway_pins_total", reason="named_statement") == before
-        for i in range(3):
-            assert conn.execute("select %s::int + 1", (i,), prepare=True).fetchone() == (i + 1,)
-        assert env.gw.metric("pggateway_pins_total", reason="named_statement") == before + 1
+    run(env.dsn())
+    assert env.gw.metric("pggateway_pins_total", reason="named_statement") == before
+    assert env.gw.metric("pggateway_prepared_statements") > 0
 
-    async def asyncpg_modes() -> None:
-        conn = await asyncpg.connect(env.dsn(), statement_cache_size=0)
-        for i in range(5):
-            assert await conn.fetchval("select $1::int", i) == i
-        await conn.close()
-        assert env.gw.metric("pggateway_pins_total", reason="named_statement") == before + 1
-        conn = await asyncpg.connect(env.dsn())
-        stmt = await conn.prepare("select $1::int * 3")
-        assert [await stmt.fetchval(i) for i in range(3)] == [0, 3, 6]
-        await conn.close()
-
-    asyncio.run(asyncpg_modes())
-    assert env.gw.metric("pggateway_pins_total", reason="named_statement") == before + 2
+    off = GatewayThread(env.cp, env.tls, pool_size=3, max_prepared_statements=0)
+    try:
+        run(f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{off.port}/app?sslmode=require")
+        # psycopg's prepare=True and asyncpg's statement cache: one pin each.
+        assert off.metric("pggateway_pins_total", reason="named_statement") == 2
+        assert off.metric("pggateway_prepared_statements") == 0
+    finally:
+        off.stop()
 
 
 def test_cancel_request_reaches_the_right_backend(env: Env) -> None:
@@ -550,6 +562,105 @@ def test_cancel_request_reaches_the_right_backend(env: Env) -> None:
 
     asyncio.run(asyncpg_cancel())
     assert env.gw.metric("pggateway_cancel_requests_total", outcome="forwarded") >= 3
+
+
+def test_backend_pid_is_never_a_real_pid_so_terminate_hits_nobody(env: Env) -> None:
+    """The BackendKeyData pid a client gets (psycopg's backend_pid, asyncpg's get_server_pid) is
+    above Linux's largest pid_max, so pg_terminate_backend of it returns false and kills no
+    backend, while cancel with the same key still works."""
+    with (
+        psycopg.connect(env.dsn(), autocommit=True) as other,
+        psycopg.connect(env.dsn(), autocommit=True) as c,
+    ):
+        other.execute("begin")  # keeps its backend while the other client runs
+        victim = other.execute("select pg_backend_pid()").fetchone()
+        pids = set()
+        for _ in range(30):
+            with psycopg.connect(env.dsn()) as conn:
+                pids.add(conn.info.backend_pid)
+        pids.add(c.info.backend_pid)
+        assert all(keys.LINUX_PID_MAX_LIMIT < pid < 2**31 for pid in pids), pids
+        assert len(pids) == 31
+        for pid in (c.info.backend_pid, other.info.backend_pid):
+            assert c.execute("select pg_terminate_backend(%s)", (pid,)).fetchone() == (False,)
+        assert other.execute("select pg_backend_pid()").fetchone() == victim
+        other.execute("commit")
+
+    async def with_asyncpg() -> None:
+        conn = await asyncpg.connect(env.dsn())
+        try:
+            pid = conn.get_server_pid()
+            assert pid > keys.LINUX_PID_MAX_LIMIT
+            assert await conn.fetchval("select pg_terminate_backend($1)", pid) is False
+            with pytest.raises(asyncio.TimeoutError):
+                await conn.fetchval("select pg_sleep(10)", timeout=0.3)
+            assert await conn.fetchval("select 1") == 1
+        finally:
+            await conn.close()
+
+    asyncio.run(with_asyncpg())
+
+
+def _tenant_backends(env: Env) -> set[int]:
+    with psycopg.connect(env.compute.dsn_for("app"), autocommit=True) as admin:
+        rows = admin.execute(
+            "select pid from pg_stat_activity where usename = %s and datname = 'app'", (USER,)
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_a_terminated_backend_is_dropped_alone(env: Env) -> None:
+    """A client that runs pg_terminate_backend(pg_backend_pid()) gets PostgreSQL's own FATAL
+    57P01; the gateway drops that backend alone (the compute still answers), so the other
+    pooled backends keep their pids, and it counts a lost backend, not a lost compute; the same
+    for an idle pooled backend an administrator terminates."""
+    gw = GatewayThread(env.cp, env.tls, pool_size=3)
+    dsn = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{gw.port}/app?sslmode=require"
+    try:
+        before = _tenant_backends(env)
+        conns = [psycopg.connect(dsn) for _ in range(3)]
+        try:
+            for c in conns:  # three open transactions: three backends
+                c.execute("select 1")
+            pooled = _tenant_backends(env) - before
+            assert len(pooled) == 3
+            for c in conns:
+                c.commit()
+        finally:
+            for c in conns:
+                c.close()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            victim = conn.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+            assert victim in pooled
+            with pytest.raises(psycopg.OperationalError) as info:
+                conn.execute("select pg_terminate_backend(pg_backend_pid())")
+        assert info.value.sqlstate == "57P01"
+        assert "terminating connection due to administrator command" in str(info.value)
+        assert "went away" not in str(info.value)
+        deadline = time.monotonic() + 5
+        while gw.metric("pggateway_backends_lost_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the probe of the writer has answered
+        assert gw.metric("pggateway_backends_lost_total") == 1
+        assert gw.metric("pggateway_compute_lost_total") == 0
+        assert pooled - {victim} <= _tenant_backends(env)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("select pg_backend_pid()").fetchone()[0] in pooled - {victim}  # type: ignore[index]
+        # An idle pooled backend ended by an administrator: also that backend alone.
+        idle_victim, survivor = sorted(pooled - {victim})
+        with psycopg.connect(env.compute.dsn_for("app"), autocommit=True) as admin:
+            assert admin.execute("select pg_terminate_backend(%s)", (idle_victim,)).fetchone() == (True,)
+        deadline = time.monotonic() + 5
+        while gw.metric("pggateway_backends_lost_total") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert gw.metric("pggateway_backends_lost_total") == 2
+        assert gw.metric("pggateway_compute_lost_total") == 0
+        assert survivor in _tenant_backends(env)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("select pg_backend_pid()").fetchone() == (survivor,)
+    finally:
+        gw.stop()
 
 
 def test_client_vanishing_mid_query_stops_the_query(env: Env) -> None:
@@ -741,3 +852,63 @@ def test_large_results_and_copy_to_never_hang_non_blocking_libpq(env: Env, impl:
     assert r.returncode == 0, r.stdout + r.stderr
     for check in ("sync wide rows", "sync copy to stdout", "async wide rows", "async copy to stdout"):
         assert f"ok {check}" in r.stdout, r.stdout
+
+
+LARGE_CHECKS = [
+    *(f"sweep {rows} rows" for rows in (3, 5, 1000)),
+    *(f"wide {n}" for n in (1, 8191, 8192, 8193, 16383, 16384, 16385, 65536, 1 << 20, 16 << 20, 64 << 20)),
+    "rows 65536x1024",
+    "copy to 100 MiB",
+    "copy from 64 MiB",
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("driver", ["psycopg-sync", "psycopg-async", "asyncpg"])
+def test_full_size_results_and_copy_never_hang(env: Env, driver: str) -> None:
+    """Through verify-full TLS, one value of every size from 1 B to 64 MiB, 64 MiB in 64 Ki rows,
+    COPY TO of 100 MiB and COPY FROM of a 64 MiB table complete, each within 30 s, with psycopg
+    sync and async on Debian's libpq 15 (non-blocking, the one that hung) and with asyncpg."""
+    client = [sys.executable, "-m", "tests.clients.large_results_full", driver]
+    r = subprocess.run(
+        [*client, env.verify_full_dsn(), str(env.tls.ca_path)],
+        env=dict(os.environ, PSYCOPG_IMPL="python"),
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("done"), r.stdout + r.stderr
+    done = [
+        line.rsplit(" ", 1)[0].removeprefix("ok ") for line in r.stdout.splitlines() if line.startswith("ok ")
+    ]
+    assert done == LARGE_CHECKS, r.stdout
+    if driver.startswith("psycopg"):
+        assert "libpq 15" in r.stdout and "(python)" in r.stdout, r.stdout
+
+
+@pytest.mark.timeout(120)
+def test_psql_full_size_results_and_copy(env: Env, tmp_path: Path) -> None:
+    """psql (blocking libpq) through the gateway: a 64 MiB value, COPY TO of 100 MiB into a file
+    and \\copy FROM of that 100 MiB file back into a table, every byte accounted for."""
+    e = dict(os.environ, PGHOST="localhost", PGPORT=str(env.gw.port), PGUSER=USER, PGPASSWORD=PASSWORD)
+    e.update(PGDATABASE="app", PGSSLMODE="verify-full", PGSSLROOTCERT=str(env.tls.ca_path))
+
+    def psql(*sql: str, out: Path | None = None) -> str:
+        args = [_pg_tool("psql"), "-XAtq", "-v", "ON_ERROR_STOP=1", *(a for c in sql for a in ("-c", c))]
+        with open(out or os.devnull, "wb") as sink:
+            r = subprocess.run(
+                args, env=e, stdout=sink if out else subprocess.PIPE, stderr=subprocess.PIPE, timeout=60
+            )
+        assert r.returncode == 0, r.stderr
+        return (r.stdout or b"").decode().strip()
+
+    assert psql("select length(repeat('w', 64 * 1024 * 1024))") == str(64 << 20)
+    wide = tmp_path / "wide"
+    psql("select repeat('w', 64 * 1024 * 1024)", out=wide)
+    assert wide.stat().st_size == (64 << 20) + 1  # and psql's newline
+    dump = tmp_path / "copy"
+    psql("copy (select i, repeat('c', 1016) from generate_series(100001, 202400) i) to stdout", out=dump)
+    assert dump.stat().st_size == 102400 * 1024
+    psql("create table psql_big (id int, v text)", f"\\copy psql_big from '{dump}'")
+    assert psql("select count(*), sum(length(v)) from psql_big") == f"102400|{102400 * 1016}"
+    psql("drop table psql_big")

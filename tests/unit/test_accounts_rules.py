@@ -1,10 +1,14 @@
-"""Pure rules of the accounts domain: tokens, SCRAM verifiers, slugs."""
+"""Pure rules of the accounts domain: tokens, SCRAM verifiers, slugs, billing, internal-RPC guards."""
 
 import base64
+from datetime import UTC, datetime
+from typing import Any
 
+import pytest
 from scramp import ScramClient, ScramMechanism
 
-from services.accounts.domain import new_token, scram_verifier, slugify, token_hash, token_well_formed
+from services.accounts.crypto import new_token, scram_verifier, token_hash, token_well_formed
+from services.accounts.tenants import slugify
 
 
 def test_tokens_have_prefix_and_checksum():
@@ -48,3 +52,60 @@ def test_slugify_makes_dns_friendly_slugs():
     assert slugify("Acme Corp") == "acme-corp"
     assert slugify("my_tenant$1") == "my-tenant-1"
     assert slugify("___") == "tenant"
+
+
+def test_one_slug_rule_serves_tenants_and_instances():
+    """libs.names.slugify is the single slug rule: each caller only names its fallback, and a
+    truncated slug never ends in a dash (it must stay a DNS label)."""
+    from libs.names import slugify as shared
+    from services.instances.specs import slugify as instance_slug
+
+    assert slugify("Acme Corp") == shared("Acme Corp", "x") == instance_slug("Acme Corp") == "acme-corp"
+    assert (slugify("!!"), instance_slug("!!")) == ("tenant", "instance")
+    long = "a" * 62 + " b"
+    assert shared(long, "x") == "a" * 62
+
+
+def test_billing_percentages_are_of_the_capped_limits_only():
+    """The domain computes the percent of each capped plan limit; uncapped limits are absent."""
+    from services.accounts.billing import PLANS, limit_used_percent, merge_usage, period_of
+
+    usage = merge_usage(
+        1,
+        {
+            "ten_a": {"databases": 1, "compute_cu_millihours_L1": 2500, "egress_bytes": 1024**3},
+            "ten_b": {"databases": 0, "compute_cu_millihours_L1": 500, "storage_bytes": 7},
+        },
+    )
+    assert usage.databases == 1 and usage.storage_bytes == 7
+    assert usage.by_profile == {"L1": 3.0} and usage.compute_cu_hours == 3.0
+    assert limit_used_percent(PLANS["trial"], usage) == {
+        "tenants": 100.0,
+        "databases": 50.0,
+        "compute_cu_hours": 30.0,
+        "egress_bytes": 20.0,
+    }
+    assert limit_used_percent(PLANS["standard_payg"], usage) == {}
+    start, end = period_of(datetime(2026, 12, 15, 8, 30, tzinfo=UTC))
+    assert (start, end) == (datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+
+
+async def test_internal_rpcs_are_refused_by_the_domain_to_non_system_callers():
+    """Authentication, PG-credential lookups and audit records serve other services only: the
+    domain refuses any other principal before it reads anything (no database is given)."""
+    from libs.errors import PermissionDenied
+    from libs.principal import Principal
+    from services.accounts.audit import Audit
+    from services.accounts.keys import Keys
+    from services.accounts.tenants import Tenants
+
+    global_key = Principal(key_id="key_g", account_id="acct_p", scope="global")
+    nothing: Any = None
+    with pytest.raises(PermissionDenied):
+        await Keys(nothing, nothing).authenticate(global_key, "cmk_x")
+    with pytest.raises(PermissionDenied):
+        await Tenants(nothing, nothing, nothing, nothing, dsn_host="h", dsn_port=1).pg_credentials(
+            global_key, "tnt_x"
+        )
+    with pytest.raises(PermissionDenied):
+        await Audit(nothing).record_from(global_key, {})

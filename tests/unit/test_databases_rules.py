@@ -3,13 +3,14 @@ snapshot and the merged /v2/events ids."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 from datetime import UTC, datetime
 
 import pytest
 
 from libs.errors import InvalidArgument
-from services.accounts.events import event_id, parse_event_id
+from libs.events import decode_cursor, encode_cursor
 from services.databases.compute.profiles import COMMON_SETTINGS, PROFILES, SIZES
 from services.databases.events import snapshot
 from services.databases.repository import Db
@@ -126,9 +127,15 @@ def test_event_snapshot_shows_the_api_object_and_no_internals():
 
 
 def test_merged_event_ids_round_trip():
-    """`a.d` ids resume both streams; a bare number is an accounts position only; junk is 400."""
-    assert event_id(41, 7) == "41.7" and parse_event_id("41.7") == (41, 7)
-    assert event_id(41, None) == "41" and parse_event_id("41") == (41, None)
-    assert parse_event_id("") == (None, None)
-    with pytest.raises(InvalidArgument):
-        parse_event_id("x.1")
+    """The merged cursor holds a position per stream and round-trips; the ids of earlier
+    releases (`a.d`, a bare accounts number) are still read; junk is 400."""
+    cursor = encode_cursor({"accounts": 41, "databases": 7, "instances": 3})
+    assert decode_cursor(cursor) == {"accounts": 41, "databases": 7, "instances": 3}
+    assert cursor.startswith("c1.") and "41" not in cursor  # opaque, not a format to parse
+    assert decode_cursor("41.7") == {"accounts": 41, "databases": 7}
+    assert decode_cursor("41") == {"accounts": 41}
+    assert decode_cursor("") == {}
+    bad_seq = "c1." + base64.urlsafe_b64encode(b"accounts:x").decode()
+    for junk in ("x.1", "abc", "c1.!!", bad_seq):
+        with pytest.raises(InvalidArgument):
+            decode_cursor(junk)

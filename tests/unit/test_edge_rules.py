@@ -1,5 +1,6 @@
 """The edge's transcoding rules (gateway/README.md), checked one by one on real contracts."""
 
+import json
 import re
 from pathlib import Path
 
@@ -163,3 +164,159 @@ def test_response_body_selects_one_field():
     """`response_body` answers with one field (Zectre's plain arrays, a deleted tenant)."""
     resp = pb.DeleteTenantResponse(tenant=pb.Tenant(id="ten_1", status="deleting"))
     assert to_json(resp, "tenant")["status"] == "deleting"
+
+
+def test_grpc_message_size_errors_are_never_quota_exceeded():
+    """gRPC's own RESOURCE_EXHAUSTED (no ErrorInfo) is 413 PayloadTooLarge or 503, never 429."""
+    import grpc
+
+    from gateway.errors import from_rpc_error
+
+    def raw(details: str) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), details
+        )
+
+    status, body = from_rpc_error(raw("Received message larger than max (5242893 vs. 4194304)"), "accounts")
+    assert status == 413 and body["error"] == "PayloadTooLarge" and "4194304" not in body["message"]
+    status, body = from_rpc_error(raw("Too many pending RPCs"), "accounts")
+    assert status == 503 and body["error"] == "Unavailable"
+
+
+def test_the_405_allow_list_comes_from_every_matching_template():
+    """`Allow` lists each verb a path is served under, also across literal and variable templates."""
+    router = Router(load_routes())
+    assert router.match("PUT", "/v2/tenants")[2] == ["GET", "POST"]
+    assert router.match("POST", "/v2/api-keys/me")[2] == ["DELETE", "GET"]
+    assert router.match("GET", "/nothing")[2] == []
+
+
+def test_json_depth_and_text_checks_name_the_field():
+    """Depth beyond 64 is refused without recursion; a lone surrogate names its (nested) field."""
+    from gateway.app import MAX_JSON_DEPTH, check_json
+
+    deep: list = []
+    node = deep
+    for _ in range(10_000):
+        node.append([])
+        node = node[0]
+    with pytest.raises(InvalidArgument) as err:
+        check_json(deep)
+    assert err.value.fields == {"body": "nested too deep"}
+    ok: dict = {}
+    node2 = ok
+    for _ in range(MAX_JSON_DEPTH - 1):
+        node2["a"] = {}
+        node2 = node2["a"]
+    check_json(ok)
+    with pytest.raises(InvalidArgument) as err:
+        check_json({"resources": {"name": "x\ud800"}})
+    assert "resources.name" in err.value.fields
+
+
+def test_settings_defaults_for_the_edge_limits():
+    """The body limit and the per-route default deadlines have the documented defaults."""
+    from libs.settings import Settings
+
+    s = Settings()
+    assert s.max_body_bytes == 1024 * 1024
+    assert s.read_deadline.total_seconds() == 5 and s.write_deadline.total_seconds() == 15
+
+
+def test_openapi_carries_the_protovalidate_rules():
+    """Required fields, lengths, patterns, enums, ranges and formats come from `buf.validate`,
+    for every field that has such a rule: the contract says what the server refuses."""
+    from buf.validate import validate_pb2
+
+    from gateway.openapi import required_fields
+
+    doc = build_openapi(load_routes(), "0.1.0")
+    schemas = doc["components"]["schemas"]
+    tenant = schemas["accounts_v1_CreateTenantRequest"]
+    assert tenant["required"] == ["name"]
+    assert tenant["properties"]["name"] == {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 63,
+        "pattern": "^[A-Za-z_][A-Za-z0-9_$]*$",
+    }
+    key = schemas["accounts_v1_CreateApiKeyRequest"]
+    assert key["properties"]["scope"]["enum"] == ["global", "account", "tenant"]
+    assert "tenant is required when scope is tenant" in key["description"]
+    text = json.dumps(doc)
+    assert '"format": "uuid"' in text and '"format": "email"' in text and '"maximum": 65535' in text
+    # Every rule-bearing scalar field of every schema shows its rule.
+    pool = {r.input.full_name: r.input for r in load_routes()}
+    checked = 0
+    for full_name, desc in pool.items():
+        name = full_name.removeprefix("ctrlmesh.").replace(".", "_")
+        if name not in schemas:
+            continue
+        for f in desc.fields:
+            opts = f.GetOptions()
+            if not opts.HasExtension(validate_pb2.field):
+                continue
+            kind = opts.Extensions[validate_pb2.field].WhichOneof("type")
+            if kind in ("string", "int32", "int64", "repeated", "map"):
+                rendered = json.dumps(schemas[name]["properties"][f.name])
+                assert any(
+                    k in rendered
+                    for k in (
+                        "Length",
+                        "pattern",
+                        "enum",
+                        "format",
+                        "minimum",
+                        "maximum",
+                        "Items",
+                        "Properties",
+                    )
+                ), (name, f.name, rendered)
+                checked += 1
+        assert schemas[name].get("required", []) == required_fields(desc)
+    assert checked > 100
+    # Path fields are not asked for again in the body of a `body: "*"` route.
+    scale = doc["paths"]["/v1/instances/{id}/scale"]["post"]["requestBody"]["content"]["application/json"]
+    assert "id" not in schemas[scale["schema"]["$ref"].rsplit("/", 1)[1]]["properties"]
+
+
+def _unauthenticated_in(text: str) -> set[tuple[str, str]]:
+    """The `METHOD /path` pairs of the sentence "... every route except `GET /a`, `GET /b` ..."."""
+    flat = " ".join(text.split())
+    sentence = flat.split("every route except", 1)[1].split(";", 1)[0]
+    return {(m, p) for m, p in re.findall(r"`(GET|POST|PUT|PATCH|DELETE) (/[^`\s]*)`", sentence)}
+
+
+def test_one_list_of_unauthenticated_routes():
+    """PUBLIC_ROUTES in code is the list gateway/README.md, ROUTES.md (and its copy in docs/)
+    and /openapi.json (`security: []`) give; every other operation needs the bearer key."""
+    from gateway.routes import PUBLIC_ROUTES
+
+    public = set(PUBLIC_ROUTES)
+    assert _unauthenticated_in((_REPO / "gateway" / "README.md").read_text()) == public
+    for routes_md_file in {ROUTES_MD, _REPO / "docs" / "ROUTES.md"}:
+        assert _unauthenticated_in(routes_md_file.read_text()) == public, routes_md_file
+    doc = build_openapi(load_routes(), "0.1.0")
+    open_ops = {
+        (verb.upper(), path)
+        for path, ops in doc["paths"].items()
+        for verb, op in ops.items()
+        if op.get("security") == []
+    }
+    assert open_ops == public and doc["security"] == [{"bearer": []}]
+
+
+def test_nul_is_refused_in_every_string_field_naming_it():
+    """The validation step finds a NUL in nested, repeated and map fields, keys and values."""
+    from ctrlmesh.instances.v1 import instances_pb2 as ipb
+
+    from libs.interceptors import violations as _violations
+
+    msg = ipb.CreateInstanceRequest(name="ok", image="img")
+    msg.env["A\x00"] = "v"
+    msg.labels["k"] = "v\x00"
+    msg.services.add(name="web\x00", image="img")
+    found = _violations(msg)
+    assert set(found) == {"env['A\\x00']", "labels['k']", "services[0].name"}
+    assert set(found.values()) == {"must not contain a NUL character"}
+    assert "name" not in _violations(ipb.CreateInstanceRequest(name="ok", image="img"))

@@ -9,6 +9,7 @@ from libs.errors import InvalidArgument, QuotaExceeded
 from services.instances import specs
 from services.instances.domain import check_quota
 from services.instances.health import aggregate, transition_event, validate_target
+from services.instances.providers.swarm import published_ports
 from services.instances.telemetry import level_of
 from services.instances.tenants import Limits
 
@@ -75,3 +76,18 @@ def test_log_levels_are_inferred():
     assert level_of('{"level":"warning","msg":"x"}')[0] == "warn"
     assert level_of("2024 ERROR boom")[0] == "error"
     assert level_of("plain line")[0] == "info"
+
+
+def test_a_swarm_task_is_reached_on_the_port_bound_first_not_its_ipv6_twin():
+    """A task publishing a port on 0.0.0.0 and on :: lists two host ports; endpoints use the first."""
+    status = {
+        "PortStatus": {
+            "Ports": [
+                {"Protocol": "tcp", "TargetPort": 80, "PublishedPort": 32810, "PublishMode": "host"},
+                {"Protocol": "tcp", "TargetPort": 80, "PublishedPort": 32804, "PublishMode": "host"},
+                {"Protocol": "tcp", "TargetPort": 9000, "PublishedPort": 0, "PublishMode": "host"},
+            ]
+        }
+    }
+    assert published_ports(status) == {80: 32810}
+    assert published_ports({}) == {}

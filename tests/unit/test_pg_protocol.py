@@ -108,19 +108,19 @@ def test_server_stream_scanner_survives_any_split(seed: int) -> None:
     rng = random.Random(seed)
     cuts = sorted([*rng.sample(range(1, len(stream)), 12), 1, 2, 3, 4, len(stream) - 1])
     scanner = pq.ServerStreamScanner()
-    seen: list[tuple[int, bytes]] = []
+    statuses: list[bytes] = []
     prev = 0
     for cut in [*cuts, len(stream)]:
         if cut <= prev:
             continue
-        seen += scanner.feed(stream[prev:cut])
+        ready = scanner.feed(stream[prev:cut])
+        statuses += [b"?"] * (ready - 1) + [scanner.status] if ready else []
         prev = cut
-    assert seen == [
-        (pq.PARAMETER_STATUS, b"TimeZone\x00UTC\x00"),
-        (pq.READY_FOR_QUERY, b"T"),
-        (pq.READY_FOR_QUERY, b"I"),
-    ]
+    assert len(statuses) == 2 and statuses[-1] == b"I"
+    assert scanner.others == [(pq.PARAMETER_STATUS, b"TimeZone\x00UTC\x00")]
     assert scanner.at_boundary
+    assert scanner.feed(pq.error_response("FATAL", "57P01", "bye")) == 0
+    assert pq.is_fatal(scanner.others[-1][1])
 
 
 def test_parse_and_sasl_bodies() -> None:

@@ -114,8 +114,8 @@ class _Server(EmbeddedPostgres):
 
     def initialize(self) -> None:
         """A fresh cluster: whatever a previous attempt left is removed first."""
-        shutil.rmtree(self._cluster_dir, ignore_errors=True)  # type: ignore[arg-type]
         assert self._cluster_dir is not None
+        shutil.rmtree(self._cluster_dir, ignore_errors=True)
         self._cluster_dir.mkdir(mode=0o700, parents=True)
         if self._ids is not None:
             os.chown(self._cluster_dir, *self._ids)

@@ -31,13 +31,14 @@ class Health:
 
 
 class Registry:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, candidates: dict[str, Provider] | None = None):
+        """`candidates` replaces the engines CTRLMESH_PROVIDERS names (tests' stand-ins)."""
         wanted = [n.strip() for n in settings.providers.split(",") if n.strip()]
         unknown = [n for n in wanted if n not in FACTORIES]
         if unknown:
             log.warning("ignoring unknown providers in CTRLMESH_PROVIDERS: %s", ", ".join(unknown))
         self.configured = [n for n in wanted if n in FACTORIES]
-        self._candidates: dict[str, Provider] = {
+        self._candidates: dict[str, Provider] = candidates or {
             n: FACTORIES[n](
                 settings.docker_host,
                 pull=settings.docker_pull,
@@ -49,6 +50,9 @@ class Registry:
         self._registered: dict[str, Provider] = {}
         self.health: dict[str, Health] = {}
         self._default = settings.default_provider
+        # What the log last said of each provider: probes run every few seconds (and on each
+        # GET of the providers), so only a change is worth a line.
+        self._reported: dict[str, tuple[bool, str]] = {}
 
     async def probe(self) -> dict[str, Health]:
         """Ping every configured engine; register the ones that answer for the first time."""
@@ -60,12 +64,25 @@ class Registry:
             except ProviderError as err:
                 ok, msg = False, str(err)
             self.health[name] = Health(ok, msg, round((time.perf_counter() - started) * 1000, 2))
-            if ok and name not in self._registered:
+            was_registered = name in self._registered
+            if ok and not was_registered:
                 self._registered[name] = p
-                log.info("provider %s registered", name)
-            elif not ok and name not in self._registered:
-                log.info("provider %s not registered: %s", name, msg)
+            self._report(name, ok, msg, was_registered)
         return dict(self.health)
+
+    def _report(self, name: str, ok: bool, msg: str, was_registered: bool) -> None:
+        """Log a provider's state when it differs from what was last logged of it."""
+        if self._reported.get(name) == (ok, msg):
+            return
+        self._reported[name] = (ok, msg)
+        if ok and not was_registered:
+            log.info("provider %s registered", name)
+        elif ok:
+            log.info("provider %s answers again", name)
+        elif not was_registered:
+            log.info("provider %s not registered: %s", name, msg)
+        else:
+            log.warning("provider %s does not answer: %s", name, msg)
 
     @property
     def names(self) -> list[str]:

@@ -35,6 +35,19 @@ from services.instances.providers.docker import DockerProvider, container_env, p
 _NS = 1_000_000_000
 
 
+def published_ports(task_status: dict[str, Any]) -> dict[int, int]:
+    """Container port → host port of a task. An engine with IPv6 binds each port twice, 0.0.0.0
+    first and then `::`, and may give the two different host ports; the task lists both without
+    the address, so the first one is the port 127.0.0.1 reaches. (Taking the last one named the
+    IPv6 port: refused on 127.0.0.1, or a port an older task holds on IPv4, so endpoints answered
+    for the previous release.)"""
+    out: dict[int, int] = {}
+    for p in (task_status.get("PortStatus") or {}).get("Ports") or []:
+        if p.get("PublishedPort"):
+            out.setdefault(int(p["TargetPort"]), int(p["PublishedPort"]))
+    return out
+
+
 class SwarmProvider(DockerProvider):
     name = "swarm"
     region = "local"
@@ -161,11 +174,7 @@ class SwarmProvider(DockerProvider):
                 raise ProviderError(f"listing tasks failed: {err.message}") from err
             for t in tasks:
                 status = t.get("Status") or {}
-                ports = {
-                    int(p["TargetPort"]): int(p["PublishedPort"])
-                    for p in (status.get("PortStatus") or {}).get("Ports") or []
-                    if p.get("PublishedPort")
-                }
+                ports = published_ports(status)
                 out.append(
                     Replica(
                         ref=t["ID"],

@@ -4,6 +4,8 @@ Revision ID: 0002
 Revises: 0001
 """
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -18,7 +20,7 @@ TS = sa.DateTime(timezone=True)
 
 # The owning account (plan limits count across an account's tenants), the tenant's role inside
 # the compute, where the writer listens, the measured storage, and why it is in `error`.
-def new_columns() -> list[sa.Column]:  # type: ignore[type-arg]
+def new_columns() -> list[sa.Column[Any]]:
     return [
         sa.Column("account_id", sa.String(64), nullable=False, server_default=""),
         sa.Column("pg_user", sa.String(63), nullable=False, server_default=""),
