@@ -35,6 +35,7 @@ openapi: bootstrap
 bench: bootstrap
 	@$(PY) bench/cold_start.py && $(PY) bench/pg_gateway.py
 	@DOCKER_HOST=$$(bash scripts/docker-up.sh) $(PY) bench/instances.py
+	@$(PY) bench/api.py
 
 clean:
 	rm -rf gen .venv

@@ -41,7 +41,7 @@ from libs.errors import (
 )
 from libs.grpc_server import STREAM_OPEN_KEY
 from libs.settings import SERVICES, Settings
-from libs.telemetry import ATTR_PRINCIPAL, ATTR_ROUTE, ATTR_TENANT
+from libs.telemetry import ATTR_PRINCIPAL, ATTR_ROUTE, ATTR_TENANT, scrub_server_span
 
 log = logging.getLogger("ctrlmesh.edge")
 
@@ -431,4 +431,4 @@ def create_app(settings: Settings, channels: Channels, signer: Signer) -> Any:
     # `{path:path}` stops at a newline): a JSON 404 or 405 with `Allow`, never plain text.
     app.router.default = request_response(edge.dispatch)
     app.state.edge = edge
-    return OpenTelemetryMiddleware(app)
+    return OpenTelemetryMiddleware(app, server_request_hook=scrub_server_span)

@@ -23,6 +23,17 @@ class Signer:
         return principals.sign(self._system, self._secret)
 
 
+# gRPC's default reconnect backoff (1 s, growing 1.6x to 120 s) keeps a caller refusing calls for
+# seconds after a restarted service is back (kill -9 of accounts: databases answered 503 for up
+# to 2.6 s after accounts served again); the launcher restarts a service within a second or two,
+# so callers try to reconnect at least every second.
+RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
 class Channels:
     """Lazily opened channels to the five services, shared by a process."""
 
@@ -36,7 +47,9 @@ class Channels:
         ch = self._channels.get(service)
         if ch is None:
             ch = grpc.aio.insecure_channel(
-                self._settings.service_target(service), interceptors=aio_client_interceptors()
+                self._settings.service_target(service),
+                options=RECONNECT_OPTIONS,
+                interceptors=aio_client_interceptors(),
             )
             self._channels[service] = ch
         return ch

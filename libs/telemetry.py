@@ -33,6 +33,12 @@ ATTR_PG_PIN_REASON = "ctrlmesh.pg.pin_reason"
 
 log = logging.getLogger("ctrlmesh.telemetry")
 
+# Query parameters that carry credentials (`?token=` on SSE routes, for EventSource); their
+# values never reach a span.
+SECRET_QUERY_PARAMS = frozenset({"token"})
+# The HTTP span attributes (old and new semantic conventions) that can hold a query string.
+_URL_ATTRIBUTES = ("http.url", "http.target", "url.full", "url.query")
+
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(
@@ -50,6 +56,31 @@ def setup_tracing(service_name: str) -> TracerProvider:
         log.info("exporting traces over OTLP for %s", service_name)
     trace.set_tracer_provider(provider)
     return provider
+
+
+def redact_query(url: str) -> str:
+    """`url` (a full URL, a target or a bare query) with secret query values replaced by REDACTED."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    bare = "?" not in url and "=" in url and "/" not in url
+    parts = urlsplit("?" + url if bare else url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(k in SECRET_QUERY_PARAMS for k, _ in pairs):
+        return url
+    query = urlencode([(k, "REDACTED" if k in SECRET_QUERY_PARAMS else v) for k, v in pairs])
+    return query if bare else urlunsplit(parts._replace(query=query))
+
+
+def scrub_server_span(span: trace.Span, scope: dict[str, object]) -> None:
+    """`server_request_hook` of the ASGI instrumentation: rewrite the URL attributes it has just
+    set, so a credential in the query string never leaves the process in a trace."""
+    attributes = getattr(span, "attributes", None) or {}
+    for name in _URL_ATTRIBUTES:
+        value = attributes.get(name)
+        if isinstance(value, str) and "=" in value:
+            redacted = redact_query(value)
+            if redacted != value:
+                span.set_attribute(name, redacted)
 
 
 def instrument_engine(engine: AsyncEngine) -> None:

@@ -3,49 +3,22 @@
 import os
 import signal
 import time
-from concurrent import futures
 
-import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tests.fixtures.api import unique
-from tests.fixtures.mesh import free_block
+from tests.fixtures.otlp import Collector
 
 pytestmark = pytest.mark.e2e
-
-
-class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """A real OTLP/gRPC receiver: keeps every span with its service name."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, object]] = []
-
-    def Export(self, request, context):
-        for rs in request.resource_spans:
-            service = next(a.value.string_value for a in rs.resource.attributes if a.key == "service.name")
-            for ss in rs.scope_spans:
-                for span in ss.spans:
-                    self.spans.append((service, span))
-        return trace_service_pb2.ExportTraceServiceResponse()
 
 
 @pytest.fixture(scope="module")
 def traced(mesh_builder):
     """A private mesh exporting traces to an in-test OTLP collector."""
     collector = Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
-    port = free_block(1)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    m = mesh_builder(
-        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}",
-        OTEL_EXPORTER_OTLP_INSECURE="true",
-        OTEL_BSP_SCHEDULE_DELAY="100",
-    )
+    m = mesh_builder(**collector.start())
     yield m, collector
-    server.stop(0)
+    collector.stop()
 
 
 def test_one_rest_call_is_one_trace_edge_accounts_sql(traced):
