@@ -3,7 +3,7 @@
 A route is **done** when its gRPC method is implemented by a servicer (it overrides the
 generated base method) and the end-to-end suite has exercised it through the edge with an
 answer other than 501 (the test session records the edge's per-route counters into
-`build/route-hits.json`). Implemented but not yet exercised is **untested**; the rest answer 501.
+the route-hits file the e2e suite writes (`HITS`, in the temporary directory)). Implemented but not yet exercised is **untested**; the rest answer 501.
 """
 
 from __future__ import annotations
@@ -11,15 +11,19 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import pkgutil
 import sys
+import tempfile
 from pathlib import Path
 
 import services
 from gateway.routes import Route, load_routes
 
 ROOT = Path(__file__).resolve().parent.parent
-HITS = ROOT / "build" / "route-hits.json"
+# Where the e2e suite records the routes it exercised: outside the repository, so a test run
+# changes no file of it (CTRLMESH_ROUTE_HITS moves it).
+HITS = Path(os.environ.get("CTRLMESH_ROUTE_HITS") or Path(tempfile.gettempdir()) / "ctrlmesh-route-hits.json")
 
 
 def implemented_methods() -> set[str]:
