@@ -32,6 +32,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if not report.failed:
         return
     from tests.fixtures.mesh import Mesh  # imported here: the plugin must be loaded (rewritten) first
+
     for name, value in getattr(item, "funcargs", {}).items():
         mesh = value if isinstance(value, Mesh) else getattr(value, "mesh", None)
         if isinstance(mesh, Mesh) and mesh.log_path is not None and mesh.log_path.exists():
