@@ -11,6 +11,7 @@ import pytest
 
 from libs.launcher import _wait_pg_gateway
 from tests.fixtures.api import create_account, unique
+from tests.fixtures.mesh import still_running
 
 pytestmark = pytest.mark.e2e
 
@@ -108,21 +109,4 @@ def test_no_restart_during_shutdown_and_nothing_left_behind(sup):
     assert sup.stop(signal.SIGTERM, timeout=30) == 0
     assert not any("accounts restarted" in line for line in sup.output[-5:])
     assert not (sup.data_dir / "run" / "accounts.pid").exists()
-    deadline = time.monotonic() + 10
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in pids if _alive(p)]
-        time.sleep(0.1)
-    assert alive == []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    assert still_running(pids) == []

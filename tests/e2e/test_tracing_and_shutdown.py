@@ -1,12 +1,12 @@
 """One REST call is one trace across processes, and Ctrl-C leaves no process behind."""
 
-import os
 import signal
 import time
 
 import pytest
 
 from tests.fixtures.api import unique
+from tests.fixtures.mesh import still_running
 from tests.fixtures.otlp import Collector
 
 pytestmark = pytest.mark.e2e
@@ -74,22 +74,4 @@ def test_sigint_stops_every_process(traced):
     pids = mesh.pids()
     assert len(pids) >= 7  # five services, the edge, PostgreSQL
     assert mesh.stop(signal.SIGINT) == 0
-    deadline = time.monotonic() + 10
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in pids if _alive(p)]
-        time.sleep(0.1)
-    assert alive == []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not reaped by our PID 1) is not a running process.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    assert still_running(pids) == []
