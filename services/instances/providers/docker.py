@@ -34,6 +34,9 @@ from services.instances.providers.base import (
 
 log = logging.getLogger("ctrlmesh.instances.docker")
 
+# Starts of one container after its published port turned out taken (see DockerProvider._start).
+PORT_RETRIES = 8
+
 
 def parse_time(value: str | None) -> datetime | None:
     if not value or value.startswith("0001-"):
@@ -183,11 +186,22 @@ class DockerProvider:
                 raise ImageNotFound(f"image {group.service['image']!r} is not on the engine") from err
             else:
                 raise ProviderError(f"creating {name} failed: {err.message}") from err
-        try:
-            await container.start()
-        except DockerError as err:
-            if err.status != 304:  # 304: an adopted container that already runs
-                raise ProviderError(f"starting {name} failed: {err.message}") from err
+        await self._start(container, name)
+
+    async def _start(self, container: Any, name: str) -> None:
+        """Start a container. A published port is picked by the engine from the kernel's
+        ephemeral range, which outgoing connections on this host share: when the pick is taken,
+        the engine answers "address already in use" and picks the next port on a second start."""
+        for attempt in range(PORT_RETRIES + 1):
+            try:
+                await container.start()
+                return
+            except DockerError as err:
+                if err.status == 304:  # an adopted container that already runs
+                    return
+                if "address already in use" not in err.message or attempt == PORT_RETRIES:
+                    raise ProviderError(f"starting {name} failed: {err.message}") from err
+                log.info("starting %s: its port was taken (%s); starting it again", name, err.message)
 
     async def _pull_image(self, image: str) -> None:
         try:
@@ -220,10 +234,7 @@ class DockerProvider:
             await self._remove(r.ref)
         for r in keep:
             if r.state in ("created", "exited", "dead"):
-                try:
-                    await self.docker.containers.container(r.ref).start()
-                except DockerError as err:
-                    raise ProviderError(f"starting a replica failed: {err.message}") from err
+                await self._start(self.docker.containers.container(r.ref), r.ref)
         present = {r.index for r in keep}
         for index in range(count):
             if index not in present:
