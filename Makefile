@@ -17,7 +17,7 @@ admin-key: bootstrap
 	@$(PY) -m libs.admin_key
 
 test: bootstrap
-	@$(PY) -m pytest tests
+	@$(PY) -m pytest tests --durations=25
 
 lint: bootstrap
 	@.venv/bin/ruff check . && .venv/bin/ruff format --check .
