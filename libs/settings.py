@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     # Without health checks, a new replica passes the gate after running this long.
     deploy_settle: Duration = timedelta(seconds=2)
     provider_probe_interval: Duration = timedelta(seconds=10)
+    # The ingress (network service): a Caddy configured only through its admin API. The launcher
+    # starts one (Debian's `caddy`) with its admin endpoint on 127.0.0.1:ingress_admin_port,
+    # unless ingress_admin_url names an external Caddy to configure instead. Every instance
+    # answers at http://<instance>.<tenant>.<ingress_domain>:<ingress_http_port>.
+    ingress_http_port: int = 8880
+    ingress_https_port: int = 8443
+    ingress_domain: str = "localhost"
     # The launcher restarts a process that dies: after restart_backoff, doubling per restart up
     # to restart_backoff_max; a process that needs more than restart_limit restarts within
     # restart_window is left stopped (logged as failed) while the rest keeps serving.
@@ -122,6 +129,26 @@ class Settings(BaseSettings):
     restart_backoff_max: Duration = timedelta(seconds=10)
     restart_limit: int = 5
     restart_window: Duration = timedelta(seconds=60)
+    # Domains (network): the host a custom domain's CNAME must point at (the ingress domain when
+    # empty); the DNS server verification asks (`host[:port]`; the system's resolvers when
+    # empty); the first delay of the background re-check of an unverified domain, doubling up
+    # to the max.
+    dns_target: str = ""
+    dns_resolver: str = ""
+    domain_recheck: Duration = timedelta(seconds=30)
+    domain_recheck_max: Duration = timedelta(hours=1)
+    # Certificates (network): the ACME directory (Let's Encrypt's production one by default),
+    # the account's contact, a CA bundle to trust a private ACME server's TLS (Pebble's), how
+    # long before expiry a certificate is renewed, how often the worker looks for due work
+    # (renewals and retries), the first retry delay after a failed attempt (doubling), and the
+    # deadline of one ACME order.
+    acme_directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    acme_email: str = ""
+    acme_ca_bundle: Path | None = None
+    cert_renew_before: Duration = timedelta(days=30)
+    cert_renew_interval: Duration = timedelta(seconds=60)
+    acme_retry: Duration = timedelta(seconds=30)
+    acme_timeout: Duration = timedelta(seconds=90)
     version: str = Field(default="0.1.0")
 
     @classmethod

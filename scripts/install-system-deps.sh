@@ -11,6 +11,8 @@
 #   jdbc        PostgreSQL's JDBC driver (/usr/share/java/postgresql.jar) and a JDK to run
 #               tests/clients/jdbc/Drivers.java from source (java 11+ runs a source file).
 #   nodejs      Node.js and npm, for tests/clients/node (node-postgres).
+#   pebble      Let's Encrypt's ACME test CA, which the certificate tests issue from
+#               (tests/fixtures/acme.py starts it on loopback; nothing runs as a service).
 set -euo pipefail
 
 SUDO=""
@@ -56,13 +58,20 @@ install_nodejs() {
   apt_install "${want[@]}"
 }
 
+install_pebble() {
+  if command -v pebble >/dev/null 2>&1; then return 0; fi
+  echo "installing pebble (Debian package)"
+  apt_install pebble
+}
+
 components=("$@")
-if [ ${#components[@]} -eq 0 ]; then components=(pgbouncer jdbc nodejs); fi
+if [ ${#components[@]} -eq 0 ]; then components=(pgbouncer jdbc nodejs pebble); fi
 for c in "${components[@]}"; do
   case "$c" in
     pgbouncer) install_pgbouncer ;;
     jdbc) install_jdbc ;;
     nodejs) install_nodejs ;;
+    pebble) install_pebble ;;
     *) echo "unknown component: $c" >&2; exit 2 ;;
   esac
 done

@@ -1,4 +1,4 @@
-"""The network schema: domains and secrets (routes and certificates come with their logic)."""
+"""The network schema: domains and secrets (certificates and ACME state: services/network/domains/models.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ domains = Table(
     Column("tls_enabled", Boolean, nullable=False, server_default="false"),
     Column("created_at", TS, nullable=False),
     Column("updated_at", TS, nullable=False),
+    # 0003_domains: verification, its background re-check, and the certificate's summary.
+    Column("account_id", String(64), nullable=False, server_default=""),
+    Column("verified_at", TS),
+    Column("next_check_at", TS),
+    Column("check_attempts", Integer, nullable=False, server_default="0"),
+    Column("last_check_error", Text, nullable=False, server_default=""),
+    Column("auto_tls", Boolean, nullable=False, server_default="false"),
+    Column("cert_expiry", TS),
     UniqueConstraint("hostname", name="uq_domains_hostname"),
 )
 
