@@ -318,3 +318,16 @@ def test_background_recheck_verifies_and_a_refused_certificate_fails(stand: Stan
     cert = failed["certificate"]
     assert "urn:ietf:params:acme:error" in cert["last_error"] and host in cert["last_error"], cert
     assert cert["auto_renew"] is False and cert["attempts"] == 1 and failed["tls_enabled"] is False
+
+    # What the workers changed is audited with the network service as the actor.
+    def audited(resource: str) -> set[tuple[str, str, str]]:
+        items = (
+            stand.mesh.admin()
+            .get("/v1/admin/audit", params={"tenant_id": tenant.id, "resource": resource})
+            .json()["items"]
+        )
+        return {(e["action"], e["outcome"], e["actor_type"]) for e in items}
+
+    assert ("verify", "success", "system") in audited("domain")
+    assert ("issue", "failure", "system") in audited("certificate")
+    assert ("provision", "success", "api_key") in audited("certificate")

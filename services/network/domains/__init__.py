@@ -75,6 +75,7 @@ def build(
         recheck=settings.domain_recheck,
         recheck_max=settings.domain_recheck_max,
         wake=wake,
+        audit_sink=audit,
     )
     # The re-check looks at due rows often; each domain's own backoff decides when it is due.
     recheck_every = min(settings.domain_recheck.total_seconds(), 5.0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -29,7 +29,7 @@ from libs.db import Database
 from libs.outbox import Outbox
 from libs.reconcile import KeyedRunner, every
 from libs.timeutil import now
-from services.network.domains import events
+from services.network.domains import audit, events
 from services.network.domains import repository as repo
 from services.network.domains.acme import Account, AcmeFailure, AcmeIssuer
 from services.network.domains.repository import CertRow, DomainRow
@@ -39,8 +39,6 @@ log = logging.getLogger("ctrlmesh.network.certificates")
 MAX_ATTEMPTS = 5
 MAX_BACKOFF = timedelta(hours=6)
 CHALLENGE_TTL = timedelta(minutes=10)
-
-AuditRecord = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class DbAccounts:
@@ -120,7 +118,7 @@ class Certificates:
         interval: timedelta,
         retry: timedelta,
         wake: Callable[[], None],
-        audit: AuditRecord | None = None,
+        audit: audit.AuditSink | None = None,
     ):
         self.db = db
         self.outbox = outbox
@@ -292,26 +290,16 @@ class Certificates:
         await self._audit(done, "renew" if renewing else "issue", "failure", failure.message)
 
     async def _audit(self, cert: CertRow, action: str, outcome: str, reason: str) -> None:
-        """Background changes are audited like API calls, with this service as the actor."""
-        if self.audit is None:
-            return
-        entry = {
-            "tenant_id": cert.tenant_id,
-            "actor_id": "system:network",
-            "actor_type": "system",
-            "resource": "certificate",
-            "resource_id": cert.id,
-            "action": action,
-            "outcome": outcome,
-            "reason": reason[:500],
-            "service": "network",
-            "method": "certificate-worker",
-            "trace_id": "",
-        }
-        try:
-            await self.audit(entry)
-        except Exception:
-            log.warning("could not record the audit entry of certificate %s", cert.id, exc_info=True)
+        await audit.record(
+            self.audit,
+            tenant_id=cert.tenant_id,
+            resource="certificate",
+            resource_id=cert.id,
+            action=action,
+            outcome=outcome,
+            reason=reason,
+            method="network/certificate-worker",
+        )
 
     async def shutdown(self) -> None:
         await self.runner.shutdown()

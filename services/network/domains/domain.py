@@ -33,7 +33,7 @@ from libs.errors import (
 from libs.outbox import Outbox
 from libs.principal import Principal
 from libs.timeutil import now
-from services.network.domains import events, hostnames
+from services.network.domains import audit, events, hostnames
 from services.network.domains import repository as repo
 from services.network.domains.certificates import Certificates
 from services.network.domains.dns import TxtLookup, TxtResolver
@@ -75,7 +75,9 @@ class Domains:
         recheck: timedelta,
         recheck_max: timedelta,
         wake: Callable[[], None],
+        audit_sink: audit.AuditSink | None = None,
     ):
+        self.audit_sink = audit_sink
         self.db = db
         self.outbox = outbox
         self.accounts = accounts
@@ -259,6 +261,15 @@ class Domains:
             if lookup.holds(row.verify_token):
                 log.info("domain %s verified by the background re-check", row.id)
                 await self._mark_verified(row)
+                await audit.record(
+                    self.audit_sink,
+                    tenant_id=row.tenant_id,
+                    resource="domain",
+                    resource_id=row.id,
+                    action="verify",
+                    outcome="success",
+                    method="network/domain-recheck",
+                )
                 continue
             attempts = row.check_attempts + 1
             delay = min(self.recheck * (2**attempts), self.recheck_max)
