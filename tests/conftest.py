@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.docker",
     "tests.fixtures.instances",
+    "tests.fixtures.caddy",
 ]
 
 

@@ -1,7 +1,9 @@
 """The network service process: `python -m services.network.main`.
 
-Domain, route, certificate and secret routes answer 501 until the network capability lands; the
-internal contract (quota usage for domains and secrets, purge) already runs on real tables.
+Serves RouteService (routes through the ingress), its EventStreamService and the internal
+TenantResourcesService, and runs the ingress's loops: applying the rendered config to Caddy and
+following the instances service's replicas. Domain, certificate and secret routes answer 501
+until their packages are wired here.
 """
 
 from __future__ import annotations
@@ -12,25 +14,82 @@ import grpc
 from ctrlmesh.network.v1 import network_pb2, network_pb2_grpc
 
 from libs.grpc_server import AuditSink, Service
+from libs.outbox import Outbox
 from libs.service_main import Runtime, remote_audit_sink, run
-from libs.tenant_resources import Count, Spec, register_resources, register_unimplemented
-from services.network.models import SCHEMA, domains, secrets
+from libs.tenant_resources import Count, Spec, register_resources
+from services.network import servicer
+from services.network.ingress.caddy import CaddyAdmin
+from services.network.ingress.ingress import Ingress
+from services.network.ingress.render import Listen
+from services.network.models import SCHEMA, domains, ingress_instances, outbox, routes, secrets
+from services.network.peers import Accounts, Instances
+from services.network.routes import RoutesDomain
 
 SPEC = Spec(
     counts=[Count("domains", domains), Count("secrets", secrets)],
-    purge=[domains, secrets],
+    purge=[routes, ingress_instances, domains, secrets],
     stats=[Count("domains", domains), Count("secrets", secrets)],
 )
 
 
+def register_unimplemented_except(server: grpc.aio.Server, implemented: set[str]) -> list[str]:
+    """The network contract's services without logic yet answer UNIMPLEMENTED (501 at the edge)."""
+    names = []
+    for svc in network_pb2.DESCRIPTOR.services_by_name.values():
+        if svc.name in implemented:
+            continue
+        base = getattr(network_pb2_grpc, f"{svc.name}Servicer")
+        getattr(network_pb2_grpc, f"add_{svc.name}Servicer_to_server")(base(), server)
+        names.append(svc.full_name)
+    return names
+
+
 async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
+    s = rt.settings
+    events = Outbox(outbox, rt.db)
+    instances = Instances(rt.channels, rt.signer)
+    accounts = Accounts(rt.channels, rt.signer)
+    caddy = CaddyAdmin(s.ingress_admin())
+    listen = Listen(
+        bind=s.ingress_bind,
+        http_port=s.ingress_http_port,
+        https_port=s.ingress_https_port,
+        admin=caddy.listen,
+        domain=s.ingress_domain.lower().strip("."),
+    )
+    ingress = Ingress(
+        events,
+        caddy,
+        instances,
+        accounts,
+        listen,
+        interval=s.ingress_reconcile_interval.total_seconds(),
+        resync_interval=s.ingress_resync_interval.total_seconds(),
+    )
+
+    async def changed(instance_id: str) -> None:
+        await ingress.refresh(instance_id)
+        ingress.wake()
+
+    routes_domain = RoutesDomain(
+        events, instances, accounts, ingress.current_inputs, changed, ingress_domain=listen.domain
+    )
+
     def register(server: grpc.aio.Server) -> list[str]:
         return [
-            *register_unimplemented(server, network_pb2, network_pb2_grpc),
+            *servicer.register(server, routes_domain),
+            *register_unimplemented_except(server, {"RouteService"}),
             *register_resources(server, rt.db, SPEC),
         ]
 
-    return Service(name="network", register=register), remote_audit_sink(rt)
+    service = Service(
+        name="network",
+        register=register,
+        events=events,
+        background=ingress.background(),
+        on_stop=caddy.close,
+    )
+    return service, remote_audit_sink(rt)
 
 
 if __name__ == "__main__":
