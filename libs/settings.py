@@ -119,9 +119,17 @@ class Settings(BaseSettings):
     # starts one (Debian's `caddy`) with its admin endpoint on 127.0.0.1:ingress_admin_port,
     # unless ingress_admin_url names an external Caddy to configure instead. Every instance
     # answers at http://<instance>.<tenant>.<ingress_domain>:<ingress_http_port>.
+    ingress_admin_port: int = 2019
+    ingress_admin_url: str | None = None
     ingress_http_port: int = 8880
     ingress_https_port: int = 8443
+    # The address Caddy's HTTP and HTTPS servers bind (loopback on one machine).
+    ingress_bind: str = "127.0.0.1"
     ingress_domain: str = "localhost"
+    # How often the ingress compares Caddy's config with the rendered one (a restarted Caddy is
+    # refilled within this), and how often every instance's replicas are looked up again.
+    ingress_reconcile_interval: Duration = timedelta(seconds=1)
+    ingress_resync_interval: Duration = timedelta(seconds=10)
     # The launcher restarts a process that dies: after restart_backoff, doubling per restart up
     # to restart_backoff_max; a process that needs more than restart_limit restarts within
     # restart_window is left stopped (logged as failed) while the rest keeps serving.
@@ -160,6 +168,10 @@ class Settings(BaseSettings):
 
     def service_target(self, name: str) -> str:
         return f"{self.grpc_host}:{self.service_port(name)}"
+
+    def ingress_admin(self) -> str:
+        """The base URL of the Caddy admin API the network service configures."""
+        return (self.ingress_admin_url or f"http://127.0.0.1:{self.ingress_admin_port}").rstrip("/")
 
     def secret_file(self, name: str) -> Path:
         return self.data_dir / "secrets" / name

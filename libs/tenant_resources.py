@@ -96,16 +96,11 @@ class TenantResources(internal_pb2_grpc.TenantResourcesServiceServicer):
         return out
 
 
-def register_unimplemented(
-    server: grpc.aio.Server, pb2: ModuleType, pb2_grpc: ModuleType, *, skip: frozenset[str] = frozenset()
-) -> list[str]:
+def register_unimplemented(server: grpc.aio.Server, pb2: ModuleType, pb2_grpc: ModuleType) -> list[str]:
     """Serve a contract whose logic is not written yet: every method answers UNIMPLEMENTED,
-    which the edge reports as 501 NotImplemented. Internal-only services are included; the
-    services named in `skip` (short names) are served by their own servicers."""
+    which the edge reports as 501 NotImplemented. Internal-only services are included."""
     names = []
     for svc in pb2.DESCRIPTOR.services_by_name.values():
-        if svc.name in skip:
-            continue
         base = getattr(pb2_grpc, f"{svc.name}Servicer")
         getattr(pb2_grpc, f"add_{svc.name}Servicer_to_server")(base(), server)
         names.append(svc.full_name)

@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.fixtures.instances",
     "tests.fixtures.dns",
     "tests.fixtures.acme",
+    "tests.fixtures.caddy",
 ]
 
 

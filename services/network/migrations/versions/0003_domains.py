@@ -1,14 +1,14 @@
 """network: domain verification and re-check, certificates, ACME account and challenges
 
 Revision ID: 0003_domains
-Revises: 0001
+Revises: 0002_ingress
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0003_domains"
-down_revision = "0001"
+down_revision = "0002_ingress"
 branch_labels = None
 depends_on = None
 
