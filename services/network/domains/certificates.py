@@ -287,7 +287,8 @@ class Certificates:
         log.warning(
             "certificate %s for %s: attempt %d failed: %s", cert.id, cert.hostname, attempts, failure.message
         )
-        await self._audit(done, "renew" if renewing else "issue", "failure", failure.message)
+        reason = "AcmeRefused" if failure.definitive else "AcmeUnavailable"
+        await self._audit(done, "renew" if renewing else "issue", "failure", reason)
 
     async def _audit(self, cert: CertRow, action: str, outcome: str, reason: str) -> None:
         await audit.record(
