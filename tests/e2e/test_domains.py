@@ -255,6 +255,8 @@ def test_domain_verified_through_dns_gets_a_certificate_and_serves_https(
     for e in seen:
         assert e["tenant_id"] == tenant.id and e["account_id"], e
     assert not any("PRIVATE KEY" in json.dumps(e) for e in seen)
+    # The certificate's key never reaches a log (it travels only to Caddy's loopback admin API).
+    assert stand.mesh.log_path is not None and "PRIVATE KEY" not in stand.mesh.log_path.read_text()
     print(
         f"issue with Pebble through the ingress: {issue_seconds:.2f} s; renewal swap seen in {swap_seconds:.2f} s"
     )
