@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -232,6 +233,19 @@ def test_rolling_deploy_drops_no_request(ingress_tenant: Tenant) -> None:
     print(f"rolling deploy: {loop.total} requests, {len(loop.failures)} failed, {dict(loop.bodies)}")
     assert loop.failures == [], loop.failures[:5]
     assert loop.bodies["ctrlmesh-test v1"] > 0 and loop.bodies["ctrlmesh-test v2"] > 0
+
+    # A scale changes the upstream set too: three replicas, three dials in Caddy's config.
+    r = c.post(f"/v1/instances/{inst['id']}/scale", json={"replicas": 3})
+    assert r.status_code == 204, r.text
+    wait_for(lambda: len(host_dials(mesh, host)), lambda n: n == 3, 30)
+
+
+def host_dials(mesh: Mesh, host: str) -> set[str]:
+    """The upstream addresses Caddy holds for one hostname (read from its admin API)."""
+    config = httpx.get(f"{mesh.ingress_admin}/config/", timeout=5).json()
+    routes = config["apps"]["http"]["servers"]["ingress_http"]["routes"]
+    block = next((r for r in routes if r.get("match") == [{"host": [host]}]), None)
+    return set(re.findall(r"127\.0\.0\.1:\d+", json.dumps(block))) if block else set()
 
 
 def test_stopped_instance_answers_503(ingress_tenant: Tenant) -> None:

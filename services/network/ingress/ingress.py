@@ -85,6 +85,16 @@ class Ingress:
         """Render and apply now (after a change of routes, domains, certificates or challenges)."""
         self._wake.set()
 
+    async def changed(self, instance_id: str) -> None:
+        """After a committed change of an instance's routes: its replicas looked up (it may be
+        new to the ingress) and the config applied. The change is already committed, so a
+        failed lookup is the resync's to retry, never the caller's error."""
+        try:
+            await self.refresh(instance_id)
+        except Exception:
+            log.warning("could not refresh instance %s after a route change", instance_id, exc_info=True)
+        self.wake()
+
     # -- Caddy -----------------------------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:
