@@ -21,7 +21,7 @@ from tests.fixtures.api import unique
 from tests.fixtures.instances import V2, Tenant, create_running, make_tenant, wait_deployment, wait_for
 from tests.fixtures.mesh import Mesh
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
 def tenant_slug(t: Tenant) -> str:

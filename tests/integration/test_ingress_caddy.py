@@ -31,6 +31,8 @@ from services.network.ingress.render import Listen
 from services.network.models import SCHEMA, outbox
 from tests.fixtures.caddy import Caddy
 
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "network" / "migrations"
 HOST = "app.example.test"
 
