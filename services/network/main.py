@@ -17,7 +17,7 @@ from ctrlmesh.network.v1 import network_pb2, network_pb2_grpc
 from libs.grpc_server import AuditSink, Service
 from libs.outbox import Outbox
 from libs.service_main import Runtime, remote_audit_sink, run
-from libs.tenant_resources import Count, Spec, register_resources
+from libs.tenant_resources import Count, Spec, register_resources, register_unimplemented
 from services.network import domains as domains_pkg
 from services.network import servicer
 from services.network.domains import peers as domain_peers
@@ -35,18 +35,6 @@ SPEC = Spec(
     purge=[routes, ingress_instances, domains, secrets],
     stats=[Count("domains", domains), Count("secrets", secrets)],
 )
-
-
-def register_unimplemented_except(server: grpc.aio.Server, implemented: set[str]) -> list[str]:
-    """The network contract's services without logic yet answer UNIMPLEMENTED (501 at the edge)."""
-    names = []
-    for svc in network_pb2.DESCRIPTOR.services_by_name.values():
-        if svc.name in implemented:
-            continue
-        base = getattr(network_pb2_grpc, f"{svc.name}Servicer")
-        getattr(network_pb2_grpc, f"add_{svc.name}Servicer_to_server")(base(), server)
-        names.append(svc.full_name)
-    return names
 
 
 async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
@@ -86,12 +74,8 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     )
     ingress.use_inputs(dom.inputs)
 
-    async def changed(instance_id: str) -> None:
-        await ingress.refresh(instance_id)
-        ingress.wake()
-
     routes_domain = RoutesDomain(
-        events, instances, accounts, ingress.current_inputs, changed, ingress_domain=listen.domain
+        events, instances, accounts, ingress.current_inputs, ingress.changed, ingress_domain=listen.domain
     )
 
     async def stop() -> None:
@@ -102,7 +86,9 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         return [
             *servicer.register(server, routes_domain),
             domains_servicer.register(server, dom.domains),
-            *register_unimplemented_except(server, {"RouteService", "DomainService"}),
+            *register_unimplemented(
+                server, network_pb2, network_pb2_grpc, besides=["RouteService", "DomainService"]
+            ),
             *register_resources(server, rt.db, SPEC),
         ]
 

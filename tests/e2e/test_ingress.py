@@ -4,7 +4,9 @@ Caddy on loopback with the instance's hostname in the Host header."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import threading
 import time
@@ -14,11 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
+from libs.events import encode_cursor
 from tests.fixtures.api import unique
 from tests.fixtures.instances import V2, Tenant, create_running, make_tenant, wait_deployment, wait_for
 from tests.fixtures.mesh import Mesh
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
 def tenant_slug(t: Tenant) -> str:
@@ -37,10 +40,18 @@ def through(mesh: Mesh, host: str, path: str = "/", **kw: Any) -> httpx.Response
     )
 
 
+def attempt(mesh: Mesh, host: str, path: str = "/") -> httpx.Response | None:
+    """One request, None while nothing listens (a Caddy starting again)."""
+    try:
+        return through(mesh, host, path)
+    except httpx.HTTPError:
+        return None
+
+
 def wait_body(mesh: Mesh, host: str, path: str, want: str, timeout: float = 15) -> httpx.Response:
     return wait_for(
-        lambda: through(mesh, host, path),
-        lambda r: r.status_code == 200 and want in r.text,
+        lambda: attempt(mesh, host, path),
+        lambda r: r is not None and r.status_code == 200 and want in r.text,
         timeout,
         every=0.1,
     )
@@ -109,15 +120,19 @@ def test_routes_strip_prefix_validation_and_tenancy(ingress_tenant: Tenant, web:
 
     types = route_events(mesh, ingress_tenant, route["id"], {"route.added", "route.updated", "route.removed"})
     assert types == ["route.added", "route.updated", "route.removed"]
+    audit = mesh.admin().get("/v1/admin/audit", params={"tenant_id": ingress_tenant.id, "resource": "route"})
+    mine = [(e["action"], e["outcome"]) for e in audit.json()["items"] if e["resource_id"] == route["id"]]
+    assert (
+        ("create", "success") in mine and ("update", "success") in mine and ("delete", "success") in mine
+    ), mine
 
 
 def route_events(mesh: Mesh, t: Tenant, route_id: str, want: set[str]) -> list[str]:
-    """The types of the route's events in /v2/events, read from the start of the stream."""
+    """The types of the route's events in /v2/events, the network stream read from its start."""
     seen: list[str] = []
-    import json
-
+    headers = {"Authorization": f"Bearer {t.key}", "Last-Event-ID": encode_cursor({"network": 0})}
     with (
-        httpx.Client(base_url=mesh.base_url, headers={"Authorization": f"Bearer {t.key}"}, timeout=10) as c,
+        httpx.Client(base_url=mesh.base_url, headers=headers, timeout=10) as c,
         c.stream("GET", "/v2/events") as r,
     ):
         assert r.status_code == 200
@@ -218,6 +233,19 @@ def test_rolling_deploy_drops_no_request(ingress_tenant: Tenant) -> None:
     print(f"rolling deploy: {loop.total} requests, {len(loop.failures)} failed, {dict(loop.bodies)}")
     assert loop.failures == [], loop.failures[:5]
     assert loop.bodies["ctrlmesh-test v1"] > 0 and loop.bodies["ctrlmesh-test v2"] > 0
+
+    # A scale changes the upstream set too: three replicas, three dials in Caddy's config.
+    r = c.post(f"/v1/instances/{inst['id']}/scale", json={"replicas": 3})
+    assert r.status_code == 204, r.text
+    wait_for(lambda: len(host_dials(mesh, host)), lambda n: n == 3, 30)
+
+
+def host_dials(mesh: Mesh, host: str) -> set[str]:
+    """The upstream addresses Caddy holds for one hostname (read from its admin API)."""
+    config = httpx.get(f"{mesh.ingress_admin}/config/", timeout=5).json()
+    routes = config["apps"]["http"]["servers"]["ingress_http"]["routes"]
+    block = next((r for r in routes if r.get("match") == [{"host": [host]}]), None)
+    return set(re.findall(r"127\.0\.0\.1:\d+", json.dumps(block))) if block else set()
 
 
 def test_stopped_instance_answers_503(ingress_tenant: Tenant) -> None:

@@ -31,6 +31,8 @@ from services.network.ingress.render import Listen
 from services.network.models import SCHEMA, outbox
 from tests.fixtures.caddy import Caddy
 
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "network" / "migrations"
 HOST = "app.example.test"
 
@@ -160,3 +162,21 @@ async def test_restarted_caddy_is_refilled(ingress: Ingress, caddy: Caddy) -> No
     assert await CaddyAdmin(caddy.admin_url).config() != await ingress.desired()
     assert await ingress.apply() is True
     assert await ingress.caddy.config() == await ingress.desired()
+
+
+async def test_an_unreadable_certificate_does_not_block_the_config(ingress: Ingress, caddy: Caddy) -> None:
+    """A certificate Caddy could not load is left out (Caddy would refuse the whole config, and
+    with it every other change): the rest is loaded and served."""
+    inputs = Inputs("inst_tls", "ten_tls", ("not a certificate", "not a key"))
+    # A readable pair that does not match is refused by Caddy too.
+    inputs.certs.append(
+        TlsCertificate("other.example.test", self_signed("other.example.test")[0], self_signed("x")[1])
+    )
+    inputs.hosts.append(HostBinding("other.example.test", "inst_tls", "ten_tls"))
+    ingress.use_inputs(inputs)
+    assert await ingress.apply() is True
+    config = await ingress.caddy.config()
+    assert "tls" not in config["apps"]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{caddy.http_port}") as h:
+        r = await h.get("/y", headers={"Host": "other.example.test"})
+    assert r.text == "upstream saw /y"

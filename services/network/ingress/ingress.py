@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from prometheus_client import Counter, Gauge
 
 from libs.errors import NotFound
@@ -33,7 +35,7 @@ from libs.timeutil import now
 from services.network import events
 from services.network import repository as repo
 from services.network.ingress.caddy import CaddyAdmin
-from services.network.ingress.inputs import IngressInputs, NoInputs
+from services.network.ingress.inputs import IngressInputs, NoInputs, TlsCertificate
 from services.network.ingress.render import Listen, Snapshot, render
 from services.network.peers import Accounts, Instances, LiveInstance, TenantRef
 
@@ -85,6 +87,16 @@ class Ingress:
         """Render and apply now (after a change of routes, domains, certificates or challenges)."""
         self._wake.set()
 
+    async def changed(self, instance_id: str) -> None:
+        """After a committed change of an instance's routes: its replicas looked up (it may be
+        new to the ingress) and the config applied. The change is already committed, so a
+        failed lookup is the resync's to retry, never the caller's error."""
+        try:
+            await self.refresh(instance_id)
+        except Exception:
+            log.warning("could not refresh instance %s after a route change", instance_id, exc_info=True)
+        self.wake()
+
     # -- Caddy -----------------------------------------------------------------------------------
 
     async def snapshot(self) -> Snapshot:
@@ -94,7 +106,7 @@ class Ingress:
                 instances=await repo.all_instances(s),
                 routes=await repo.all_routes(s),
                 hosts=await self.inputs.verified_hosts(s),
-                certificates=await self.inputs.certificates(s),
+                certificates=[c for c in await self.inputs.certificates(s) if usable(c)],
                 challenges=await self.inputs.challenges(s),
             )
 
@@ -228,6 +240,23 @@ class Ingress:
 
     def background(self) -> list[Callable[[], Any]]:
         return [self.apply_loop, self.follow_loop, self.hot_loop, self.resync_loop]
+
+
+def usable(cert: TlsCertificate) -> bool:
+    """Whether Caddy can load the pair: one unreadable certificate must not make Caddy refuse the
+    whole config (and with it every other change), so it is left out and logged instead."""
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    try:
+        public = x509.load_pem_x509_certificate(cert.cert_pem.encode()).public_key().public_bytes(*spki)
+        key = serialization.load_pem_private_key(cert.key_pem.encode(), password=None)
+        matches = key.public_key().public_bytes(*spki) == public
+    except (ValueError, TypeError):
+        matches = False
+    if not matches:
+        log.warning(
+            "the certificate of %s and its key are not a readable, matching pair; not loaded", cert.hostname
+        )
+    return matches
 
 
 def _count_dials(config: Any) -> int:
