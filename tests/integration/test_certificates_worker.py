@@ -164,6 +164,19 @@ async def test_issue_renew_and_failed_renewal(
         assert [c.hostname for c in await inputs.certificates(s)] == [d["hostname"]]
         assert await repo.due_certs(s, now(), now() + timedelta(hours=2)) == []
 
+    # Left unrenewed past its expiry, the domain is no longer TLS-enabled nor served.
+    async with db.session() as s:
+        await s.execute(certificates.update().values(expires_at=now() - timedelta(seconds=1)))
+        await s.execute(
+            repo.domains.update()
+            .where(repo.domains.c.id == d["id"])
+            .values(cert_expiry=now() - timedelta(seconds=1))
+        )
+    await certs.due_pass()
+    async with db.session() as s:
+        gone = await repo.get_domain(s, "ten_a", d["id"])
+        assert gone is not None and not gone.tls_enabled and await inputs.certificates(s) == []
+
     types = [e["type"] for e in await _events(db)]
     assert types == ["certificate.issued", "certificate.renewed", "certificate.failed"], types
     failed = (await _events(db))[-1]

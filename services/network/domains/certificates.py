@@ -188,6 +188,8 @@ class Certificates:
         at = now()
         async with self.db.session() as s:
             await repo.drop_expired_challenges(s, at)
+            if await repo.clear_expired_tls(s, at):
+                self.wake()
             due = await repo.due_certs(s, at, at + self.renew_before)
         for key in due:
             if not self.runner.busy(key):

@@ -217,6 +217,16 @@ async def due_certs(
     return [(r[0], r[1]) for r in (await s.execute(q)).all()]
 
 
+async def clear_expired_tls(s: AsyncSession, at: datetime) -> int:
+    """Domains whose certificate expired unrenewed are no longer served over TLS."""
+    res = await s.execute(
+        update(domains)
+        .where(domains.c.tls_enabled, domains.c.cert_expiry <= at)
+        .values(tls_enabled=False, updated_at=at)
+    )
+    return _rowcount(res)
+
+
 async def cert_material(s: AsyncSession, tenant_id: str, cert_id: str) -> tuple[str, str] | None:
     q = select(certificates.c.chain_enc, certificates.c.key_enc).where(
         certificates.c.tenant_id == tenant_id, certificates.c.id == cert_id
