@@ -220,13 +220,13 @@ def test_domain_verified_through_dns_gets_a_certificate_and_serves_https(
     # Renewal (forced: Pebble's lifetime is below CTRLMESH_CERT_RENEW_BEFORE) swaps the served
     # certificate; a client connecting all along sees no failure.
     failures: list[str] = []
+    answered: list[str] = []
     stop = threading.Event()
 
     def client_loop() -> None:
         while not stop.is_set():
             p = _curl(stand, host)
-            if p.returncode != 0:
-                failures.append(p.stderr)
+            (answered if p.returncode == 0 else failures).append(p.stderr)
 
     loop = threading.Thread(target=client_loop, daemon=True)
     loop.start()
@@ -235,7 +235,7 @@ def test_domain_verified_through_dns_gets_a_certificate_and_serves_https(
     swap_seconds = time.monotonic() - t1
     stop.set()
     loop.join(10)
-    assert failures == []
+    assert failures == [] and answered
     renewed = _domain(c, inst["id"], d["id"])["certificate"]
     assert renewed["renewed_at"] and renewed["serial"] != ""
 
@@ -325,7 +325,8 @@ def test_background_recheck_verifies_and_a_refused_certificate_fails(
 ) -> None:
     """A pending domain whose TXT record appears is verified by the background re-check alone;
     a certificate the CA cannot validate (the hostname does not resolve) ends `failed` with the
-    CA's error, and a certificate.failed event."""
+    CA's error; a domain created with tls_enabled gets its certificate once verified; the
+    workers' changes are audited."""
     c = tenant.client()
     inst = instances(tenant)
     host = f"{unique('nodns').replace('_', '-')}.example.test"  # no A record: Pebble cannot reach it
@@ -342,6 +343,20 @@ def test_background_recheck_verifies_and_a_refused_certificate_fails(
     cert = failed["certificate"]
     assert "urn:ietf:params:acme:error" in cert["last_error"] and host in cert["last_error"], cert
     assert cert["auto_renew"] is False and cert["attempts"] == 1 and failed["tls_enabled"] is False
+
+    # Created with tls_enabled, a domain gets its certificate as soon as the re-check verifies it.
+    auto_host = stand.host("auto")
+    auto = c.post(
+        f"/v1/instances/{inst['id']}/domains", json={"hostname": auto_host, "tls_enabled": True}
+    ).json()
+    stand.dns.zone.set_txt(auto["txt_record"], auto["verify_token"])
+    issued = wait_for(
+        lambda: _domain(c, inst["id"], auto["id"]),
+        lambda x: x.get("certificate", {}).get("status") == "issued" and x["tls_enabled"],
+        30,
+    )
+    assert issued["verified"] and issued["cert_expiry"]
+    assert c.delete(f"/v1/domains/{auto['id']}").status_code == 204
 
     # What the workers changed is audited with the network service as the actor.
     def audited(resource: str) -> set[tuple[str, str, str]]:
