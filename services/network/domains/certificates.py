@@ -81,9 +81,10 @@ class IngressResponder:
             await self._served(hostname, token, key_authorization)
 
     async def withdraw(self, tokens: list[str]) -> None:
+        """Stop answering; no reload of its own: the certificate stored next (or the next render)
+        takes the answers off the ingress, so a renewal costs one config load fewer."""
         async with self.db.session() as s:
             await repo.drop_challenges(s, tokens)
-        self.wake()
 
     async def _served(self, hostname: str, token: str, key_authorization: str) -> None:
         url = f"{self.self_check_url}/.well-known/acme-challenge/{token}"
@@ -216,6 +217,7 @@ class Certificates:
             issued = await self.issuer.issue(cert.hostname, self.responder)
         except AcmeFailure as failure:
             await self._failed(cert, failure, renewing)
+            self.wake()  # the withdrawn challenges leave the ingress
             return False
         took = asyncio.get_running_loop().time() - started
         aad = f"certificate:{cert.id}"
