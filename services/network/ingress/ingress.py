@@ -74,6 +74,7 @@ class Ingress:
         # instance id → monotonic time until which it is refreshed every HOT_EVERY seconds.
         self._hot: dict[str, float] = {}
         self._deploying: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
 
     def use_inputs(self, inputs: IngressInputs) -> None:
         """Render custom domains, certificates and challenges from `inputs` (the domains package)."""
@@ -136,12 +137,15 @@ class Ingress:
         return t
 
     async def refresh(self, instance_id: str) -> bool:
-        """Bring the ingress's copy of one instance up to date; True when it changed."""
-        try:
-            inst = await self.instances.replicas(instance_id)
-        except NotFound:
-            return await self._forget(instance_id)
-        return await self._store(inst)
+        """Bring the ingress's copy of one instance up to date; True when it changed. One at a
+        time per instance, so an older answer is never stored over a newer one."""
+        lock = self._locks.setdefault(instance_id, asyncio.Lock())
+        async with lock:
+            try:
+                inst = await self.instances.replicas(instance_id)
+            except NotFound:
+                return await self._forget(instance_id)
+            return await self._store(inst)
 
     async def _store(self, inst: LiveInstance) -> bool:
         tenant = await self._tenant(inst.tenant_id)
@@ -177,6 +181,7 @@ class Ingress:
             await repo.delete_instance(s, instance_id)
         self._hot.pop(instance_id, None)
         self._deploying.discard(instance_id)
+        self._locks.pop(instance_id, None)
         if known is None and not removed:
             return False
         self.wake()
