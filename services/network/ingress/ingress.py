@@ -23,11 +23,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import Counter, Gauge
 
-from libs.errors import NotFound
+from libs.errors import NotFound, Unavailable
 from libs.events import STREAM_HEAD
 from libs.outbox import Outbox
 from libs.reconcile import every
@@ -197,7 +198,16 @@ class Ingress:
 
     async def follow(self) -> None:
         """One pass over the instances service's event stream (from now; the resync covers
-        whatever happened while it was not followed)."""
+        whatever happened while it was not followed). A stream that cannot be had (the
+        instances service starting or restarting) is one log line, not a traceback a second."""
+        try:
+            await self._follow()
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            log.info("the instances event stream is unavailable; retrying")
+
+    async def _follow(self) -> None:
         async for ev in self.instances.watch(None):
             if ev.type == STREAM_HEAD:
                 continue
@@ -232,7 +242,11 @@ class Ingress:
 
     async def resync(self) -> None:
         """Every instance refreshed; rows of instances that no longer exist removed."""
-        live = set(await self.instances.all_ids())
+        try:
+            live = set(await self.instances.all_ids())
+        except Unavailable:
+            log.info("the instances service is unavailable; resync postponed")
+            return
         async with self.outbox.session() as s:
             known = set(await repo.instance_ids(s))
         for instance_id in sorted(live):
