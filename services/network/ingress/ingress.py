@@ -23,11 +23,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import Counter, Gauge
 
-from libs.errors import NotFound
+from libs.errors import NotFound, Unavailable
 from libs.events import STREAM_HEAD
 from libs.outbox import Outbox
 from libs.reconcile import every
@@ -74,6 +75,7 @@ class Ingress:
         # instance id → monotonic time until which it is refreshed every HOT_EVERY seconds.
         self._hot: dict[str, float] = {}
         self._deploying: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
 
     def use_inputs(self, inputs: IngressInputs) -> None:
         """Render custom domains, certificates and challenges from `inputs` (the domains package)."""
@@ -136,12 +138,15 @@ class Ingress:
         return t
 
     async def refresh(self, instance_id: str) -> bool:
-        """Bring the ingress's copy of one instance up to date; True when it changed."""
-        try:
-            inst = await self.instances.replicas(instance_id)
-        except NotFound:
-            return await self._forget(instance_id)
-        return await self._store(inst)
+        """Bring the ingress's copy of one instance up to date; True when it changed. One at a
+        time per instance, so an older answer is never stored over a newer one."""
+        lock = self._locks.setdefault(instance_id, asyncio.Lock())
+        async with lock:
+            try:
+                inst = await self.instances.replicas(instance_id)
+            except NotFound:
+                return await self._forget(instance_id)
+            return await self._store(inst)
 
     async def _store(self, inst: LiveInstance) -> bool:
         tenant = await self._tenant(inst.tenant_id)
@@ -177,6 +182,7 @@ class Ingress:
             await repo.delete_instance(s, instance_id)
         self._hot.pop(instance_id, None)
         self._deploying.discard(instance_id)
+        self._locks.pop(instance_id, None)
         if known is None and not removed:
             return False
         self.wake()
@@ -192,7 +198,16 @@ class Ingress:
 
     async def follow(self) -> None:
         """One pass over the instances service's event stream (from now; the resync covers
-        whatever happened while it was not followed)."""
+        whatever happened while it was not followed). A stream that cannot be had (the
+        instances service starting or restarting) is one log line, not a traceback a second."""
+        try:
+            await self._follow()
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            log.info("the instances event stream is unavailable; retrying")
+
+    async def _follow(self) -> None:
         async for ev in self.instances.watch(None):
             if ev.type == STREAM_HEAD:
                 continue
@@ -227,7 +242,11 @@ class Ingress:
 
     async def resync(self) -> None:
         """Every instance refreshed; rows of instances that no longer exist removed."""
-        live = set(await self.instances.all_ids())
+        try:
+            live = set(await self.instances.all_ids())
+        except Unavailable:
+            log.info("the instances service is unavailable; resync postponed")
+            return
         async with self.outbox.session() as s:
             known = set(await repo.instance_ids(s))
         for instance_id in sorted(live):
