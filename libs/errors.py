@@ -80,6 +80,13 @@ REASONS: dict[str, Reason] = {
             "The resource's current state does not allow this operation.",
         ),
         Reason(
+            "VerificationFailed",
+            grpc.StatusCode.FAILED_PRECONDITION,
+            409,
+            False,
+            "A domain's DNS record was not found or does not hold its token; details say what was.",
+        ),
+        Reason(
             "LimitExceeded",
             grpc.StatusCode.FAILED_PRECONDITION,
             409,
@@ -248,6 +255,10 @@ class InvalidState(CtrlmeshError):
 
 class LimitExceeded(CtrlmeshError):
     reason = "LimitExceeded"
+
+
+class VerificationFailed(CtrlmeshError):
+    reason = "VerificationFailed"
 
 
 class QuotaExceeded(CtrlmeshError):

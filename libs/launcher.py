@@ -1,7 +1,8 @@
 """`make run`: the whole mesh on one machine with embedded defaults.
 
 Starts (when CTRLMESH_DATABASE_URL is unset) an embedded PostgreSQL under the data directory,
-the five services, the edge and the PG Gateway as separate processes, waits until each answers its health
+the ingress's Caddy (unless CTRLMESH_INGRESS_ADMIN_URL names an external one), the five
+services, the edge and the PG Gateway as separate processes, waits until each answers its health
 check, prints the URLs and the admin API key, and on Ctrl-C (SIGINT) or SIGTERM stops every
 process it started — services first, then PostgreSQL — leaving nothing behind.
 
@@ -9,14 +10,16 @@ Supervision: a process that dies while the mesh runs is started again after a ba
 (CTRLMESH_RESTART_BACKOFF doubling up to CTRLMESH_RESTART_BACKOFF_MAX); one that needs more than
 CTRLMESH_RESTART_LIMIT restarts within CTRLMESH_RESTART_WINDOW is logged as failed and left
 stopped, and the rest keeps serving (the edge's /health then names it). The pid of each running
-process is in `<data_dir>/run/<name>.pid` (name: a service, `edge` or `pggateway`), replaced on
+process is in `<data_dir>/run/<name>.pid` (name: a service, `caddy`, `edge` or `pggateway`), replaced on
 each restart and absent while the process is down; `<data_dir>/run.pids` lists them all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -33,6 +36,7 @@ import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from libs import keys
+from libs.caddy import bootstrap_config
 from libs.embedded_pg import EmbeddedPostgres
 from libs.settings import SERVICES, Settings
 
@@ -42,6 +46,16 @@ PIDS_FILE = "run.pids"
 RUN_DIR = "run"
 # The processes after the services, with their modules; the launcher starts them in this order.
 FRONTS = (("edge", "gateway.main"), ("pggateway", "pggateway.main"))
+CADDY = "caddy"
+
+
+def caddy_binary() -> str:
+    """Debian's `caddy`, installed by scripts/install-system-deps.sh when missing."""
+    found = shutil.which("caddy")
+    if found is None:
+        subprocess.run(["bash", str(ROOT / "scripts" / "install-system-deps.sh"), "caddy"], check=True)
+        found = shutil.which("caddy") or "/usr/bin/caddy"
+    return found
 
 
 def _say(msg: str) -> None:
@@ -135,7 +149,7 @@ class Launcher:
                 s.restart_limit,
                 s.restart_window.total_seconds(),
             )
-            for name in (*SERVICES, *(n for n, _ in FRONTS))
+            for name in (*SERVICES, *(n for n, _ in FRONTS), CADDY)
         }
 
     def _env(self) -> dict[str, str]:
@@ -152,6 +166,31 @@ class Launcher:
         self.modules[name] = module
         self.procs[name] = p = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=self._env())
         _write_atomic(self._pid_file(name), f"{p.pid}\n")
+
+    def _spawn_caddy(self) -> None:
+        """Caddy with only its admin endpoint: the network service loads everything else through
+        it. Its storage stays inside the data directory (it keeps no config there)."""
+        s = self.settings
+        home = (s.data_dir / "caddy").resolve()
+        env = dict(self._env(), XDG_DATA_HOME=str(home / "data"), XDG_CONFIG_HOME=str(home / "config"))
+        self.modules[CADDY] = CADDY
+        p = subprocess.Popen(
+            [caddy_binary(), "run", "--config", "/dev/stdin"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+        )
+        assert p.stdin is not None
+        p.stdin.write(json.dumps(bootstrap_config(f"127.0.0.1:{s.ingress_admin_port}")).encode())
+        p.stdin.close()
+        self.procs[CADDY] = p
+        _write_atomic(self._pid_file(CADDY), f"{p.pid}\n")
+
+    def _respawn(self, name: str) -> None:
+        if name == CADDY:
+            self._spawn_caddy()
+        else:
+            self._spawn(name, self.modules[name])
 
     def _pid_file(self, name: str) -> Path:
         return self.settings.data_dir / RUN_DIR / f"{name}.pid"
@@ -175,11 +214,16 @@ class Launcher:
         keys.keyring(s)
         key_file = s.data_dir / ADMIN_KEY_FILE
         key_existed = key_file.exists()
+        if not s.ingress_admin_url:
+            self._spawn_caddy()
         for name in SERVICES:
             self._spawn(name, f"services.{name}.main")
         self._write_pids()
-        deadline = time.monotonic() + 60
+        # Generous: on a loaded machine (CI, parallel meshes) a cold start can take over a minute.
+        deadline = time.monotonic() + 150
         asyncio.run(self._wait_services(deadline))
+        if CADDY in self.procs:
+            asyncio.run(_wait_http(f"{s.ingress_admin()}/config/", deadline))
         self._spawn(*FRONTS[0])
         self._write_pids()
         asyncio.run(_wait_http(f"http://{s.http_host}:{s.http_port}/health", deadline))
@@ -191,6 +235,11 @@ class Launcher:
         _say(f"  HTTP API (edge):   {base}   (OpenAPI: {base}/openapi.json, health: {base}/health)")
         for name in SERVICES:
             _say(f"  gRPC {name + ':':<12} {s.service_target(name)}")
+        _say(
+            f"  Ingress (Caddy):  http://<instance>.<tenant>.{s.ingress_domain}:{s.ingress_http_port}"
+            f"   (HTTPS :{s.ingress_https_port}, admin {s.ingress_admin()}"
+            + (", external)" if s.ingress_admin_url else ")")
+        )
         ca = "operator-supplied" if s.pg_tls_cert else str(s.data_dir.resolve() / "pggateway" / "ca.crt")
         _say(f"  PG Gateway: postgres://{s.public_pg_host}:{s.pg_port} (TLS; CA: {ca})")
         _say(f"  data directory:   {s.data_dir.resolve()}")
@@ -218,6 +267,8 @@ class Launcher:
             if name == "pggateway":
                 _wait_pg_gateway(s.pg_host, s.pg_port, time.monotonic())
                 return True
+            if name == CADDY:
+                return httpx.get(f"{s.ingress_admin()}/config/", timeout=0.5).status_code == 200
             with grpc.insecure_channel(s.service_target(name)) as ch:
                 r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
                 return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
@@ -259,7 +310,7 @@ class Launcher:
             for name, at in list(restart_at.items()):
                 if at <= now and not stop["sig"]:
                     del restart_at[name]
-                    self._spawn(name, self.modules[name])
+                    self._respawn(name)
                     self._write_pids()
                     _say(f"{name} restarted (pid {self.procs[name].pid})")
             for name, since in list(down_since.items()):

@@ -115,6 +115,21 @@ class Settings(BaseSettings):
     # Without health checks, a new replica passes the gate after running this long.
     deploy_settle: Duration = timedelta(seconds=2)
     provider_probe_interval: Duration = timedelta(seconds=10)
+    # The ingress (network service): a Caddy configured only through its admin API. The launcher
+    # starts one (Debian's `caddy`) with its admin endpoint on 127.0.0.1:ingress_admin_port,
+    # unless ingress_admin_url names an external Caddy to configure instead. Every instance
+    # answers at http://<instance>.<tenant>.<ingress_domain>:<ingress_http_port>.
+    ingress_admin_port: int = 2019
+    ingress_admin_url: str | None = None
+    ingress_http_port: int = 8880
+    ingress_https_port: int = 8443
+    # The address Caddy's HTTP and HTTPS servers bind (loopback on one machine).
+    ingress_bind: str = "127.0.0.1"
+    ingress_domain: str = "localhost"
+    # How often the ingress compares Caddy's config with the rendered one (a restarted Caddy is
+    # refilled within this), and how often every instance's replicas are looked up again.
+    ingress_reconcile_interval: Duration = timedelta(seconds=1)
+    ingress_resync_interval: Duration = timedelta(seconds=10)
     # The launcher restarts a process that dies: after restart_backoff, doubling per restart up
     # to restart_backoff_max; a process that needs more than restart_limit restarts within
     # restart_window is left stopped (logged as failed) while the rest keeps serving.
@@ -122,6 +137,26 @@ class Settings(BaseSettings):
     restart_backoff_max: Duration = timedelta(seconds=10)
     restart_limit: int = 5
     restart_window: Duration = timedelta(seconds=60)
+    # Domains (network): the host a custom domain's CNAME must point at (the ingress domain when
+    # empty); the DNS server verification asks (`host[:port]`; the system's resolvers when
+    # empty); the first delay of the background re-check of an unverified domain, doubling up
+    # to the max.
+    dns_target: str = ""
+    dns_resolver: str = ""
+    domain_recheck: Duration = timedelta(seconds=30)
+    domain_recheck_max: Duration = timedelta(hours=1)
+    # Certificates (network): the ACME directory (Let's Encrypt's production one by default),
+    # the account's contact, a CA bundle to trust a private ACME server's TLS (Pebble's), how
+    # long before expiry a certificate is renewed, how often the worker looks for due work
+    # (renewals and retries), the first retry delay after a failed attempt (doubling), and the
+    # deadline of one ACME order.
+    acme_directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    acme_email: str = ""
+    acme_ca_bundle: Path | None = None
+    cert_renew_before: Duration = timedelta(days=30)
+    cert_renew_interval: Duration = timedelta(seconds=60)
+    acme_retry: Duration = timedelta(seconds=30)
+    acme_timeout: Duration = timedelta(seconds=90)
     version: str = Field(default="0.1.0")
 
     @classmethod
@@ -133,6 +168,10 @@ class Settings(BaseSettings):
 
     def service_target(self, name: str) -> str:
         return f"{self.grpc_host}:{self.service_port(name)}"
+
+    def ingress_admin(self) -> str:
+        """The base URL of the Caddy admin API the network service configures."""
+        return (self.ingress_admin_url or f"http://127.0.0.1:{self.ingress_admin_port}").rstrip("/")
 
     def secret_file(self, name: str) -> Path:
         return self.data_dir / "secrets" / name

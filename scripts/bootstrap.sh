@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a fresh machine for `make run` / `make test`: the virtual environment, the Python
-# dependencies declared in pyproject.toml, and the generated protobuf stubs. Idempotent and quick
+# dependencies declared in pyproject.toml, the generated protobuf stubs, and the system
+# packages the mesh itself runs (Caddy, the ingress). Idempotent and quick
 # when nothing changed (a stamp of pyproject.toml skips pip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,3 +21,4 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 
 .venv/bin/python scripts/genproto.py
+bash scripts/install-system-deps.sh caddy

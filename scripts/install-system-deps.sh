@@ -11,6 +11,11 @@
 #   jdbc        PostgreSQL's JDBC driver (/usr/share/java/postgresql.jar) and a JDK to run
 #               tests/clients/jdbc/Drivers.java from source (java 11+ runs a source file).
 #   nodejs      Node.js and npm, for tests/clients/node (node-postgres).
+#   pebble      Let's Encrypt's ACME test CA, which the certificate tests issue from
+#               (tests/fixtures/acme.py starts it on loopback; nothing runs as a service).
+#   caddy       Caddy, the ingress `make run` and the tests start (libs/launcher.py) and the
+#               network service configures through its admin API. Debian's own caddy.service is
+#               disabled: it would hold the admin port 2019 and :80 with a Caddyfile.
 set -euo pipefail
 
 SUDO=""
@@ -56,13 +61,34 @@ install_nodejs() {
   apt_install "${want[@]}"
 }
 
+install_pebble() {
+  if command -v pebble >/dev/null 2>&1; then return 0; fi
+  echo "installing pebble (Debian package)"
+  apt_install pebble
+}
+
+install_caddy() {
+  if command -v caddy >/dev/null 2>&1 || [ -x /usr/bin/caddy ]; then
+    return 0
+  fi
+  echo "installing caddy (Debian package)"
+  apt_install caddy
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now caddy >/dev/null 2>&1 || true
+  else
+    $SUDO service caddy stop >/dev/null 2>&1 || true
+  fi
+}
+
 components=("$@")
-if [ ${#components[@]} -eq 0 ]; then components=(pgbouncer jdbc nodejs); fi
+if [ ${#components[@]} -eq 0 ]; then components=(pgbouncer jdbc nodejs caddy pebble); fi
 for c in "${components[@]}"; do
   case "$c" in
     pgbouncer) install_pgbouncer ;;
     jdbc) install_jdbc ;;
     nodejs) install_nodejs ;;
+    pebble) install_pebble ;;
+    caddy) install_caddy ;;
     *) echo "unknown component: $c" >&2; exit 2 ;;
   esac
 done

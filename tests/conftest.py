@@ -13,6 +13,9 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.docker",
     "tests.fixtures.instances",
+    "tests.fixtures.dns",
+    "tests.fixtures.acme",
+    "tests.fixtures.caddy",
 ]
 
 

@@ -24,6 +24,7 @@ from libs.principal import Principal, is_global, is_system
 from services.instances import repository as repo
 from services.instances import specs
 from services.instances.providers import Registry
+from services.instances.providers.base import Replica
 from services.instances.repository import Row, Scope, now
 from services.instances.tenants import Limits, Tenants
 
@@ -227,6 +228,17 @@ class InstancesDomain:
     async def get(self, p: Principal, instance_id: str) -> Row:
         async with self.db.session() as s:
             return await self.load(s, p, instance_id)
+
+    async def live_replicas(self, p: Principal, instance_id: str) -> tuple[Row, list[Replica]]:
+        """Internal (the ingress): the instance and its running replicas as the engine reports
+        them now, of every release (none while its engine is away)."""
+        if not is_system(p):
+            raise PermissionDenied("internal RPC")
+        row = await self.get(p, instance_id)
+        if not self.registry.has(row["provider_name"]):
+            return row, []
+        reps = await self.registry.get(row["provider_name"]).replicas(instance_id)
+        return row, [r for r in reps if r.running]
 
     async def find(
         self, p: Principal, *, state: str, label: str, provider: str, tenant_id: str, cursor: str, limit: int

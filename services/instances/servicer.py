@@ -339,6 +339,26 @@ class InstanceService(rpc.InstanceServiceServicer):
         await self.d.unsuspend(principals.current(), request.id, request.reason)
         return empty_pb2.Empty()
 
+    async def ListReplicaEndpoints(
+        self, request: pb.ListReplicaEndpointsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListReplicaEndpointsResponse:
+        row, reps = await self.d.live_replicas(principals.current(), request.id)
+        return pb.ListReplicaEndpointsResponse(
+            instance=instance(row),
+            items=[
+                pb.ReplicaEndpoint(
+                    service_name=r.service,
+                    release_id=r.release_id,
+                    index=r.index,
+                    container_port=cport,
+                    host_port=hport,
+                )
+                for r in reps
+                for cport, hport in sorted(r.ports.items())
+                if hport
+            ],
+        )
+
 
 class DeploymentService(rpc.DeploymentServiceServicer):
     def __init__(self, d: DeploymentsDomain):

@@ -76,7 +76,7 @@ def test_v2_events_merges_every_service_and_resumes_all_with_one_cursor(
     sources = {e["type"].split(".")[0]: e for e in events}
     assert {"api_key", "database", "instance"} <= set(sources)
     last = decode_cursor(events[-1]["id"])
-    assert set(last) == {"accounts", "databases", "instances"}, last
+    assert set(last) == {"accounts", "databases", "instances", "network"}, last
     # Positions only move forward along the stream.
     cursors = [decode_cursor(e["id"]) for e in events]
     for a, b in itertools.pairwise(cursors):

@@ -22,6 +22,7 @@ def test_every_reason_maps_to_its_documented_http_status():
         "Conflict": 409,
         "InvalidState": 409,
         "LimitExceeded": 409,
+        "VerificationFailed": 409,
         "QuotaExceeded": 429,
         "ProviderUnavailable": 503,
         "Unavailable": 503,

@@ -1,0 +1,1 @@
+"""The ingress: a real Caddy, configured only through its admin API from the network schema."""
