@@ -44,6 +44,7 @@ DELETED = "secret.deleted"
 
 @dataclass(frozen=True)
 class Resolved:
+    id: str
     key: str
     type: str
     version: int
@@ -187,6 +188,7 @@ class SecretsDomain:
             found = await repo.versions(s, tenant_id, instance_id, versions or None, type_)
         out = [
             Resolved(
+                v.secret_id,
                 v.key,
                 v.type,
                 v.version,

@@ -62,7 +62,8 @@ class SecretService(rpc.SecretServiceServicer):
         )
         return pb.ResolveSecretsResponse(
             secrets=[
-                pb.ResolvedSecret(key=r.key, type=r.type, version=r.version, value=r.value) for r in found
+                pb.ResolvedSecret(id=r.id, key=r.key, type=r.type, version=r.version, value=r.value)
+                for r in found
             ],
             missing=missing,
         )
