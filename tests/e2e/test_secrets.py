@@ -205,8 +205,9 @@ def secret_events(t: Tenant, iid: str, want: int) -> list[dict[str, Any]]:
 
 def test_secret_rules_quota_cross_tenant_and_resolve_refused(tenant: Tenant, docker_host):
     """400 naming the field (env key, size, type), 404 for another tenant's instance and a missing
-    key, 429 QuotaExceeded at max_secrets (a new version of a key is not a new secret), and
-    ResolveSecrets refused (403) to every principal but the instances service's."""
+    key, 429 QuotaExceeded at max_secrets (a new version of a key is not a new secret),
+    ResolveSecrets refused (403) to every principal but the instances service's, and the secrets
+    of a deleted instance deleted with it."""
     mesh = tenant.mesh
     small = make_tenant(
         mesh, {"max_instances": 2, "max_cpu_millis": 4000, "max_memory_mb": 4096, "max_secrets": 2}
@@ -265,6 +266,9 @@ def test_secret_rules_quota_cross_tenant_and_resolve_refused(tenant: Tenant, doc
             ("cfg.yaml", 1, "a: 1"),
         }
     destroy(c, docker_host, iid)
+    # A deleted instance's secrets go with it, and so does their share of the quota.
+    quota = f"/v1/admin/tenants/{small.id}/quota"
+    wait_for(lambda: mesh.admin().get(quota).json()["used"]["secrets"], lambda n: n == 0, 20)
 
 
 def test_swarm_gets_env_and_swarm_secret_files_and_removes_them_with_the_instance(imesh, docker_host):
