@@ -18,6 +18,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+import grpc
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs import ids
@@ -219,9 +220,13 @@ class SecretsDomain:
         """Forget the secrets of each instance the instances service deletes, as it happens."""
 
         async def follow() -> None:
-            async for event in self.peers.instances.deletions():
-                if event.type == "instance.deleted":
-                    await self.forget_instance(event.tenant_id, event.resource_id, event.account_id)
+            try:
+                async for event in self.peers.instances.deletions():
+                    if event.type == "instance.deleted":
+                        await self.forget_instance(event.tenant_id, event.resource_id, event.account_id)
+            except grpc.aio.AioRpcError as err:
+                # The instances service restarting (or not up yet): the sweep covers the gap.
+                log.info("the instances event stream is unavailable (%s); retrying", err.code().name)
 
         await every("instance deletion follower", 1.0, follow, first=0, jitter=0)
 
