@@ -116,7 +116,7 @@ def test_secrets_reach_containers_at_rollouts_and_rollback_restores_their_versio
     read-only files from a tmpfs; rotating and deleting take effect the same way; a rollback
     runs with the versions its release recorded; a restart picks up the current ones."""
     c = Recorder(tenant.client())
-    inst = create_running(c.c, replicas=2)
+    inst = create_running(c.c)
     iid, first = inst["id"], inst["current_release"]
     values = ["secret-greeting-1", "file-token-1", "api-key-1", "secret-greeting-2", "file-token-2"]
 
