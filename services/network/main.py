@@ -1,10 +1,11 @@
 """The network service process: `python -m services.network.main`.
 
 Serves RouteService (routes through the ingress), DomainService (custom domains verified through
-DNS, certificates through ACME), its EventStreamService and the internal TenantResourcesService,
-and runs the ingress's loops (applying the rendered config to Caddy, following the instances
-service's replicas) and the domains' (the certificate worker: issuance, retries, renewal; the
-re-check of unverified domains). Secret routes answer 501 until their package is wired here.
+DNS, certificates through ACME), SecretService (envelope-encrypted secrets, with the KEK re-wrap
+loop), its EventStreamService and the internal TenantResourcesService, and runs the ingress's
+loops (applying the rendered config to Caddy, following the instances service's replicas), the
+domains' (the certificate worker: issuance, retries, renewal; the re-check of unverified
+domains) and the secrets' (re-wrap under the current KEK, deletion with their instance).
 """
 
 from __future__ import annotations
@@ -14,25 +15,37 @@ from pathlib import Path
 import grpc
 from ctrlmesh.network.v1 import network_pb2, network_pb2_grpc
 
+from libs import keys
 from libs.grpc_server import AuditSink, Service
 from libs.outbox import Outbox
+from libs.reconcile import every
 from libs.service_main import Runtime, remote_audit_sink, run
 from libs.tenant_resources import Count, Spec, register_resources, register_unimplemented
 from services.network import domains as domains_pkg
+from services.network import secrets as secrets_pkg
 from services.network import servicer
 from services.network.domains import peers as domain_peers
 from services.network.domains import servicer as domains_servicer
 from services.network.ingress.caddy import CaddyAdmin
 from services.network.ingress.ingress import Ingress
 from services.network.ingress.render import Listen
-from services.network.models import SCHEMA, domains, ingress_instances, outbox, routes, secrets
+from services.network.models import (
+    SCHEMA,
+    domains,
+    ingress_instances,
+    outbox,
+    routes,
+    secret_versions,
+    secrets,
+)
 from services.network.peers import Accounts, Instances
 from services.network.routes import RoutesDomain
+from services.network.secrets import servicer as secrets_servicer
 
 SPEC = Spec(
     counts=[Count("domains", domains), Count("secrets", secrets)],
     # Certificates go with their domain (ON DELETE CASCADE).
-    purge=[routes, ingress_instances, domains, secrets],
+    purge=[routes, ingress_instances, domains, secret_versions, secrets],
     stats=[Count("domains", domains), Count("secrets", secrets)],
 )
 
@@ -74,6 +87,15 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     )
     ingress.use_inputs(dom.inputs)
 
+    secret_domain = secrets_pkg.build(rt, keys.keyring(s), events)
+    rewrap_every = s.secrets_rewrap_interval.total_seconds()
+
+    async def rewrap_loop() -> None:
+        await every("secret re-wrap", rewrap_every, secret_domain.rewrap_pass, first=0)
+
+    async def orphan_loop() -> None:
+        await every("orphaned secrets sweep", 300, secret_domain.sweep_orphans, first=30)
+
     routes_domain = RoutesDomain(
         events, instances, accounts, ingress.current_inputs, ingress.changed, ingress_domain=listen.domain
     )
@@ -86,8 +108,12 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         return [
             *servicer.register(server, routes_domain),
             domains_servicer.register(server, dom.domains),
+            *secrets_servicer.register(server, secret_domain),
             *register_unimplemented(
-                server, network_pb2, network_pb2_grpc, besides=["RouteService", "DomainService"]
+                server,
+                network_pb2,
+                network_pb2_grpc,
+                served={"RouteService", "DomainService", "SecretService"},
             ),
             *register_resources(server, rt.db, SPEC),
         ]
@@ -96,7 +122,13 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         name="network",
         register=register,
         events=events,
-        background=[*ingress.background(), *dom.background],
+        background=[
+            *ingress.background(),
+            *dom.background,
+            rewrap_loop,
+            secret_domain.follow_deletions,
+            orphan_loop,
+        ],
         on_stop=stop,
     )
     return service, audit

@@ -7,6 +7,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -54,9 +55,8 @@ secrets = Table(
     Column("instance_id", String(64), nullable=False),
     Column("key", String(256), nullable=False),
     Column("type", String(16), nullable=False),
+    # The current version; every version's value is a row of secret_versions.
     Column("version", Integer, nullable=False),
-    # Envelope-encrypted with libs.crypto; never returned by the API.
-    Column("value_enc", Text, nullable=False),
     Column("created_at", TS, nullable=False),
     Column("updated_at", TS, nullable=False),
     UniqueConstraint("tenant_id", "instance_id", "key", name="uq_secrets_key"),
@@ -99,6 +99,19 @@ ingress_instances = Table(
     # Every published port of every running replica: [{"service", "container_port", "host_port"}].
     Column("upstreams", JSONB, nullable=False, server_default="[]"),
     Column("updated_at", TS, nullable=False),
+)
+
+secret_versions = Table(
+    "secret_versions",
+    metadata,
+    Column("secret_id", String(64), ForeignKey("secrets.id", ondelete="CASCADE"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("tenant_id", String(64), nullable=False, index=True),
+    # Envelope-encrypted with libs.crypto (AAD: secret id and version); never returned by the API.
+    Column("value_enc", Text, nullable=False),
+    # The KEK the value's data key is wrapped with: what the re-wrap pass looks for.
+    Column("kek_id", String(64), nullable=False, index=True),
+    Column("created_at", TS, nullable=False),
 )
 
 outbox = outbox_table(metadata)

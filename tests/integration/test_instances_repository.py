@@ -3,6 +3,7 @@ scope that does not hold the row changes nothing (STYLE rule 5 for updates and d
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -102,9 +103,9 @@ async def test_an_update_in_another_tenants_scope_changes_nothing(db: Database):
             row = await repo.get_instance(s, system, "inst_b")
             dep = await repo.get_deployment(s, system, "dep_b")
             chk = await repo.get_check(s, system, "chk_b")
-        assert row is not None and row["desired_state"] == "running"
-        assert dep is not None and dep["cancel_requested"] is False
-        assert chk is not None and chk["status"] == "unknown"
+        assert row is not None and row.desired_state == "running"
+        assert dep is not None and dep.cancel_requested is False
+        assert chk is not None and chk.status == "unknown"
 
 
 async def test_the_owning_tenant_and_the_system_scope_do_change_the_row(db: Database):
@@ -114,16 +115,37 @@ async def test_the_owning_tenant_and_the_system_scope_do_change_the_row(db: Data
         assert await repo.update_instance(s, Scope.tenant("ten_b"), "inst_b", {"desired_state": "stopped"})
         await repo.update_deployment(s, Scope(account_id="acc_b"), "dep_b", {"cancel_requested": True})
         await repo.update_check(s, Scope.system(), "chk_b", {"status": "healthy"})
-        assert (await repo.in_flight_deployment(s, Scope.tenant("ten_b"), "inst_b") or {})["id"] == "dep_b"
+        in_flight = await repo.in_flight_deployment(s, Scope.tenant("ten_b"), "inst_b")
+        assert in_flight is not None and in_flight.id == "dep_b"
     async with db.session() as s:
         row = await repo.get_instance(s, Scope.system(), "inst_b")
         dep = await repo.get_deployment(s, Scope.system(), "dep_b")
         chk = await repo.get_check(s, Scope.system(), "chk_b")
-    assert row is not None and row["desired_state"] == "stopped"
-    assert dep is not None and dep["cancel_requested"] is True
-    assert chk is not None and chk["status"] == "healthy"
+    assert row is not None and row.desired_state == "stopped"
+    assert dep is not None and dep.cancel_requested is True
+    assert chk is not None and chk.status == "healthy"
     async with db.session() as s:
         await repo.delete_instance(s, Scope.tenant("ten_a"), "inst_b")
         assert await repo.get_instance(s, Scope.system(), "inst_b") is not None
         await repo.delete_instance(s, Scope.system(), "inst_b")
         assert await repo.get_instance(s, Scope.system(), "inst_b") is None
+
+
+async def test_rows_come_back_frozen_with_typed_fields_and_json_as_plain_data(db: Database):
+    """An insert returns the row it wrote (server defaults filled in), reads return the same
+    frozen dataclass, JSONB columns are plain dicts and lists, and a row cannot be changed in
+    place (a change is a write, then a new read)."""
+    async with db.session() as s:
+        written = await repo.insert_instance(s, instance("inst_c", "ten_c", "acc_c"))
+        dep = await repo.insert_deployment(s, deployment("dep_c", "inst_c", "ten_c"))
+    async with db.session() as s:
+        read = await repo.get_instance(s, Scope.tenant("ten_c"), "inst_c")
+        in_flight = await repo.in_flight_deployment(s, Scope.tenant("ten_c"), "inst_c")
+        # Running and caught up, but its deployment is in flight: work, named by id only.
+        assert await repo.instances_needing_work(s) == ["inst_c"]
+    assert isinstance(written, repo.Instance) and read == written
+    assert written.desired_state == "running" and written.replicas == 1 and written.generation == 0
+    assert written.spec == {} and written.labels == {} and written.endpoints == []
+    assert in_flight == dep and dep.progress == {} and dep.services == [] and dep.is_rollback is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        written.state = "stopped"  # type: ignore[misc]
