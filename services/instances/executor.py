@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from libs.db import Database
@@ -34,6 +35,12 @@ class Cancelled(Exception):
     pass
 
 
+# What a rollout adds to the env of the services it starts (the OTLP endpoint and a fresh
+# ingest token): (instance, release id, services) → the services as started. The instance's spec
+# keeps the services without it, so the token is never stored or shown in clear.
+RolloutEnv = Callable[[Row, str, list[dict[str, Any]]], Awaitable[list[dict[str, Any]]]]
+
+
 class Executor:
     """Rolls one deployment out on the engine. Called by the reconciler with the instance locked
     to this worker; never by an RPC."""
@@ -46,7 +53,9 @@ class Executor:
         gate_timeout: float,
         settle: float,
         poll: float = 0.3,
+        rollout_env: RolloutEnv | None = None,
     ):
+        self.rollout_env = rollout_env
         self.db = db
         self.outbox = outbox
         self.gate_timeout = gate_timeout
@@ -86,8 +95,9 @@ class Executor:
         ]
         n = inst["replicas"]
         main = specs.main_service(target)["name"]
+        started = await self.rollout_env(inst, release["id"], target) if self.rollout_env else target
         try:
-            for svc in specs.long_running(target):
+            for svc in specs.long_running(started):
                 new = GroupSpec(inst["id"], inst["tenant_id"], release["id"], svc, inst["labels"])
                 old = GroupSpec(
                     inst["id"],

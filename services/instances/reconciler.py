@@ -123,7 +123,11 @@ class Reconciler:
         for r in await provider.replicas(row["id"]):
             if r.release_id != row["current_release"]:
                 await provider.remove_group(row["id"], r.service, r.release_id)
-        for g in self._groups(row):
+        services = specs.long_running(row["spec"]["services"])
+        if self.executor.rollout_env is not None:  # replicas started here get the rollout's env too
+            services = await self.executor.rollout_env(row, row["current_release"], services)
+        for svc in services:
+            g = GroupSpec(row["id"], row["tenant_id"], row["current_release"], svc, row["labels"])
             await provider.scale_group(g, row["replicas"])
             await provider.update_resources(g)
         deadline = time.monotonic() + self.start_timeout

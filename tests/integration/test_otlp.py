@@ -370,17 +370,19 @@ async def test_an_instance_over_its_rate_is_told_when_to_retry(tele: Telemetry) 
 
 
 async def test_a_redeploy_rotates_the_token_and_keeps_the_previous_one(tele: Telemetry) -> None:
-    """Each rollout issues a new token; the previous rollout's keeps working (old replicas are
-    still exporting), the one before that stops; tokens are stored hashed only."""
+    """Each rollout issues a new token; those of the current and the previous release keep
+    working (old replicas are still exporting, a scale adds replicas), those of the release
+    before stop; tokens are stored hashed only."""
     app = await make_app(tele, "rotor")
     inst = {"id": app.id, "tenant_id": app.tenant_id, "slug": "rotor"}
     second = App(app.id, app.tenant_id, (await tele.rollout_env(inst, "rel_2", [{"name": "web"}]))[0]["env"])
+    again = App(app.id, app.tenant_id, (await tele.rollout_env(inst, "rel_2", [{"name": "web"}]))[0]["env"])
     third = App(app.id, app.tenant_id, (await tele.rollout_env(inst, "rel_3", [{"name": "web"}]))[0]["env"])
     tele.tokens._cache.clear()
-    tokens = [x.headers["x-ctrlmesh-otlp-token"] for x in (app, second, third)]
-    assert len(set(tokens)) == 3
+    tokens = [x.headers["x-ctrlmesh-otlp-token"] for x in (app, second, again, third)]
+    assert len(set(tokens)) == 4
     owners = [await tele.tokens.owner(t) for t in tokens]
-    assert owners[0] is None and owners[1] is not None and owners[2] is not None
+    assert owners[0] is None and all(o is not None and o.instance_id == app.id for o in owners[1:])
     assert "rel_3" in third.env["OTEL_RESOURCE_ATTRIBUTES"]
     async with tele.store.db.session() as s:
         stored = (await s.execute(text("SELECT token_hash FROM instances.telemetry_tokens"))).scalars().all()

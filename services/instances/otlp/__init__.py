@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from sqlalchemy import Column, MetaData, String, Table
+
 from libs.db import Database
 from libs.reconcile import every
 from libs.settings import Settings
@@ -18,7 +20,7 @@ from services.instances.otlp.decode import INSTANCE_ATTR, RELEASE_ATTR, TENANT_A
 from services.instances.otlp.ingest import Ingest, RateLimiter
 from services.instances.otlp.queries import Queries
 from services.instances.otlp.receiver import TOKEN_HEADER, Receiver
-from services.instances.otlp.store import Store
+from services.instances.otlp.store import PARTITIONED, SCHEMA, Store
 from services.instances.otlp.tokens import Tokens
 
 __all__ = ["Telemetry"]
@@ -47,6 +49,15 @@ class Telemetry:
             max_bytes=settings.otlp_max_body_bytes,
         )
         self.sampler = sampler
+
+    @property
+    def tables(self) -> list[Table]:
+        """The telemetry tables, for the tenant purge (rows keyed by tenant_id)."""
+        md = MetaData(schema=SCHEMA)
+        return [
+            Table(name, md, Column("tenant_id", String), Column("instance_id", String))
+            for name in (*PARTITIONED, "telemetry_tokens")
+        ]
 
     @property
     def endpoint(self) -> str:

@@ -262,3 +262,16 @@ class Queries:
                 {"i": instance_id, "since": since, "n": limit},
             )
             return [Sample(*r) for r in reversed(rows.all())]
+
+    async def failed_deploys(self, instance_id: str, *, since: datetime) -> int:
+        async with self.db.session() as s:
+            n = (
+                await s.execute(
+                    text(
+                        f"SELECT count(*) FROM {S}.deployments WHERE instance_id = :i AND state = 'failed' "
+                        "AND finished_at >= :since"
+                    ),
+                    {"i": instance_id, "since": since},
+                )
+            ).scalar_one()
+        return int(n)

@@ -1,8 +1,10 @@
 """Per-instance ingest tokens: made at every rollout, stored as their SHA-256 only, and mapped
 back to (instance, tenant) by the receiver.
 
-A rollout issues a new token and keeps the one before it valid, so replicas of the previous
-release keep exporting until they are replaced; older tokens are deleted then. A token of a
+Every rollout (a deployment, and the reconciler starting replicas: create, start, scale) issues
+a new token. The tokens of the current release and of the release before it stay valid, so the
+replicas of the previous release keep exporting until they are replaced; a redeploy deletes
+those of older releases. A token of a
 destroyed instance (or one deleted) maps to nothing. Lookups are cached for a few seconds, the
 answer "no such token" included, so a sender with a bad token costs no query per export.
 """
@@ -20,7 +22,6 @@ from libs.db import Database
 from services.instances.otlp.decode import Owner
 
 PREFIX = "otlp_"
-KEEP = 2  # the current token and the previous rollout's
 
 
 def digest(token: str) -> str:
@@ -49,13 +50,14 @@ class Tokens:
                     "at": datetime.now(UTC),
                 },
             )
+            # Tokens of this release and of the release before it stay; older releases' go.
             await s.execute(
                 text(
-                    "DELETE FROM instances.telemetry_tokens WHERE instance_id = :i AND token_hash NOT IN ("
-                    "SELECT token_hash FROM instances.telemetry_tokens WHERE instance_id = :i "
-                    "ORDER BY created_at DESC LIMIT :keep)"
+                    "DELETE FROM instances.telemetry_tokens WHERE instance_id = :i AND release_id <> :r "
+                    "AND release_id <> COALESCE((SELECT release_id FROM instances.telemetry_tokens "
+                    "WHERE instance_id = :i AND release_id <> :r ORDER BY created_at DESC LIMIT 1), '')"
                 ),
-                {"i": instance_id, "keep": KEEP},
+                {"i": instance_id, "r": release_id},
             )
         return token
 
