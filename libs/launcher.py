@@ -191,6 +191,9 @@ class Launcher:
         _say(f"  HTTP API (edge):   {base}   (OpenAPI: {base}/openapi.json, health: {base}/health)")
         for name in SERVICES:
             _say(f"  gRPC {name + ':':<12} {s.service_target(name)}")
+        _say(
+            f"  OTLP for instances: grpc://{s.otlp_host}:{s.otlp_grpc_port}, http://{s.otlp_host}:{s.otlp_http_port}"
+        )
         ca = "operator-supplied" if s.pg_tls_cert else str(s.data_dir.resolve() / "pggateway" / "ca.crt")
         _say(f"  PG Gateway: postgres://{s.public_pg_host}:{s.pg_port} (TLS; CA: {ca})")
         _say(f"  data directory:   {s.data_dir.resolve()}")

@@ -213,13 +213,24 @@ class Receiver:
             ]
         )
         server.add_generic_rpc_handlers((grpc_handler(self.ingest),))
-        self.grpc_port = server.add_insecure_port(f"{self.host}:{self.grpc_port}")
+        try:
+            self.grpc_port = server.add_insecure_port(f"{self.host}:{self.grpc_port}")
+            sock = _listen(self.host, self.http_port)
+        except (OSError, RuntimeError):
+            # The service keeps serving its API; instances' exports fail until it is restarted.
+            log.error(
+                "the OTLP receiver cannot listen on %s (gRPC %d, HTTP %d)",
+                self.host,
+                self.grpc_port,
+                self.http_port,
+                exc_info=True,
+            )
+            raise
         await server.start()
         config = uvicorn.Config(
             http_app(self.ingest, self.max_bytes), log_level="warning", lifespan="off", access_log=False
         )
         http = _Server(config)
-        sock = _listen(self.host, self.http_port)
         self.http_port = sock.getsockname()[1]
         task = asyncio.create_task(http.serve(sockets=[sock]), name="otlp-http")
         log.info("OTLP receiver on %s (gRPC %d, HTTP %d)", self.host, self.grpc_port, self.http_port)
