@@ -11,6 +11,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
@@ -24,7 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from tests.fixtures.docker import engine_containers
-from tests.fixtures.instances import create_running, destroy, make_tenant, wait_for
+from tests.fixtures.instances import V2, create_running, destroy, make_tenant, wait_deployment, wait_for
 from tests.fixtures.mesh import Mesh
 
 # The timeout covers the session mesh's start when this module runs first (a minute on a loaded machine).
@@ -165,3 +166,43 @@ def test_an_instance_exports_with_its_injected_env_and_reads_it_back(imesh: Mesh
         assert cb.get(f"/v1/instances/{ia['id']}{suffix}").status_code == 404, suffix
     destroy(ca, docker_host, ia["id"])
     destroy(cb, docker_host, ib["id"])
+
+
+def test_a_redeploy_injects_a_fresh_token_and_retires_old_ones(imesh: Mesh, docker_host: str) -> None:
+    """Each deployment starts its containers with a new token and its own release in the
+    resource attributes; the previous release's token still exports (its replicas may still be
+    draining), the one before that is refused with 401; the instance's env shows no token."""
+    t = make_tenant(imesh)
+    c = t.client()
+    inst = create_running(c)
+    iid = inst["id"]
+    tokens = [headers(injected_env(docker_host, iid))["x-ctrlmesh-otlp-token"]]
+    for greeting in ("two", "three"):
+        r = c.post(f"/v1/instances/{iid}/deploy", json={"image": V2, "env": {"GREETING": greeting}})
+        assert r.status_code == 201, r.text
+        dep = wait_deployment(c, r.json()["id"], ("succeeded", "failed"))
+        assert dep["state"] == "succeeded", dep
+        env = injected_env(docker_host, iid)
+        assert env["GREETING"] == greeting
+        assert f"ctrlmesh.release.id={dep['release_id']}" in env["OTEL_RESOURCE_ATTRIBUTES"]
+        tokens.append(headers(env)["x-ctrlmesh-otlp-token"])
+    assert len(set(tokens)) == 3
+    assert c.get(f"/v1/instances/{iid}").json()["env"] == {"GREETING": "three"}
+    url = f"{env['OTEL_EXPORTER_OTLP_ENDPOINT']}/v1/traces"
+    codes = []
+    for token in tokens:
+        # The receiver caches a token's answer for a few seconds: wait out a cached "valid".
+        r = wait_for(
+            lambda token=token: (
+                httpx.post(
+                    url,
+                    content=b"",
+                    headers={"content-type": "application/x-protobuf", "x-ctrlmesh-otlp-token": token},
+                ).status_code
+            ),
+            lambda code, first=token == tokens[0]: code == (401 if first else 200),
+            timeout=10,
+        )
+        codes.append(r)
+    assert codes == [401, 200, 200]
+    destroy(c, docker_host, iid)
