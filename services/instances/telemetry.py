@@ -26,7 +26,7 @@ from services.instances.otlp import Telemetry
 from services.instances.otlp.queries import Point, Red, Sample, TraceGroup
 from services.instances.providers import Registry
 from services.instances.providers.base import LogLine, ProviderError, Usage
-from services.instances.repository import Row, Scope, now
+from services.instances.repository import Instance, Scope, now
 
 LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3}
 _WORD = re.compile(r"\b(DEBUG|TRACE|INFO|WARN|WARNING|ERROR|ERR|FATAL|CRITICAL|PANIC)\b", re.IGNORECASE)
@@ -67,14 +67,14 @@ class Entry:
 
 @dataclass
 class Snapshot:
-    instance: Row
+    instance: Instance
     usage: Usage
     taken_at: datetime
 
 
 @dataclass
 class Dashboard:
-    instance: Row
+    instance: Instance
     snapshot: Snapshot | None
     health_status: str
     uptime_percent: float
@@ -112,7 +112,7 @@ class TelemetryDomain:
         until: datetime | None,
         step: timedelta | None,
         limit: int,
-    ) -> tuple[Row, list[Point]]:
+    ) -> tuple[Instance, list[Point]]:
         inst = await self.instances.get(p, instance_id)
         end = until or now()
         start = since or end - TRACES_SINCE
@@ -130,7 +130,7 @@ class TelemetryDomain:
         trace_id: str,
         min_duration: timedelta | None,
         limit: int,
-    ) -> tuple[Row, list[TraceGroup]]:
+    ) -> tuple[Instance, list[TraceGroup]]:
         inst = await self.instances.get(p, instance_id)
         groups = await self.otlp.queries.traces(
             instance_id,
@@ -143,20 +143,18 @@ class TelemetryDomain:
 
     async def sample_usage(self) -> list[tuple[object, ...]]:
         """The engine's usage of every running instance now, as rows of the resource history."""
-        async with self.db.session() as s:
-            rows = await repo.running_instances(s)
         out: list[tuple[object, ...]] = []
         t = now()
-        for inst in rows:
+        for instance_id, tenant_id, provider_name in await self.otlp.queries.running():
             try:
-                u = await self.registry.get(inst["provider_name"]).usage(inst["id"])
+                u = await self.registry.get(provider_name).usage(instance_id)
             except (CtrlmeshError, ProviderError):
                 continue  # its engine is away: a gap in the history, not a failed pass
             if u.containers:
                 out.append(
                     (
-                        inst["tenant_id"],
-                        inst["id"],
+                        tenant_id,
+                        instance_id,
                         t,
                         u.cpu_percent,
                         u.memory_used_mb,
@@ -173,7 +171,7 @@ class TelemetryDomain:
 
     async def resources(self, p: Principal, instance_id: str) -> Snapshot:
         inst = await self.instances.get(p, instance_id)
-        provider = self.registry.get(inst["provider_name"])
+        provider = self.registry.get(inst.provider_name)
         try:
             usage = await provider.usage(instance_id)
         except ProviderError as err:
@@ -192,7 +190,7 @@ class TelemetryDomain:
         self, p: Principal, instance_id: str, *, level: str, limit: int, since: datetime | None
     ) -> list[Entry]:
         inst = await self.instances.get(p, instance_id)
-        provider = self.registry.get(inst["provider_name"])
+        provider = self.registry.get(inst.provider_name)
         n = limit or 100
         out: list[Entry] = []
         # Ask for more than `n` when filtering by level, so the filter still fills the page.
@@ -209,7 +207,7 @@ class TelemetryDomain:
         self, p: Principal, instance_id: str, *, tail: int, follow: bool, level: str
     ) -> AsyncIterator[Entry]:
         inst = await self.instances.get(p, instance_id)
-        provider = self.registry.get(inst["provider_name"])
+        provider = self.registry.get(inst.provider_name)
         async for line in provider.logs(instance_id, tail=tail, since=None, follow=follow):
             lvl, fields = level_of(line.message)
             if level and LEVELS.get(lvl, 1) < LEVELS[level]:
@@ -229,6 +227,6 @@ class TelemetryDomain:
                 s, Scope.of(p), instance_id, t - timedelta(hours=24)
             )
         red = await self.otlp.queries.red(instance_id, since=t - RED_WINDOW, until=t)
-        failing = sum(1 for c, _ in h.checks if c["status"] == "unhealthy")
+        failing = sum(1 for c, _ in h.checks if c.status == "unhealthy")
         failed = await self.otlp.queries.failed_deploys(instance_id, since=t - timedelta(hours=1))
         return Dashboard(inst, snap, h.status, h.uptime_percent, deploys, red, failing + (1 if failed else 0))

@@ -69,6 +69,13 @@ class App:
         return Resource.create({**attrs, "service.name": self.env["OTEL_SERVICE_NAME"]})
 
 
+@dataclass(frozen=True)
+class Inst:
+    id: str
+    tenant_id: str
+    slug: str
+
+
 @pytest.fixture(scope="module")
 async def tele(database_url: str) -> AsyncIterator[Telemetry]:
     db = Database(make_engine(database_url, pool_size=4))
@@ -93,7 +100,7 @@ async def tele(database_url: str) -> AsyncIterator[Telemetry]:
 
 
 async def make_app(t: Telemetry, name: str, tenant: str = "ten_a") -> App:
-    inst = {"id": f"inst_{name}", "tenant_id": tenant, "slug": name}
+    inst = Inst(f"inst_{name}", tenant, name)
     now = datetime.now(UTC)
     async with t.store.db.session() as s:
         await s.execute(
@@ -101,11 +108,11 @@ async def make_app(t: Telemetry, name: str, tenant: str = "ten_a") -> App:
                 "INSERT INTO instances.instances (id, tenant_id, name, slug, provider_name, state, created_at, "
                 "updated_at) VALUES (:id, :t, :n, :n, 'docker', 'running', :now, :now)"
             ),
-            {"id": inst["id"], "t": tenant, "n": name, "now": now},
+            {"id": inst.id, "t": tenant, "n": name, "now": now},
         )
     [svc] = await t.rollout_env(inst, "rel_1", [{"name": "web", "env": {"GREETING": "hi"}}])
     assert svc["env"]["GREETING"] == "hi"
-    return App(inst["id"], tenant, svc["env"])
+    return App(inst.id, tenant, svc["env"])
 
 
 def sdk_spans(app: App) -> list[ReadableSpan]:
@@ -374,7 +381,7 @@ async def test_a_redeploy_rotates_the_token_and_keeps_the_previous_one(tele: Tel
     working (old replicas are still exporting, a scale adds replicas), those of the release
     before stop; tokens are stored hashed only."""
     app = await make_app(tele, "rotor")
-    inst = {"id": app.id, "tenant_id": app.tenant_id, "slug": "rotor"}
+    inst = Inst(app.id, app.tenant_id, "rotor")
     second = App(app.id, app.tenant_id, (await tele.rollout_env(inst, "rel_2", [{"name": "web"}]))[0]["env"])
     again = App(app.id, app.tenant_id, (await tele.rollout_env(inst, "rel_2", [{"name": "web"}]))[0]["env"])
     third = App(app.id, app.tenant_id, (await tele.rollout_env(inst, "rel_3", [{"name": "web"}]))[0]["env"])

@@ -9,7 +9,7 @@ resource sampler) run as the service's background tasks.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Column, MetaData, String, Table
 
@@ -24,6 +24,18 @@ from services.instances.otlp.store import PARTITIONED, SCHEMA, Store
 from services.instances.otlp.tokens import Tokens
 
 __all__ = ["Telemetry"]
+
+
+class Owned(Protocol):
+    """The instance a rollout is for (services.instances.repository.Instance)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def tenant_id(self) -> str: ...
+    @property
+    def slug(self) -> str: ...
+
 
 # Sampled usage of every running instance: (tenant_id, instance_id, time, cpu, mem, limit, in, out).
 Sampler = Callable[[], Awaitable[list[tuple[Any, ...]]]]
@@ -66,18 +78,18 @@ class Telemetry:
         )
 
     async def rollout_env(
-        self, instance: dict[str, Any], release_id: str, services: list[dict[str, Any]]
+        self, instance: Owned, release_id: str, services: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
         """`services` with the OTEL_* variables of this rollout in each one's env, and a fresh
         ingest token issued for them (the previous rollout's stays valid until the next). A
         variable the service's own env sets wins, except our keys inside OTEL_RESOURCE_ATTRIBUTES."""
-        token = await self.tokens.issue(instance["id"], instance["tenant_id"], release_id)
+        token = await self.tokens.issue(instance.id, instance.tenant_id, release_id)
         out = []
         for svc in services:
             own = dict(svc.get("env") or {})
             ours = {
-                INSTANCE_ATTR: instance["id"],
-                TENANT_ATTR: instance["tenant_id"],
+                INSTANCE_ATTR: instance.id,
+                TENANT_ATTR: instance.tenant_id,
                 RELEASE_ATTR: release_id,
                 "service.version": release_id,
             }
@@ -89,7 +101,7 @@ class Telemetry:
                 "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint,
                 "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
                 "OTEL_EXPORTER_OTLP_HEADERS": f"{TOKEN_HEADER}={token}",
-                "OTEL_SERVICE_NAME": instance.get("slug") or instance["id"],
+                "OTEL_SERVICE_NAME": instance.slug or instance.id,
                 **own,
                 "OTEL_RESOURCE_ATTRIBUTES": ",".join(f"{k}={v}" for k, v in attrs.items()),
             }
