@@ -162,6 +162,14 @@ def test_an_instance_exports_with_its_injected_env_and_reads_it_back(imesh: Mesh
     assert all(s["instance_id"] == ia["id"] for s in res["history"])
     assert res["history"][0]["timestamp"] <= res["history"][-1]["timestamp"]
 
+    for suffix, params in (
+        ("metrics", {"step": "0s"}),
+        ("metrics", {"step": "99999999s"}),
+        ("traces", {"trace_id": "not-hex"}),
+        ("traces", {"min_duration": "-1s"}),
+        ("traces", {"limit": 5000}),
+    ):
+        assert ca.get(f"/v1/instances/{ia['id']}/{suffix}", params=params).status_code == 400, params
     for suffix in ("/metrics", "/traces", "/dashboard", "/resources"):
         assert cb.get(f"/v1/instances/{ia['id']}{suffix}").status_code == 404, suffix
     destroy(ca, docker_host, ia["id"])
