@@ -120,7 +120,7 @@ class Executor:
                     services={**run.row.progress["services"], svc["name"]: "running"},
                     message=f"rolling out {svc['name']} ({run.row.strategy})",
                 )
-                await self._strategy(run, provider, new, old, n, checks if svc["name"] == main else [])
+                await _Rollout(self, run, provider, new, old, n, checks if svc["name"] == main else []).run()
                 await run.progress_to(services={**run.row.progress["services"], svc["name"]: "succeeded"})
         except Cancelled:
             await self._restore(run, provider, inst, target)
@@ -138,24 +138,7 @@ class Executor:
             return
         await self._succeed(run, provider, inst, release, target)
 
-    # -- strategies --------------------------------------------------------------------------
-
-    async def _strategy(
-        self,
-        run: Run,
-        provider: Provider,
-        new: GroupSpec,
-        old: GroupSpec,
-        n: int,
-        checks: list[HealthCheck],
-    ) -> None:
-        if n == 0:
-            await provider.scale_group(old, 0)
-            return
-        strategy = STRATEGIES.get(run.row.strategy)
-        if strategy is None:
-            raise GateFailed(f"unknown strategy {run.row.strategy!r}")
-        await strategy.run(_Rollout(self, run, provider, new, old, n, checks))
+    # -- what a rollout asks of the engine ----------------------------------------------------
 
     async def check_cancel(self, run: Run) -> None:
         if await self._cancelled(run):
@@ -299,6 +282,16 @@ class _Rollout:
         self._ex, self._run, self._provider = ex, run, provider
         self._new, self._old, self._n, self._checks = new, old, n, checks
         self._base = run.row.progress.get("ready_replicas", 0)
+
+    async def run(self) -> None:
+        """The deployment's strategy, over this service's groups."""
+        if self._n == 0:
+            await self.scale_old(0)
+            return
+        strategy = STRATEGIES.get(self._run.row.strategy)
+        if strategy is None:
+            raise GateFailed(f"unknown strategy {self._run.row.strategy!r}")
+        await strategy.run(self)
 
     @property
     def service(self) -> str:

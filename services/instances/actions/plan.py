@@ -1,14 +1,13 @@
 """What the reconciler does for an instance, as data: the action `next_action` names for the row
-(and its in-flight deployment, if any) is run by the module of the same name in this package.
+(and its in-flight deployment, if any) is done by the function of the same name in this package.
 
-    provisioning ──provision──▶ starting ──start──▶ running ──wind_down──▶ stopping ──stop──▶ stopped
-                                                       │  ▲                   (▶ starting when wanted again)
-                                              deploy / │  │ scale (generation behind)
-                                                       ▼  │
-    any ──(DELETE)──▶ destroying ──delete──▶ (gone)         a failed step: `fail`
+    provisioning ─provision─▶ starting ─start─▶ running ─wind_down─▶ stopping ─stop─▶ stopped
+                                                  │ ▲                    └─(wanted again)─▶ starting
+                                   deploy, scale  └─┘
+    any ──(DELETE)──▶ destroying ─delete─▶ (gone)            a step that raises: `fail`
 
 A deployment is rolled out only while the instance is running and wanted running; one whose
-instance is leaving `running` is abandoned (cancelled) before anything else happens.
+instance is leaving `running` is abandoned (cancelled) before any other step.
 """
 
 from __future__ import annotations
