@@ -240,6 +240,9 @@ class Launcher:
             f"   (HTTPS :{s.ingress_https_port}, admin {s.ingress_admin()}"
             + (", external)" if s.ingress_admin_url else ")")
         )
+        _say(
+            f"  OTLP for instances: grpc://{s.otlp_host}:{s.otlp_grpc_port}, http://{s.otlp_host}:{s.otlp_http_port}"
+        )
         ca = "operator-supplied" if s.pg_tls_cert else str(s.data_dir.resolve() / "pggateway" / "ca.crt")
         _say(f"  PG Gateway: postgres://{s.public_pg_host}:{s.pg_port} (TLS; CA: {ca})")
         _say(f"  data directory:   {s.data_dir.resolve()}")

@@ -138,6 +138,27 @@ class Settings(BaseSettings):
     # refilled within this), and how often every instance's replicas are looked up again.
     ingress_reconcile_interval: Duration = timedelta(seconds=1)
     ingress_resync_interval: Duration = timedelta(seconds=10)
+    # The OTLP receiver of app instances (in the instances service): gRPC and HTTP (protobuf and
+    # JSON) on otlp_host. Containers reach it only if otlp_host is an address they can route to
+    # (e.g. the docker bridge's 172.17.0.1) and otlp_endpoint names it; the default suits apps
+    # on this host and the tests.
+    otlp_host: str = "127.0.0.1"
+    otlp_grpc_port: int = 4317
+    otlp_http_port: int = 4318
+    # What every rollout hands an instance as OTEL_EXPORTER_OTLP_ENDPOINT (OTLP/HTTP protobuf);
+    # http://<otlp_host>:<otlp_http_port> when unset.
+    otlp_endpoint: str | None = None
+    # The largest export accepted (after decompression); larger ones are refused, not read.
+    otlp_max_body_bytes: int = 4 * 1024 * 1024
+    # Exports per second per instance (a token bucket of otlp_rate_burst); beyond it the sender
+    # gets RESOURCE_EXHAUSTED / 429 with the delay to retry after.
+    otlp_rate_limit: float = 20.0
+    otlp_rate_burst: int = 40
+    # Spans, metric points and resource samples older than this are dropped, a day partition
+    # at a time.
+    telemetry_retention: Duration = timedelta(days=7)
+    # How often the engine's resource usage of every running instance is sampled for /resources.
+    resource_sample_interval: Duration = timedelta(seconds=30)
     # The launcher restarts a process that dies: after restart_backoff, doubling per restart up
     # to restart_backoff_max; a process that needs more than restart_limit restarts within
     # restart_window is left stopped (logged as failed) while the rest keeps serving.

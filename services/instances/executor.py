@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -53,6 +54,12 @@ class Cancelled(Exception):
     pass
 
 
+# What a rollout adds to the env of the services it starts (the OTLP endpoint and a fresh
+# ingest token): (instance, release id, services) → the services as started. The instance's spec
+# keeps the services without it, so the token is never stored or shown in clear.
+RolloutEnv = Callable[[Instance, str, list[dict[str, Any]]], Awaitable[list[dict[str, Any]]]]
+
+
 class Executor:
     """Rolls one deployment out on the engine. Called by the reconciler with the instance locked
     to this worker; never by an RPC."""
@@ -66,7 +73,9 @@ class Executor:
         settle: float,
         poll: float = 0.3,
         secrets: SecretsClient | None = None,
+        rollout_env: RolloutEnv | None = None,
     ):
+        self.rollout_env = rollout_env
         self.db = db
         self.outbox = outbox
         self.gate_timeout = gate_timeout
@@ -75,11 +84,20 @@ class Executor:
         self.secrets = secrets
 
     async def groups(
-        self, inst: Instance, release_id: str, services: list[dict[str, Any]], *, current: bool = False
+        self,
+        inst: Instance,
+        release_id: str,
+        services: list[dict[str, Any]],
+        *,
+        current: bool = False,
+        starting: bool = True,
     ) -> list[GroupSpec]:
         """The one place a rollout builds its provider groups: one per service of `services` at
         `release_id`, each with what the release runs with besides its spec (its secrets; see
-        secrets_client.py for which versions, `current` taking the latest)."""
+        secrets_client.py for which versions, `current` taking the latest) and, for groups about
+        to start (`starting`), the environment every rollout adds (the OTLP endpoint and token)."""
+        if starting and self.rollout_env is not None:
+            services = await self.rollout_env(inst, release_id, services)
         secrets = NO_SECRETS
         if self.secrets is not None:
             secrets = await self.secrets.for_release(inst.tenant_id, inst.id, release_id, current=current)
@@ -114,7 +132,7 @@ class Executor:
         try:
             news = await self.groups(inst, release.id, live)
             olds = await self.groups(
-                inst, run.row.previous_release_id, [current.get(x["name"], x) for x in live]
+                inst, run.row.previous_release_id, [current.get(x["name"], x) for x in live], starting=False
             )
             for svc, new, old in zip(live, news, olds, strict=True):
                 await run.progress_to(

@@ -36,6 +36,7 @@ from services.instances.models import (
     providers,
     releases,
 )
+from services.instances.otlp import Telemetry
 from services.instances.provider_status import ProvidersDomain
 from services.instances.providers import Registry
 from services.instances.reconciler import Reconciler
@@ -52,7 +53,7 @@ def _sum(col: str) -> Callable[[Table], ColumnElement[Any]]:
     return lambda t: func.coalesce(func.sum(t.c[col] * t.c.replicas), 0)
 
 
-def spec(before_purge: Callable[[str], Awaitable[bool]]) -> Spec:
+def spec(before_purge: Callable[[str], Awaitable[bool]], telemetry: list[Table]) -> Spec:
     return Spec(
         counts=[
             Count("instances", instances, where=_live),
@@ -60,7 +61,7 @@ def spec(before_purge: Callable[[str], Awaitable[bool]]) -> Spec:
             Count("memory_mb", instances, aggregate=_sum("memory_mb"), where=_live),
             Count("disk_mb", instances, aggregate=_sum("disk_mb"), where=_live),
         ],
-        purge=[health_results, health_checks, instance_health, deployments, releases, instances],
+        purge=[*telemetry, health_results, health_checks, instance_health, deployments, releases, instances],
         stats=[
             Count("instances", instances, where=_live),
             Count("running_instances", instances, where=lambda t: t.c.state == "running"),
@@ -80,15 +81,18 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     domain = InstancesDomain(rt.db, registry, tenants, box, wake=wake.set)
     health = HealthDomain(rt.db, domain, registry, box, Hub())
     deploys = DeploymentsDomain(rt.db, domain, box)
+    otlp = Telemetry(rt.db, s)
     executor = Executor(
         rt.db,
         box,
         gate_timeout=s.deploy_health_timeout.total_seconds(),
         settle=s.deploy_settle.total_seconds(),
         secrets=SecretsClient(rt.channels, rt.signer, rt.db),
+        rollout_env=otlp.rollout_env,
     )
     reconciler = Reconciler(rt.db, domain, registry, executor, wake=wake)
-    telemetry = TelemetryDomain(rt.db, domain, health, registry)
+    telemetry = TelemetryDomain(rt.db, domain, health, registry, otlp)
+    otlp.sampler = telemetry.sample_usage
     engines = ProvidersDomain(rt.db, registry, probe_interval=s.provider_probe_interval.total_seconds())
 
     async def on_stop() -> None:
@@ -106,7 +110,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     def register(server: grpc.aio.Server) -> list[str]:
         return [
             *servicer.register(server, *services),
-            *register_resources(server, rt.db, spec(domain.purge_tenant)),
+            *register_resources(server, rt.db, spec(domain.purge_tenant, otlp.tables)),
         ]
 
     service = Service(
@@ -120,6 +124,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
             Runner(health, rt.db).run,
             engines.probe_loop,
             domain.follow_suspensions,
+            *otlp.background(),
         ],
     )
     return service, remote_audit_sink(rt)

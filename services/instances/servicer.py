@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -12,12 +13,14 @@ from ctrlmesh.instances.v1 import instances_pb2_grpc as rpc
 from google.protobuf import duration_pb2, empty_pb2, json_format, struct_pb2
 
 from libs import principal as principals
+from libs.errors import CtrlmeshError
 from libs.grpc_server import open_stream
 from libs.protoconv import ts
 from services.instances import specs
 from services.instances.deployments import DeploymentsDomain
 from services.instances.domain import InstancesDomain
 from services.instances.health import HealthDomain
+from services.instances.otlp.queries import Point, Sample, TraceGroup
 from services.instances.provider_status import ProvidersDomain
 from services.instances.repository import Deployment, HealthCheck, HealthResult, Instance, Release
 from services.instances.telemetry import Dashboard, Entry, Snapshot, TelemetryDomain
@@ -213,6 +216,82 @@ def snapshot(s: Snapshot) -> pb.ResourceSnapshot:
         network_out_mb=u.network_out_mb,
         timestamp=ts(s.taken_at),
     )
+
+
+def sample(inst: Instance, x: Sample) -> pb.ResourceSnapshot:
+    return pb.ResourceSnapshot(
+        instance_id=inst.id,
+        tenant_id=inst.tenant_id,
+        cpu_percent=x.cpu_percent,
+        memory_used_mb=x.memory_used_mb,
+        memory_limit_mb=x.memory_limit_mb,
+        network_in_mb=x.network_in_mb,
+        network_out_mb=x.network_out_mb,
+        timestamp=ts(x.time),
+    )
+
+
+def _struct(d: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(d)
+    return out
+
+
+_METRIC_TYPES = {"sum": "counter", "gauge": "gauge"}
+
+
+def metric(inst: Instance, x: Point) -> pb.Metric:
+    kind = _METRIC_TYPES.get(x.type, x.type)
+    if x.type == "sum" and not x.monotonic:
+        kind = "updown_counter"
+    return pb.Metric(
+        instance_id=inst.id,
+        tenant_id=inst.tenant_id,
+        name=x.name,
+        type=kind,
+        value=x.value,
+        labels={k: v if isinstance(v, str) else json.dumps(v) for k, v in x.attributes.items()},
+        timestamp=ts(x.time),
+        unit=x.unit,
+        count=x.count,
+        bucket_bounds=x.bounds,
+        bucket_counts=x.bucket_counts,
+        temporality=x.temporality,
+    )
+
+
+def traces(inst: Instance, groups: list[TraceGroup]) -> pb.ListTracesResponse:
+    out = pb.ListTracesResponse(total=len(groups))
+    for g in groups:
+        out.traces.append(
+            pb.TraceSummary(
+                trace_id=g.trace_id,
+                root_operation=g.root_name,
+                start_time=ts(g.start_time),
+                duration=dur_s(g.duration_ns / 1e9),
+                span_count=len(g.spans),
+                error=any(sp.status == "error" for sp in g.spans),
+            )
+        )
+        for sp in g.spans:
+            out.items.append(
+                pb.Trace(
+                    instance_id=inst.id,
+                    tenant_id=inst.tenant_id,
+                    trace_id=sp.trace_id,
+                    span_id=sp.span_id,
+                    parent_id=sp.parent_span_id,
+                    operation=sp.name,
+                    duration=dur_s(sp.duration_ns / 1e9),
+                    status="error" if sp.status == "error" else "ok",
+                    attributes=_struct(sp.attributes),
+                    timestamp=ts(sp.start_time),
+                    kind=sp.kind,
+                    status_message=sp.status_message,
+                    resource=_struct(sp.resource),
+                )
+            )
+    return out
 
 
 def log_entry(inst: Instance, e: Entry) -> pb.LogEntry:
@@ -487,15 +566,55 @@ class HealthService(rpc.HealthServiceServicer):
 
 
 class TelemetryService(rpc.TelemetryServiceServicer):
-    """Metrics and traces are inherited unimplemented (501): nothing collects them yet."""
-
     def __init__(self, d: TelemetryDomain):
         self.d = d
+
+    async def ListMetrics(
+        self, request: pb.ListMetricsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListMetricsResponse:
+        step = seconds(request, "step")
+        inst, pts = await self.d.metrics(
+            principals.current(),
+            request.id,
+            name=request.name,
+            since=when(request, "since"),
+            until=when(request, "until"),
+            step=timedelta(seconds=step) if step is not None else None,
+            limit=request.limit,
+        )
+        return pb.ListMetricsResponse(items=[metric(inst, x) for x in pts], total=len(pts))
+
+    async def ListTraces(
+        self, request: pb.ListTracesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListTracesResponse:
+        least = seconds(request, "min_duration")
+        inst, groups = await self.d.traces(
+            principals.current(),
+            request.id,
+            since=when(request, "since"),
+            trace_id=request.trace_id,
+            min_duration=timedelta(seconds=least) if least is not None else None,
+            limit=request.limit,
+        )
+        return traces(inst, groups)
 
     async def GetResources(
         self, request: pb.GetResourcesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ResourceSnapshot:
-        return snapshot(await self.d.resources(principals.current(), request.id))
+        p = principals.current()
+        since = when(request, "since")
+        if since is None:
+            return snapshot(await self.d.resources(p, request.id))
+        inst = await self.d.instances.get(p, request.id)
+        history = await self.d.history(p, request.id, since)
+        try:
+            out = snapshot(await self.d.resources(p, request.id))
+        except CtrlmeshError:
+            if not history:
+                raise
+            out = sample(inst, history[-1])  # not running now: its last sample, with the history
+        out.history.extend(sample(inst, x) for x in history)
+        return out
 
     async def ListLogs(
         self, request: pb.ListLogsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -522,13 +641,18 @@ class TelemetryService(rpc.TelemetryServiceServicer):
         self, request: pb.GetDashboardRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DashboardData:
         d: Dashboard = await self.d.dashboard(principals.current(), request.id)
-        # Request rates, latencies and alerts have no source yet; they stay at their zero value.
+        red = d.red
         return pb.DashboardData(
             instance_id=d.instance.id,
             resources=snapshot(d.snapshot) if d.snapshot else None,
             health_status=d.health_status,
             uptime_percent=d.uptime_percent,
             recent_deploys_24h=d.recent_deploys_24h,
+            request_rate_per_sec=red.request_rate_per_sec,
+            error_rate_per_sec=red.error_rate_per_sec,
+            avg_latency=dur_s(red.avg_latency_s) if red.avg_latency_s is not None else None,
+            p99_latency=dur_s(red.p99_latency_s) if red.p99_latency_s is not None else None,
+            active_alerts=d.active_alerts,
         )
 
 

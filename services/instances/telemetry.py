@@ -1,8 +1,10 @@
 """Telemetry read from the engine: resource usage (docker stats), logs (docker logs, also
 followed), and the dashboard that combines them with health and deployments.
 
-Metrics and traces have no source yet (no agent collects them), so those routes stay
-NotImplemented rather than answer with invented data. Log levels are inferred per line: a JSON
+Metrics and traces are what the instance's OpenTelemetry SDK exported to the OTLP receiver
+(services/instances/otlp/); the dashboard adds its request rate, error rate and latency from the
+server spans of the last 5 minutes, and `/resources` the usage history sampled from the engine.
+Log levels are inferred per line: a JSON
 line's `level`/`severity` field, else the first level word in the line, else `info`.
 """
 
@@ -20,6 +22,8 @@ from libs.principal import Principal
 from services.instances import repository as repo
 from services.instances.domain import InstancesDomain
 from services.instances.health import HealthDomain
+from services.instances.otlp import Telemetry
+from services.instances.otlp.queries import Point, Red, Sample, TraceGroup
 from services.instances.providers import Registry
 from services.instances.providers.base import LogLine, ProviderError, Usage
 from services.instances.repository import Instance, Scope, now
@@ -75,14 +79,95 @@ class Dashboard:
     health_status: str
     uptime_percent: float
     recent_deploys_24h: int
+    red: Red
+    active_alerts: int
+
+
+RED_WINDOW = timedelta(minutes=5)
+TRACES_SINCE = timedelta(hours=1)
 
 
 class TelemetryDomain:
-    def __init__(self, db: Database, instances: InstancesDomain, health: HealthDomain, registry: Registry):
+    def __init__(
+        self,
+        db: Database,
+        instances: InstancesDomain,
+        health: HealthDomain,
+        registry: Registry,
+        otlp: Telemetry,
+    ):
         self.db = db
         self.instances = instances
         self.health = health
         self.registry = registry
+        self.otlp = otlp
+
+    async def metrics(
+        self,
+        p: Principal,
+        instance_id: str,
+        *,
+        name: str,
+        since: datetime | None,
+        until: datetime | None,
+        step: timedelta | None,
+        limit: int,
+    ) -> tuple[Instance, list[Point]]:
+        inst = await self.instances.get(p, instance_id)
+        end = until or now()
+        start = since or end - TRACES_SINCE
+        pts = await self.otlp.queries.metrics(
+            instance_id, name=name, since=start, until=end, step=step, limit=limit or 1000
+        )
+        return inst, pts
+
+    async def traces(
+        self,
+        p: Principal,
+        instance_id: str,
+        *,
+        since: datetime | None,
+        trace_id: str,
+        min_duration: timedelta | None,
+        limit: int,
+    ) -> tuple[Instance, list[TraceGroup]]:
+        inst = await self.instances.get(p, instance_id)
+        groups = await self.otlp.queries.traces(
+            instance_id,
+            since=since or (now() - (self.otlp.settings.telemetry_retention if trace_id else TRACES_SINCE)),
+            trace_id=trace_id,
+            min_duration=min_duration,
+            limit=limit or 20,
+        )
+        return inst, groups
+
+    async def sample_usage(self) -> list[tuple[object, ...]]:
+        """The engine's usage of every running instance now, as rows of the resource history."""
+        out: list[tuple[object, ...]] = []
+        t = now()
+        for instance_id, tenant_id, provider_name in await self.otlp.queries.running():
+            try:
+                u = await self.registry.get(provider_name).usage(instance_id)
+            except (CtrlmeshError, ProviderError):
+                continue  # its engine is away: a gap in the history, not a failed pass
+            if u.containers:
+                out.append(
+                    (
+                        tenant_id,
+                        instance_id,
+                        t,
+                        u.cpu_percent,
+                        u.memory_used_mb,
+                        u.memory_limit_mb,
+                        u.network_in_mb,
+                        u.network_out_mb,
+                    )
+                )
+        return out
+
+    async def history(self, p: Principal, instance_id: str, since: datetime) -> list[Sample]:
+        await self.instances.get(p, instance_id)
+        return await self.otlp.queries.resources(instance_id, since=since, limit=1000)
 
     async def resources(self, p: Principal, instance_id: str) -> Snapshot:
         inst = await self.instances.get(p, instance_id)
@@ -136,8 +221,12 @@ class TelemetryDomain:
         except (CtrlmeshError, ProviderError):
             snap = None  # not running, or its engine is away: the rest of the dashboard still shows
         h = await self.health.instance_health(p, instance_id)
+        t = now()
         async with self.db.session() as s:
             deploys = await repo.count_recent_deployments(
-                s, Scope.of(p), instance_id, now() - timedelta(hours=24)
+                s, Scope.of(p), instance_id, t - timedelta(hours=24)
             )
-        return Dashboard(inst, snap, h.status, h.uptime_percent, deploys)
+        red = await self.otlp.queries.red(instance_id, since=t - RED_WINDOW, until=t)
+        failing = sum(1 for c, _ in h.checks if c.status == "unhealthy")
+        failed = await self.otlp.queries.failed_deploys(instance_id, since=t - timedelta(hours=1))
+        return Dashboard(inst, snap, h.status, h.uptime_percent, deploys, red, failing + (1 if failed else 0))
