@@ -34,6 +34,7 @@ from libs.reconcile import every
 from services.instances import repository as repo
 from services.instances import specs
 from services.instances.domain import InstancesDomain
+from services.instances.metrics import HEALTH_CHECKS
 from services.instances.providers import Registry
 from services.instances.providers.base import Provider, ProviderError, Replica
 from services.instances.repository import Row, Scope, now
@@ -355,6 +356,7 @@ class HealthDomain:
         return await self.record(check, outcome)
 
     async def record(self, check: Row, outcome: Outcome) -> Row:
+        HEALTH_CHECKS.labels(outcome.status).inc()
         result = {
             "id": ids.new_id("hres"),
             "tenant_id": check["tenant_id"],
