@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     restart_backoff_max: Duration = timedelta(seconds=10)
     restart_limit: int = 5
     restart_window: Duration = timedelta(seconds=60)
+    # `make observe`: the Prometheus it starts (on loopback, data under <data_dir>/prometheus)
+    # and how often it scrapes every process's /metrics.
+    prometheus_port: int = 9090
+    prometheus_scrape_interval: Duration = timedelta(seconds=15)
     version: str = Field(default="0.1.0")
 
     @classmethod

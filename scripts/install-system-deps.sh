@@ -11,6 +11,8 @@
 #   jdbc        PostgreSQL's JDBC driver (/usr/share/java/postgresql.jar) and a JDK to run
 #               tests/clients/jdbc/Drivers.java from source (java 11+ runs a source file).
 #   nodejs      Node.js and npm, for tests/clients/node (node-postgres).
+#   prometheus  Prometheus and promtool, for `make observe` and tests/e2e/test_observe.py
+#               (Debian's own service is kept stopped: `make observe` runs its own, on loopback).
 set -euo pipefail
 
 SUDO=""
@@ -56,13 +58,27 @@ install_nodejs() {
   apt_install "${want[@]}"
 }
 
+install_prometheus() {
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "installing prometheus (Debian package)"
+  apt_install prometheus
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  else
+    $SUDO service prometheus stop >/dev/null 2>&1 || true
+  fi
+}
+
 components=("$@")
-if [ ${#components[@]} -eq 0 ]; then components=(pgbouncer jdbc nodejs); fi
+if [ ${#components[@]} -eq 0 ]; then components=(pgbouncer jdbc nodejs prometheus); fi
 for c in "${components[@]}"; do
   case "$c" in
     pgbouncer) install_pgbouncer ;;
     jdbc) install_jdbc ;;
     nodejs) install_nodejs ;;
+    prometheus) install_prometheus ;;
     *) echo "unknown component: $c" >&2; exit 2 ;;
   esac
 done
