@@ -104,7 +104,7 @@ OVERVIEW = Dashboard(
             "Edge 5xx ratio",
             (
                 q(
-                    f"(sum(rate({HTTP}{{status=~'5..'}}[{RATE}])) or vector(0)) / sum(rate({HTTP}[{RATE}]))",
+                    f'(sum(rate({HTTP}{{status=~"5.."}}[{RATE}])) or vector(0)) / sum(rate({HTTP}[{RATE}]))',
                     "5xx",
                 ),
             ),

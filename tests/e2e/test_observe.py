@@ -12,11 +12,12 @@ health-check outcomes start at zero), so the test holds on a machine without Doc
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,25 +37,38 @@ GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range":
 
 
 @pytest.fixture
-def prom(mesh: Mesh, tmp_path: Path) -> Iterator[str]:
-    """A Prometheus scraping `mesh` every second, on a free loopback port; its URL."""
-    binary = observe.ensure_installed()
-    config = tmp_path / "prometheus.yml"
-    subprocess.run(
-        [sys.executable, "-m", "ops.prometheus", "--out", str(config), "--scrape-interval", SCRAPE],
-        env=mesh.env,
-        cwd=ROOT,
-        check=True,
-        timeout=30,
+def prom(mesh: Mesh) -> Iterator[str]:
+    """`make observe` (python -m ops.observe) against `mesh`, scraping every second on a free
+    loopback port; the URL it prints. Stopped with Ctrl-C (SIGINT) as an operator would."""
+    observe.ensure_installed()
+    env = dict(
+        mesh.env, CTRLMESH_PROMETHEUS_PORT=str(free_port()), CTRLMESH_PROMETHEUS_SCRAPE_INTERVAL=SCRAPE
     )
-    port = free_port()
-    proc = observe.start(config, tmp_path / "data", "127.0.0.1", port, binary=binary)
-    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ops.observe"], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    lines: list[str] = []
     try:
-        observe.wait_ready(url, proc, timeout=30)
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (lines and lines[-1].startswith("Press Ctrl-C")):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        url = next((ln.split()[1] for ln in lines if ln.strip().startswith("URL:")), None)
+        assert url is not None and url.startswith("http://127.0.0.1:"), "".join(lines)
         yield url
     finally:
-        observe.stop(proc)
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode == 0 and "Prometheus stopped" in out, "".join(lines) + out
+    # Its time series live under the mesh's data directory.
+    assert any((mesh.data_dir / "prometheus" / "data").iterdir())
 
 
 def _query(url: str, expr: str) -> list[dict[str, Any]]:
@@ -159,7 +173,11 @@ def test_every_target_is_up_and_every_panel_returns_a_series(mesh, prom):
     assert len(queries) >= 40
     empty, pending = [], []
     for board, panel, expr in queries:
-        if _query(prom, expr):
+        result = _query(prom, expr)
+        if os.environ.get("CTRLMESH_OBSERVE_DEBUG"):
+            values = [r["value"][1] for r in result]
+            sys.stderr.write(f"{len(result)} series {values[:4]} {board} / {panel}: {expr}\n")
+        if result:
             continue
         if any(name in expr for name in dashboards.PENDING):
             pending.append(expr)  # a metric another part of the platform will export

@@ -57,15 +57,18 @@ async def test_a_failing_step_is_counted_and_the_lag_clears():
 async def test_periodic_passes_and_their_failures_are_counted():
     """every(): passes and failures per loop, and the time of the last good pass."""
     calls = {"n": 0}
+    fourth = asyncio.Event()
 
     async def fn() -> None:
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("one bad pass")
+        if calls["n"] == 4:
+            fourth.set()
 
     task = asyncio.create_task(every("metrics test loop", 0.01, fn, jitter=0, first=0))
-    while calls["n"] < 4:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(fourth.wait(), 10)
+    await asyncio.sleep(0)  # let the fourth pass be counted
     task.cancel()
     passes = _value("ctrlmesh_periodic_passes_total", loop="metrics test loop")
     assert passes is not None and passes >= 3
