@@ -90,6 +90,7 @@ def _say(msg: str) -> None:
 
 def main() -> None:
     logging.basicConfig(level="INFO", format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its per-request lines are not for operators
     settings = Settings.load()
     binary = ensure_installed()
     config = prometheus.write(settings)

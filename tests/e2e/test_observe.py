@@ -32,6 +32,24 @@ from tests.fixtures.mesh import ROOT, Mesh, free_port
 pytestmark = pytest.mark.e2e
 
 SCRAPE = "1s"
+# What the workload must have moved (not just exported at zero), as read through Prometheus.
+ACTIVITY = (
+    'sum(ctrlmesh_http_requests_total{job="ctrlmesh-edge",status="401"})',
+    'sum(ctrlmesh_grpc_server_requests_total{job="ctrlmesh-accounts",code="NOT_FOUND"})',
+    'sum(ctrlmesh_databases_cold_starts_total{outcome="ok"})',
+    'sum(ctrlmesh_reconcile_drives_total{job="ctrlmesh-databases"})',
+    "sum(pggateway_cold_starts_total)",
+    "sum(pggateway_checkouts_total)",
+    "sum(pggateway_pins_total)",
+    'sum(pggateway_auth_failures_total{reason="password"})',
+    "sum(ctrlmesh_periodic_passes_total)",
+)
+# The same for the instance workload, when the mesh has an engine.
+INSTANCE_ACTIVITY = (
+    'ctrlmesh_instance_provider_up{provider="docker"}',
+    'sum(ctrlmesh_reconcile_drives_total{job="ctrlmesh-instances"})',
+    "sum(ctrlmesh_instance_health_checks_total)",
+)
 # What Grafana puts in place of its own variables, for a query sent straight to Prometheus.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
 
@@ -101,8 +119,8 @@ def _panel_queries() -> list[tuple[str, str, str]]:
     return out
 
 
-def _workload(mesh: Mesh) -> None:
-    """A little of everything the dashboards show."""
+def _workload(mesh: Mesh) -> bool:
+    """A little of everything the dashboards show; True when it included an instance."""
     admin = mesh.admin()
     assert admin.get("/v2/tenants").status_code == 200
     assert admin.get("/v2/tenants/no-such-tenant").status_code == 404  # a gRPC NOT_FOUND
@@ -118,8 +136,10 @@ def _workload(mesh: Mesh) -> None:
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(dsn.replace(t.pg_password, "wrong"), connect_timeout=10)
     providers = admin.get("/v1/admin/providers").json()["items"]
-    if any(p["name"] == "docker" and p["healthy"] for p in providers):
-        _instance_workload(mesh)
+    if not any(p["name"] == "docker" and p["healthy"] for p in providers):
+        return False
+    _instance_workload(mesh)
+    return True
 
 
 def _instance_workload(mesh: Mesh) -> None:
@@ -153,7 +173,8 @@ def _instance_workload(mesh: Mesh) -> None:
         wait_for(lambda: c.get(f"/v1/instances/{iid}").status_code, lambda code: code == 404)
 
 
-@pytest.mark.timeout(120)
+# The session mesh may be started for this test alone (about 30 s of it, more on a busy machine).
+@pytest.mark.timeout(180)
 def test_every_target_is_up_and_every_panel_returns_a_series(mesh, prom):
     """Every process of the mesh is scraped and up; every dashboard panel's query has data."""
     want = 5 + 1 + int(mesh.env["CTRLMESH_PG_WORKERS"])  # services, the edge, gateway workers
@@ -166,8 +187,12 @@ def test_every_target_is_up_and_every_panel_returns_a_series(mesh, prom):
     rules = httpx.get(f"{prom}/api/v1/rules", timeout=5).json()["data"]["groups"]
     assert sum(len(g["rules"]) for g in rules) >= 10
 
-    _workload(mesh)
+    with_instance = _workload(mesh)
     time.sleep(3)  # a few scrapes after the last request, so every rate has two samples
+
+    for expr in ACTIVITY + (INSTANCE_ACTIVITY if with_instance else ()):
+        result = _query(prom, expr)
+        assert result and float(result[0]["value"][1]) > 0, f"the workload did not show in {expr}: {result}"
 
     queries = _panel_queries()
     assert len(queries) >= 40
