@@ -115,7 +115,28 @@ def _panel_queries() -> list[tuple[str, str, str]]:
                 variables[f"${v['name']}"] = v["allValue"]
         for p in d["panels"]:
             for t in p["targets"]:
-                out.append((d["title"], p["title"], _substitute(t["expr"], variables)))
+                expr = _substitute(t["expr"], variables)
+                assert "$" not in expr, f"a variable left in {d['title']} / {p['title']}: {expr}"
+                out.append((d["title"], p["title"], expr))
+    return out
+
+
+def _variable_values(url: str) -> dict[str, list[str]]:
+    """Each query variable's values as Grafana's `label_values(selector, label)` asks for them."""
+    import re
+
+    out = {}
+    for path in sorted(dashboards.OUT.glob("*.json")):
+        for v in json.loads(path.read_text())["templating"]["list"]:
+            if v["type"] != "query":
+                continue
+            m = re.fullmatch(r"label_values\((.+), (\w+)\)", v["definition"])
+            assert m, v["definition"]
+            r = httpx.get(
+                f"{url}/api/v1/label/{m.group(2)}/values", params={"match[]": m.group(1)}, timeout=10
+            )
+            assert r.status_code == 200, r.text
+            out[f"{path.stem} ${v['name']}"] = list(r.json()["data"])
     return out
 
 
@@ -193,6 +214,9 @@ def test_every_target_is_up_and_every_panel_returns_a_series(mesh, prom):
     for expr in ACTIVITY + (INSTANCE_ACTIVITY if with_instance else ()):
         result = _query(prom, expr)
         assert result and float(result[0]["value"][1]) > 0, f"the workload did not show in {expr}: {result}"
+
+    variables = _variable_values(prom)
+    assert variables and all(variables.values()), variables
 
     queries = _panel_queries()
     assert len(queries) >= 40
