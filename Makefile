@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 
-.PHONY: run test bootstrap proto lint typecheck routes openapi bench clean admin-key
+.PHONY: run test bootstrap proto lint typecheck routes openapi bench clean admin-key observe
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -11,6 +11,10 @@ proto: bootstrap
 
 run: bootstrap
 	@$(PY) -m libs.launcher
+
+# A real Prometheus (on loopback) scraping the mesh `make run` runs; prints its URL. Dashboards: ops/grafana.
+observe: bootstrap
+	@$(PY) -m ops.observe
 
 # Break-glass: a new global API key written straight into the control-plane database (printed once).
 admin-key: bootstrap
@@ -23,7 +27,7 @@ lint: bootstrap
 	@.venv/bin/ruff check . && .venv/bin/ruff format --check .
 
 typecheck: bootstrap
-	@.venv/bin/mypy libs services gateway pggateway
+	@.venv/bin/mypy libs services gateway pggateway ops
 
 routes: bootstrap
 	@$(PY) -m gateway.routes_report

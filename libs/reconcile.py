@@ -16,6 +16,12 @@ toward it and writes the outcome back. Two pieces make that safe and resumable:
 
 `every()` is the one periodic loop: an interval with jitter, failures logged and counted, clean
 cancellation.
+
+Metrics (ops/ dashboards and alerts read them): every runner and loop has its series from the
+moment it is built, at zero, so a dashboard shows "no failures" rather than "no data".
+`ctrlmesh_reconcile_lag_seconds{runner}` is how long the oldest key kicked and not yet settled
+has been waiting (0 when every drive is done): a resource the engine cannot converge keeps it
+growing only while its drive runs, so the failure counters and the drive histogram go with it.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import Column, DateTime, MetaData, String, Table, func
 from sqlalchemy.dialects.postgresql import insert
 
@@ -41,6 +48,18 @@ log = logging.getLogger("ctrlmesh.reconcile")
 DRIVE_FAILURES = Counter("ctrlmesh_reconcile_step_failures_total", "Reconcile steps that raised", ["runner"])
 LOOP_FAILURES = Counter("ctrlmesh_periodic_failures_total", "Periodic passes that raised", ["loop"])
 CLAIMS_LOST = Counter("ctrlmesh_reconcile_claims_lost_total", "Drives stopped: claim lost", ["runner"])
+DRIVES = Counter("ctrlmesh_reconcile_drives_total", "Drives that settled (or yielded)", ["runner"])
+DRIVE_SECONDS = Histogram(
+    "ctrlmesh_reconcile_drive_seconds",
+    "First kick of a key to its drive settling",
+    ["runner"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+LAG = Gauge("ctrlmesh_reconcile_lag_seconds", "Age of the oldest kicked key not yet settled", ["runner"])
+LOOP_PASSES = Counter("ctrlmesh_periodic_passes_total", "Periodic passes that completed", ["loop"])
+LOOP_LAST_SUCCESS = Gauge(
+    "ctrlmesh_periodic_last_success_timestamp_seconds", "When a periodic pass last completed", ["loop"]
+)
 
 K = TypeVar("K", bound=Hashable)
 
@@ -135,6 +154,19 @@ class KeyedRunner(Generic[K]):
         self.max_steps = max_steps
         self._tasks: dict[K, asyncio.Task[None]] = {}
         self._again: set[K] = set()
+        # key → when it was first kicked since its last drive settled (monotonic)
+        self._since: dict[K, float] = {}
+        DRIVE_FAILURES.labels(name)
+        CLAIMS_LOST.labels(name)
+        DRIVES.labels(name)
+        DRIVE_SECONDS.labels(name)
+        LAG.labels(name).set_function(self.lag)
+
+    def lag(self) -> float:
+        """Seconds the oldest key kicked and not yet settled has been waiting; 0 when none."""
+        if not self._since:
+            return 0.0
+        return max(0.0, time.monotonic() - min(self._since.values()))
 
     def busy(self, key: K) -> bool:
         task = self._tasks.get(key)
@@ -142,6 +174,7 @@ class KeyedRunner(Generic[K]):
 
     def kick(self, key: K) -> asyncio.Task[None]:
         """Make sure a drive of `key` runs (again) soon; returns its task."""
+        self._since.setdefault(key, time.monotonic())
         task = self._tasks.get(key)
         if task is not None and not task.done():
             self._again.add(key)
@@ -174,6 +207,10 @@ class KeyedRunner(Generic[K]):
         finally:
             if self._tasks.get(key) is asyncio.current_task():
                 del self._tasks[key]
+                since = self._since.pop(key, None)
+                if since is not None:
+                    DRIVES.labels(self.name).inc()
+                    DRIVE_SECONDS.labels(self.name).observe(time.monotonic() - since)
 
     async def _steps(self, key: K) -> None:
         steps = 0
@@ -237,6 +274,8 @@ async def every(
     logged and counted and the next one runs on time. `first`: the delay before the first pass
     (default: one interval). `wake`: setting it runs the next pass at once."""
     delay = interval if first is None else first
+    LOOP_FAILURES.labels(name)
+    passes, last_success = LOOP_PASSES.labels(name), LOOP_LAST_SUCCESS.labels(name)
     while True:
         if delay > 0:
             if wake is None:
@@ -254,4 +293,7 @@ async def every(
         except Exception:
             LOOP_FAILURES.labels(name).inc()
             log.warning("%s pass failed; retrying", name, exc_info=True)
+        else:
+            passes.inc()
+            last_success.set_to_current_time()
         delay = interval * (1 + random.uniform(-jitter, jitter)) if jitter else interval

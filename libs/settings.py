@@ -186,6 +186,10 @@ class Settings(BaseSettings):
     cert_renew_interval: Duration = timedelta(seconds=60)
     acme_retry: Duration = timedelta(seconds=30)
     acme_timeout: Duration = timedelta(seconds=90)
+    # `make observe`: the Prometheus it starts (on loopback, data under <data_dir>/prometheus)
+    # and how often it scrapes every process's /metrics.
+    prometheus_port: int = 9090
+    prometheus_scrape_interval: Duration = timedelta(seconds=15)
     version: str = Field(default="0.1.0")
 
     @classmethod

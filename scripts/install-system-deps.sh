@@ -16,6 +16,8 @@
 #   caddy       Caddy, the ingress `make run` and the tests start (libs/launcher.py) and the
 #               network service configures through its admin API. Debian's own caddy.service is
 #               disabled: it would hold the admin port 2019 and :80 with a Caddyfile.
+#   prometheus  Prometheus and promtool, for `make observe` and tests/e2e/test_observe.py
+#               (Debian's own service is kept stopped: `make observe` runs its own, on loopback).
 set -euo pipefail
 
 SUDO=""
@@ -80,8 +82,21 @@ install_caddy() {
   fi
 }
 
+install_prometheus() {
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "installing prometheus (Debian package)"
+  apt_install prometheus
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  else
+    $SUDO service prometheus stop >/dev/null 2>&1 || true
+  fi
+}
+
 components=("$@")
-if [ ${#components[@]} -eq 0 ]; then components=(pgbouncer jdbc nodejs caddy pebble); fi
+if [ ${#components[@]} -eq 0 ]; then components=(pgbouncer jdbc nodejs caddy pebble prometheus); fi
 for c in "${components[@]}"; do
   case "$c" in
     pgbouncer) install_pgbouncer ;;
@@ -89,6 +104,7 @@ for c in "${components[@]}"; do
     nodejs) install_nodejs ;;
     pebble) install_pebble ;;
     caddy) install_caddy ;;
+    prometheus) install_prometheus ;;
     *) echo "unknown component: $c" >&2; exit 2 ;;
   esac
 done

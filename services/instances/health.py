@@ -34,6 +34,7 @@ from libs.reconcile import every
 from services.instances import repository as repo
 from services.instances import specs
 from services.instances.domain import InstancesDomain
+from services.instances.metrics import HEALTH_CHECKS
 from services.instances.providers import Registry
 from services.instances.providers.base import Provider, ProviderError, Replica
 from services.instances.repository import HealthCheck, HealthResult, Instance, Scope, now
@@ -351,6 +352,7 @@ class HealthDomain:
         return await self.record(check, outcome)
 
     async def record(self, check: HealthCheck, outcome: Outcome) -> HealthResult:
+        HEALTH_CHECKS.labels(outcome.status).inc()
         result = HealthResult(
             id=ids.new_id("hres"),
             tenant_id=check.tenant_id,

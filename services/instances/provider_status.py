@@ -11,6 +11,7 @@ from libs.db import Database
 from libs.errors import PermissionDenied
 from libs.principal import Principal, is_global
 from libs.reconcile import every
+from services.instances import metrics
 from services.instances import repository as repo
 from services.instances.providers import Registry
 from services.instances.repository import now
@@ -53,6 +54,7 @@ class ProvidersDomain:
                         "checked_at": now(),
                     },
                 )
+            await metrics.observe(s, self.registry.configured, {n: h.healthy for n, h in health.items()})
 
     async def start(self) -> None:
         """At start-up, before the RPCs: register the engines that are there now."""

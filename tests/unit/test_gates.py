@@ -26,7 +26,7 @@ def test_ruff_format_is_clean():
 
 def test_mypy_is_clean():
     """mypy passes on our code (generated stubs are typed by mypy-protobuf)."""
-    r = _run(str(BIN / "mypy"), "libs", "services", "gateway", "pggateway")
+    r = _run(str(BIN / "mypy"), "libs", "services", "gateway", "pggateway", "ops")
     assert r.returncode == 0, r.stdout + r.stderr
 
 
