@@ -122,6 +122,17 @@ class Settings(BaseSettings):
     restart_backoff_max: Duration = timedelta(seconds=10)
     restart_limit: int = 5
     restart_window: Duration = timedelta(seconds=60)
+    # Clusters: how often each cluster's engine is asked for its nodes (their heartbeat); a node
+    # whose engine has not answered for node_not_ready_after is `not_ready`, after node_down_after
+    # `down`.
+    node_poll_interval: Duration = timedelta(seconds=2)
+    node_not_ready_after: Duration = timedelta(seconds=10)
+    node_down_after: Duration = timedelta(seconds=30)
+    # The ingress (network): the platform domain apps are served under and its ports, as the
+    # platform config reports them.
+    ingress_domain: str = "localhost"
+    ingress_http_port: int = 8880
+    ingress_https_port: int = 8443
     version: str = Field(default="0.1.0")
 
     @classmethod

@@ -1,0 +1,288 @@
+"""Zectre managed databases: each one a serverless database of the caller's tenant, created
+through the databases service with the caller's own principal (so its permissions and plan
+limits apply), and bound to at most one app (an instance) whose secrets then carry the
+connection.
+
+- The display name (`my-postgres`) maps to a PostgreSQL name (`my_postgres`): `connection_database`.
+- `status` follows the backing database: `creating` → creating; `stopped`, `booting`, `ready`,
+  `stopping` → ready (a stopped database wakes on connect); `error` → error; `deleting` (or
+  gone) → deleting.
+- `connection_host/port/user` are the PG Gateway's public address and the tenant's role.
+- One app per database: binding a database bound elsewhere, or an app that already has one, is
+  409. DELETE of a bound database is 409 unless `force`, which unbinds first.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from libs import principal as principals
+from libs.errors import AlreadyExists, CtrlmeshError, InvalidArgument, InvalidState, not_found
+from libs.ids import is_uuid, new_uuid
+from libs.outbox import Outbox
+from services.clusters import events
+from services.clusters import repository as repo
+from services.clusters.peers import Accounts, Databases, Instances
+from services.clusters.repository import ManagedRow, Scope
+
+log = logging.getLogger("ctrlmesh.clusters.managed")
+
+STATUS = {
+    "creating": "creating",
+    "stopped": "ready",
+    "booting": "ready",
+    "ready": "ready",
+    "stopping": "ready",
+    "error": "error",
+    "deleting": "deleting",
+}
+BOUND_KEYS = ("DATABASE_URL", "PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSSLMODE")
+
+
+def pg_name(display: str) -> str:
+    return display.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Connection:
+    host: str
+    port: int
+    sslmode: str = "require"
+
+
+@dataclass(frozen=True)
+class View:
+    """A managed database as the API shows it: the row, its live status and its role."""
+
+    row: ManagedRow
+    status: str
+    user: str
+
+
+class Secrets(Protocol):
+    """Where a binding writes the connection: the instance's secrets (network's SecretService)."""
+
+    async def bind(self, caller: principals.Principal, app_id: str, values: dict[str, str]) -> None: ...
+
+    async def unbind(self, caller: principals.Principal, app_id: str, keys: tuple[str, ...]) -> None: ...
+
+
+class Unbindable:
+    """The stand-in while no secret store is reachable: binding answers 501."""
+
+    async def bind(self, caller: principals.Principal, app_id: str, values: dict[str, str]) -> None:
+        raise CtrlmeshError(
+            "binding needs the secrets of the network service, not available yet", reason="NotImplemented"
+        )
+
+    async def unbind(self, caller: principals.Principal, app_id: str, keys: tuple[str, ...]) -> None:
+        return None
+
+
+class ManagedDatabases:
+    def __init__(
+        self,
+        db: Any,
+        outbox: Outbox,
+        accounts: Accounts,
+        databases: Databases,
+        instances: Instances,
+        secrets: Secrets,
+        *,
+        gateway: Connection,
+        versions: tuple[str, ...],
+    ):
+        self.db = db
+        self.outbox = outbox
+        self.accounts = accounts
+        self.databases = databases
+        self.instances = instances
+        self.secrets = secrets
+        self.gateway = gateway
+        self.versions = versions
+
+    async def _target_tenant(self, p: principals.Principal, tenant_id: str) -> tuple[str, str, str]:
+        """(tenant id, account id, pg_user) of the tenant the caller creates in."""
+        if p.scope == "tenant":
+            if tenant_id and tenant_id != p.tenant_id:
+                raise InvalidArgument(
+                    "a tenant key creates in its own tenant", fields={"tenant_id": "not this key's tenant"}
+                )
+            tenant_id = p.tenant_id
+        elif not tenant_id:
+            raise InvalidArgument(
+                "tenant_id is required for this key", fields={"tenant_id": "required for this key"}
+            )
+        t = await self.accounts.resolve_tenant(p, tenant_id)
+        return t.id, t.account_id, t.pg_user
+
+    async def view(self, row: ManagedRow) -> View:
+        d = await self.databases.get(row.db_id)
+        if row.state == "deleting" or d is None:
+            status = "deleting"
+        else:
+            status = STATUS.get(d.state, "error")
+        return View(row, status, await self._pg_user(row))
+
+    async def _pg_user(self, row: ManagedRow) -> str:
+        t = await self.accounts.resolve_tenant(principals.system_principal("clusters"), row.tenant_id)
+        return str(t.pg_user)
+
+    async def create(
+        self,
+        p: principals.Principal,
+        *,
+        cluster_id: str,
+        name: str,
+        engine: str,
+        version: str,
+        tenant_id: str,
+    ) -> View:
+        if (engine or "postgres") != "postgres":
+            raise InvalidArgument("engine must be postgres", fields={"engine": "only postgres is supported"})
+        version = version or self.versions[0]
+        if version not in self.versions:
+            raise InvalidArgument(
+                f"PostgreSQL {version} is not run by this platform; supported: {', '.join(self.versions)}",
+                fields={"version": f"supported: {', '.join(self.versions)}"},
+            )
+        async with self.db.session() as s:
+            cluster = await repo.get_cluster(s, cluster_id) if is_uuid(cluster_id) else None
+        if cluster is None:
+            raise not_found("cluster", cluster_id)
+        tid, account_id, _ = await self._target_tenant(p, tenant_id)
+        pname = pg_name(name)
+        async with self.db.session() as s:
+            if await repo.managed_names_taken(s, tid, pname):
+                raise AlreadyExists(f"a managed database named {name!r} exists", details={"name": name})
+        backing = await self.databases.create(p, tid, pname)
+        try:
+            async with self.outbox.session() as s:
+                row = await repo.insert_managed(
+                    s,
+                    id=new_uuid(),
+                    tenant_id=tid,
+                    account_id=account_id,
+                    cluster_id=cluster.id,
+                    name=name,
+                    pg_name=pname,
+                    engine="postgres",
+                    version=version,
+                    db_id=backing.db_id,
+                    app_id=None,
+                    state="active",
+                )
+                await events.publish(
+                    self.outbox,
+                    s,
+                    events.MANAGED_CREATED,
+                    "managed_database",
+                    row.id,
+                    events.snapshot(row),
+                    tenant_id=tid,
+                    account_id=account_id,
+                )
+        except Exception:
+            await self.databases.delete(tid, pname)
+            raise
+        return View(row, STATUS.get(backing.state, "creating"), await self._pg_user(row))
+
+    async def _load(self, p: principals.Principal, md_id: str) -> ManagedRow:
+        async with self.db.session() as s:
+            row = await repo.get_managed(s, Scope.of(p), md_id) if is_uuid(md_id) else None
+        if row is None:
+            raise not_found("managed database", md_id)
+        return row
+
+    async def get(self, p: principals.Principal, md_id: str) -> View:
+        return await self.view(await self._load(p, md_id))
+
+    async def list(self, p: principals.Principal) -> list[View]:
+        async with self.db.session() as s:
+            rows = await repo.list_managed(s, Scope.of(p))
+        return [await self.view(r) for r in rows]
+
+    async def delete(self, p: principals.Principal, md_id: str, *, force: bool) -> None:
+        row = await self._load(p, md_id)
+        if row.app_id and not force:
+            raise InvalidState(
+                f"managed database {md_id!r} is bound to {row.app_id}; unbind it or use force=true",
+                details={"app_id": row.app_id},
+            )
+        if row.app_id:
+            await self.secrets.unbind(p, row.app_id, (*BOUND_KEYS, "PGSSLROOTCERT"))
+        async with self.outbox.session() as s:
+            await repo.update_managed(s, row.id, state="deleting", app_id=None)
+        await self.databases.delete(row.tenant_id, row.pg_name)
+        async with self.outbox.session() as s:
+            await repo.delete_managed(s, row.id)
+            await events.publish(
+                self.outbox,
+                s,
+                events.MANAGED_DELETED,
+                "managed_database",
+                row.id,
+                events.snapshot(row),
+                tenant_id=row.tenant_id,
+                account_id=row.account_id,
+            )
+
+    def connection(self, row: ManagedRow, user: str, password: str) -> dict[str, str]:
+        g = self.gateway
+        url = f"postgres://{user}:{password}@{g.host}:{g.port}/{row.pg_name}?sslmode={g.sslmode}"
+        return {
+            "DATABASE_URL": url,
+            "PGHOST": g.host,
+            "PGPORT": str(g.port),
+            "PGUSER": user,
+            "PGPASSWORD": password,
+            "PGDATABASE": row.pg_name,
+            "PGSSLMODE": g.sslmode,
+        }
+
+    async def bind(self, p: principals.Principal, md_id: str, app_id: str) -> View:
+        row = await self._load(p, md_id)
+        app = await self.instances.get(p, app_id)
+        if app.tenant_id != row.tenant_id:
+            raise not_found("instance", app_id)
+        if row.app_id and row.app_id != app_id:
+            raise InvalidState(
+                f"managed database {md_id!r} is bound to another app", details={"app_id": row.app_id}
+            )
+        async with self.db.session() as s:
+            other = await repo.managed_bound_to(s, app_id)
+        if other is not None and other.id != row.id:
+            raise InvalidState(
+                f"app {app_id!r} is bound to another managed database",
+                details={"managed_database_id": other.id},
+            )
+        creds = await self.accounts.credentials(row.tenant_id)
+        await self.secrets.bind(p, app_id, self.connection(row, creds.pg_user, creds.pg_password))
+        async with self.outbox.session() as s:
+            locked = await repo.get_managed(s, Scope(), row.id, lock=True)
+            if locked is None:
+                raise not_found("managed database", md_id)
+            if locked.app_id and locked.app_id != app_id:
+                raise InvalidState(
+                    f"managed database {md_id!r} is bound to another app", details={"app_id": locked.app_id}
+                )
+            await repo.update_managed(s, row.id, app_id=app_id)
+            fresh = await repo.get_managed(s, Scope(), row.id)
+            assert fresh is not None
+            await events.publish(
+                self.outbox,
+                s,
+                events.MANAGED_BOUND,
+                "managed_database",
+                row.id,
+                {**events.snapshot(fresh), "app_id": app_id},
+                tenant_id=row.tenant_id,
+                account_id=row.account_id,
+            )
+        try:
+            await self.instances.restart(p, app_id)
+        except InvalidState:
+            pass  # not running yet: it starts with the secrets
+        return await self.view(fresh)
