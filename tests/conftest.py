@@ -13,10 +13,11 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.docker",
     "tests.fixtures.instances",
+    "tests.fixtures.swarm",
 ]
 
 
-_DOCKER_FIXTURES = frozenset(("docker_host", "imesh", "tenant", "running_instance"))
+_DOCKER_FIXTURES = frozenset(("docker_host", "imesh", "tenant", "running_instance", "swarm2"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

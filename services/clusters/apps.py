@@ -1,15 +1,19 @@
 """Instantiating a template: parameters validated, the instance created through the instances
 service's API (with the caller's principal: its quota and visibility apply), the managed
 database created and bound when the template asks, and the first deployment unless
-`deploy` is false (then the app is created with no replica running and no deployment).
+`deploy` is false (then the app is created with no replica running and no deployment). The
+deployment rolls onto a running instance, so instantiate waits (at most `start_timeout`) for
+the new instance to run first.
 
 A failure half-way undoes what was made, newest first, so nothing is left behind.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets as pysecrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +22,7 @@ from ctrlmesh.instances.v1 import instances_pb2
 from google.protobuf import json_format
 
 from libs import principal as principals
-from libs.errors import InvalidArgument, not_found
+from libs.errors import InvalidArgument, InvalidState, not_found
 from libs.ids import is_uuid
 from libs.outbox import Outbox
 from services.clusters import events
@@ -47,7 +51,9 @@ class TemplatesDomain:
         instances: Instances,
         managed: ManagedDatabases,
         catalog_: dict[str, Template] | None = None,
+        start_timeout: float = 10.0,
     ):
+        self.start_timeout = start_timeout
         self.db = db
         self.outbox = outbox
         self.instances = instances
@@ -62,6 +68,26 @@ class TemplatesDomain:
         if t is None:
             raise not_found("template", template_id)
         return t
+
+    async def _running(self, p: principals.Principal, app_id: str) -> None:
+        """Wait for the new app to run (a deployment rolls onto a running instance)."""
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            app = await self.instances.get(p, app_id)
+            if app.state == "running":
+                return
+            if app.state in ("failed", "stopped", "destroying", "destroyed"):
+                raise InvalidState(
+                    f"the new app did not start ({app.state}: {app.state_reason or 'no reason given'})",
+                    details={"state": app.state},
+                )
+            if time.monotonic() > deadline:
+                raise InvalidState(
+                    f"the new app did not start within {self.start_timeout:g}s"
+                    + (f" ({app.state_reason})" if app.state_reason else ""),
+                    details={"state": app.state},
+                )
+            await asyncio.sleep(0.2)
 
     def create_request(
         self, t: Template, values: dict[str, Any], name: str, tenant_id: str, deploy: bool
@@ -119,9 +145,10 @@ class TemplatesDomain:
                 )
                 md_id = database.row.id
                 undo.append(lambda: self.managed.delete(p, md_id, force=True))
-                database = await self.managed.bind(p, md_id, app.id)
+                database = await self.managed.bind(p, md_id, app.id, restart=False)
             deployment = None
             if deploy:
+                await self._running(p, app.id)
                 deployment = await self.instances.deploy(
                     p,
                     instances_pb2.DeployRequest(

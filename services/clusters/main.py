@@ -40,7 +40,8 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     s = rt.settings
     box = Outbox(outbox, rt.db)
     accounts = Accounts(rt.channels, rt.signer)
-    databases = Databases(rt.channels, rt.signer)
+    # A create runs initdb: seconds, not the default deadline's fraction of one.
+    databases = Databases(rt.channels, rt.signer, timeout=30)
     instances = Instances(rt.channels, rt.signer, timeout=15)
     clusters = ClustersDomain(
         rt.db,

@@ -242,7 +242,7 @@ class ManagedDatabases:
             "PGSSLMODE": g.sslmode,
         }
 
-    async def bind(self, p: principals.Principal, md_id: str, app_id: str) -> View:
+    async def bind(self, p: principals.Principal, md_id: str, app_id: str, *, restart: bool = True) -> View:
         row = await self._load(p, md_id)
         app = await self.instances.get(p, app_id)
         if app.tenant_id != row.tenant_id:
@@ -281,8 +281,9 @@ class ManagedDatabases:
                 tenant_id=row.tenant_id,
                 account_id=row.account_id,
             )
-        try:
-            await self.instances.restart(p, app_id)
-        except InvalidState:
-            pass  # not running yet: it starts with the secrets
+        if restart:
+            try:
+                await self.instances.restart(p, app_id)
+            except InvalidState:
+                pass  # not running yet: it starts with the secrets
         return await self.view(fresh)

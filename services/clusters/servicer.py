@@ -28,6 +28,18 @@ def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
     return out
 
 
+def plain(value: Any) -> Any:
+    """A Struct's JSON with integral numbers as integers (a Struct stores every number as a
+    double, and a schema's `integer` or an int32 field wants 2, not 2.0)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
+
+
 def cluster(c: ClusterRow, nodes: list[NodeRow]) -> pb.Cluster:
     msg = pb.Cluster(
         id=c.id,
@@ -119,7 +131,7 @@ class ClusterService(rpc.ClusterServiceServicer):
             type_=request.type,
             description=request.description if request.HasField("description") else None,
             endpoint=request.endpoint,
-            config=json_format.MessageToDict(request.config),
+            config=plain(json_format.MessageToDict(request.config)),
         )
         return cluster(*await self.d.get_cluster(row.id))
 
@@ -213,7 +225,7 @@ class TemplateService(rpc.TemplateServiceServicer):
             principals.current(),
             request.id,
             name=request.name,
-            parameters=json_format.MessageToDict(request.parameters),
+            parameters=plain(json_format.MessageToDict(request.parameters)),
             deploy=request.deploy if request.HasField("deploy") else True,
             tenant_id=request.tenant_id,
         )

@@ -36,6 +36,7 @@ from services.instances.models import (
     providers,
     releases,
 )
+from services.instances.placement import Placement
 from services.instances.provider_status import ProvidersDomain
 from services.instances.providers import Registry
 from services.instances.reconciler import Reconciler
@@ -85,7 +86,8 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         gate_timeout=s.deploy_health_timeout.total_seconds(),
         settle=s.deploy_settle.total_seconds(),
     )
-    reconciler = Reconciler(rt.db, domain, registry, executor, wake=wake)
+    placement = Placement(rt.channels, rt.signer)
+    reconciler = Reconciler(rt.db, domain, registry, executor, wake=wake, placement=placement.blocked)
     telemetry = TelemetryDomain(rt.db, domain, health, registry)
     engines = ProvidersDomain(rt.db, registry, probe_interval=s.provider_probe_interval.total_seconds())
 

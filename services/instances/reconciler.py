@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from libs.db import Database
@@ -42,9 +43,12 @@ class Reconciler:
         interval: float = 1.0,
         owner: str = "",
         wake: asyncio.Event | None = None,
+        placement: Callable[[str], Awaitable[str]] | None = None,
     ):
         """`wake`: the event the domain sets after recording a decision (it is built before the
-        reconciler, which needs the domain), so the next pass runs at once."""
+        reconciler, which needs the domain), so the next pass runs at once. `placement`: why a
+        new instance on a provider cannot be placed now ("" when it can; see placement.py)."""
+        self.placement = placement
         self.db = db
         self.domain = domain
         self.registry = registry
@@ -153,6 +157,12 @@ class Reconciler:
             await self._abandon(dep)
             return True
         if state == "provisioning":
+            reason = await self.placement(row["provider_name"]) if self.placement else ""
+            if reason:
+                if row["last_error"] != reason:
+                    async with self.db.session() as s:
+                        await repo.update_instance(s, Scope.system(), row["id"], {"last_error": reason})
+                return False  # the periodic pass asks again
             if not await self._set(row, "starting"):
                 return True
             row = {**row, "state": "starting"}

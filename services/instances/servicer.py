@@ -91,6 +91,7 @@ def instance(row: Row) -> pb.Instance:
         slug=row["slug"],
         provider_name=row["provider_name"],
         state=row["state"],
+        state_reason=row.get("last_error") or "",
         image=row["image"],
         resources=resources(main["resources"]) if main else None,
         replicas=row["replicas"],
