@@ -34,4 +34,4 @@ def internal_secret(settings: Settings) -> bytes:
 
 def keyring(settings: Settings) -> Keyring:
     kek = settings.kek or _file_secret(settings.secret_file("kek"), _secrets.token_bytes(32))
-    return Keyring.from_b64(kek, settings.kek_id)
+    return Keyring.from_b64(kek, settings.kek_id, settings.kek_previous)

@@ -97,6 +97,14 @@ class Settings(BaseSettings):
     # Key-encryption key (base64, 32 bytes) for secrets stored encrypted; generated when unset.
     kek: str | None = None
     kek_id: str = "k1"
+    # Retired KEKs still needed to decrypt (`id:base64[,id:base64...]`) while stored values are
+    # re-wrapped to the current one; drop one once nothing names it any more.
+    kek_previous: str = ""
+    # How often the network service re-wraps secret versions still under a retired KEK.
+    secrets_rewrap_interval: Duration = timedelta(seconds=60)
+    # Where the docker provider writes an instance's file secrets, bind-mounted read-only at
+    # /run/secrets: it must be a tmpfs (memory, never the disk) on the engine's host.
+    secrets_runtime_dir: Path = Path("/dev/shm/ctrlmesh-secrets")
     log_level: str = "INFO"
     # Instances: the provider registry keys to register (each only once its engine answers) and
     # the default for creates that name none (the first registered when empty).

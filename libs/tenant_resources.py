@@ -7,7 +7,7 @@ without ever reading another service's tables.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -96,11 +96,16 @@ class TenantResources(internal_pb2_grpc.TenantResourcesServiceServicer):
         return out
 
 
-def register_unimplemented(server: grpc.aio.Server, pb2: ModuleType, pb2_grpc: ModuleType) -> list[str]:
+def register_unimplemented(
+    server: grpc.aio.Server, pb2: ModuleType, pb2_grpc: ModuleType, *, served: Collection[str] = ()
+) -> list[str]:
     """Serve a contract whose logic is not written yet: every method answers UNIMPLEMENTED,
-    which the edge reports as 501 NotImplemented. Internal-only services are included."""
+    which the edge reports as 501 NotImplemented. Internal-only services are included; the
+    services named in `served` (short names) are left to their real servicers."""
     names = []
     for svc in pb2.DESCRIPTOR.services_by_name.values():
+        if svc.name in served:
+            continue
         base = getattr(pb2_grpc, f"{svc.name}Servicer")
         getattr(pb2_grpc, f"add_{svc.name}Servicer_to_server")(base(), server)
         names.append(svc.full_name)

@@ -19,8 +19,9 @@ from services.instances import specs
 from services.instances.deployments import publish_deployment
 from services.instances.endpoints import endpoints_of
 from services.instances.health import Outcome, execute
-from services.instances.providers.base import GroupSpec, Provider, ProviderError, Replica
+from services.instances.providers.base import NO_SECRETS, GroupSpec, Provider, ProviderError, Replica
 from services.instances.repository import Row, Scope, now
+from services.instances.secrets_client import SecretsClient
 from services.instances.strategies import STRATEGIES
 
 log = logging.getLogger("ctrlmesh.instances.deploys")
@@ -46,12 +47,30 @@ class Executor:
         gate_timeout: float,
         settle: float,
         poll: float = 0.3,
+        secrets: SecretsClient | None = None,
     ):
         self.db = db
         self.outbox = outbox
         self.gate_timeout = gate_timeout
         self.settle = settle
         self.poll = poll
+        self.secrets = secrets
+
+    async def groups(
+        self, inst: Row, release_id: str, services: list[dict[str, Any]], *, current: bool = False
+    ) -> list[GroupSpec]:
+        """The one place a rollout builds its provider groups: one per service of `services` at
+        `release_id`, each with what the release runs with besides its spec (its secrets; see
+        secrets_client.py for which versions, `current` taking the latest)."""
+        secrets = NO_SECRETS
+        if self.secrets is not None:
+            secrets = await self.secrets.for_release(
+                inst["tenant_id"], inst["id"], release_id, current=current
+            )
+        return [
+            GroupSpec(inst["id"], inst["tenant_id"], release_id, svc, inst["labels"], secrets)
+            for svc in services
+        ]
 
     async def _save(self, dep: Row, **values: Any) -> None:
         async with self.db.session() as s:
@@ -86,16 +105,13 @@ class Executor:
         ]
         n = inst["replicas"]
         main = specs.main_service(target)["name"]
+        live = specs.long_running(target)
         try:
-            for svc in specs.long_running(target):
-                new = GroupSpec(inst["id"], inst["tenant_id"], release["id"], svc, inst["labels"])
-                old = GroupSpec(
-                    inst["id"],
-                    inst["tenant_id"],
-                    dep["previous_release_id"],
-                    current.get(svc["name"], svc),
-                    inst["labels"],
-                )
+            news = await self.groups(inst, release["id"], live)
+            olds = await self.groups(
+                inst, dep["previous_release_id"], [current.get(x["name"], x) for x in live]
+            )
+            for svc, new, old in zip(live, news, olds, strict=True):
                 await self.progress(
                     dep,
                     services={**dep["progress"]["services"], svc["name"]: "running"},
@@ -187,12 +203,18 @@ class Executor:
 
     async def _restore(self, dep: Row, provider: Provider, inst: Row, target: list[dict[str, Any]]) -> None:
         """Put the previous release back to full strength and drop the new group."""
-        for svc in specs.long_running(inst["spec"]["services"]):
-            old = GroupSpec(inst["id"], inst["tenant_id"], dep["previous_release_id"], svc, inst["labels"])
+        try:
+            olds = await self.groups(
+                inst, dep["previous_release_id"], specs.long_running(inst["spec"]["services"])
+            )
+        except ProviderError:
+            log.warning("could not resolve the previous release of %s", inst["id"], exc_info=True)
+            olds = []
+        for old in olds:
             try:
                 await provider.scale_group(old, inst["replicas"])
             except ProviderError:
-                log.warning("could not restore %s of %s", svc["name"], inst["id"], exc_info=True)
+                log.warning("could not restore %s of %s", old.service_name, inst["id"], exc_info=True)
         for svc in target:
             try:
                 await provider.remove_group(inst["id"], svc["name"], dep["release_id"])

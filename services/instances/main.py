@@ -40,6 +40,7 @@ from services.instances.placement import Placement
 from services.instances.provider_status import ProvidersDomain
 from services.instances.providers import Registry
 from services.instances.reconciler import Reconciler
+from services.instances.secrets_client import SecretsClient
 from services.instances.telemetry import TelemetryDomain
 from services.instances.tenants import Tenants
 
@@ -85,6 +86,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         box,
         gate_timeout=s.deploy_health_timeout.total_seconds(),
         settle=s.deploy_settle.total_seconds(),
+        secrets=SecretsClient(rt.channels, rt.signer, rt.db),
     )
     placement = Placement(rt.channels, rt.signer)
     reconciler = Reconciler(rt.db, domain, registry, executor, wake=wake, placement=placement.blocked)

@@ -68,6 +68,9 @@ releases = Table(
     Column("commit_sha", String(64), nullable=False, server_default=""),
     Column("active", Boolean, nullable=False, server_default="false"),
     Column("created_at", TS, nullable=False),
+    # -- 0004_release_secrets: key → version of the secrets it ran with (secrets_client.py);
+    # NULL until its first rollout.
+    Column("secret_versions", JSONB, nullable=True),
 )
 
 deployments = Table(

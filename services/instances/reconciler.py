@@ -25,7 +25,7 @@ from services.instances.endpoints import endpoints_of
 from services.instances.executor import Executor
 from services.instances.models import reconcile_claims
 from services.instances.providers import Registry
-from services.instances.providers.base import GroupSpec, Provider, ProviderError, Replica
+from services.instances.providers.base import Provider, ProviderError, Replica
 from services.instances.repository import Row, Scope
 
 log = logging.getLogger("ctrlmesh.instances.reconciler")
@@ -115,23 +115,24 @@ class Reconciler:
         await self.domain.outbox.notify()
         return ok
 
-    def _groups(self, row: Row) -> list[GroupSpec]:
-        return [
-            GroupSpec(row["id"], row["tenant_id"], row["current_release"], svc, row["labels"])
-            for svc in specs.long_running(row["spec"]["services"])
-        ]
-
     async def _bring_up(self, provider: Provider, row: Row) -> list[Replica]:
-        """Every group of the current release at full strength and running; returns replicas."""
+        """Every group of the current release at full strength and running; returns replicas.
+        A (re)start runs with the current secret versions; a scale keeps the release's."""
         # Leftovers of other releases (an interrupted rollout) must not serve beside this one.
         for r in await provider.replicas(row["id"]):
             if r.release_id != row["current_release"]:
                 await provider.remove_group(row["id"], r.service, r.release_id)
-        for g in self._groups(row):
+        groups = await self.executor.groups(
+            row,
+            row["current_release"],
+            specs.long_running(row["spec"]["services"]),
+            current=row["state"] == "starting",
+        )
+        for g in groups:
             await provider.scale_group(g, row["replicas"])
             await provider.update_resources(g)
         deadline = time.monotonic() + self.start_timeout
-        want = row["replicas"] * len(self._groups(row))
+        want = row["replicas"] * len(groups)
         while True:
             reps = [r for r in await provider.replicas(row["id"]) if r.release_id == row["current_release"]]
             bad = [r for r in reps if r.state in ("exited", "dead", "failed", "rejected")]

@@ -168,6 +168,7 @@ def release(row: Row) -> pb.Release:
         commit_sha=row["commit_sha"],
         active=row["active"],
         created_at=ts(row["created_at"]),
+        secret_versions=row.get("secret_versions") or {},
     )
 
 

@@ -49,11 +49,19 @@ def test_quota_usage_counts_what_owners_hold_and_cascade_purges_it(mesh):
     )
     _sql(
         mesh,
-        "INSERT INTO network.secrets (id, tenant_id, instance_id, key, type, version, value_enc, created_at, updated_at) "
-        "VALUES (%s, %s, 'inst_x', 'API_KEY', 'env', 1, 'x', %s, %s)",
+        "INSERT INTO network.secrets (id, tenant_id, instance_id, key, type, version, created_at, updated_at) "
+        "VALUES (%s, %s, 'inst_x', 'API_KEY', 'env', 1, %s, %s)",
         f"sec_{tid[4:]}",
         tid,
         now,
+        now,
+    )
+    _sql(
+        mesh,
+        "INSERT INTO network.secret_versions (secret_id, version, tenant_id, value_enc, kek_id, created_at) "
+        "VALUES (%s, 1, %s, 'x', 'k1', %s)",
+        f"sec_{tid[4:]}",
+        tid,
         now,
     )
     used = c.get(f"/v1/admin/tenants/{tid}/quota").json()["used"]

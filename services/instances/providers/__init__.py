@@ -44,6 +44,7 @@ class Registry:
                 pull=settings.docker_pull,
                 stop_timeout=settings.instance_stop_timeout.total_seconds(),
                 name=n,
+                secrets_dir=settings.secrets_runtime_dir,
             )
             for n in self.configured
         }

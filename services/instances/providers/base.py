@@ -35,6 +35,38 @@ class ImageNotFound(ProviderError):
     pass
 
 
+@dataclass(frozen=True)
+class Injection:
+    """The secrets a group's replicas start with (services/instances/secrets_client.py resolves
+    them at each rollout). Never persisted, never logged: the values are left out of repr."""
+
+    # Environment variables; they override the service's `env` entries of the same name.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    # Files mounted read-only at /run/secrets/<name> (from memory, never the host's disk).
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)
+    # Registry credentials for image pulls: {"username", "password", "serveraddress"} each.
+    registry_auth: tuple[dict[str, str], ...] = field(default=(), repr=False)
+    # Names the exact secret versions (ids and versions, never values): replicas started with
+    # another fingerprint are started anew when they next start.
+    fingerprint: str = ""
+
+    def auth_for(self, image: str) -> dict[str, str] | None:
+        """The credentials of the registry `image` is pulled from (Docker Hub without a host)."""
+        head = image.split("/", 1)[0] if "/" in image else ""
+        host = head if ("." in head or ":" in head or head == "localhost") else "docker.io"
+        for auth in self.registry_auth:
+            server = auth.get("serveraddress", "").removeprefix("https://").removeprefix("http://")
+            server = server.split("/", 1)[0]
+            if server == host or (
+                host == "docker.io" and server in ("", "index.docker.io", "registry-1.docker.io")
+            ):
+                return auth
+        return None
+
+
+NO_SECRETS = Injection()
+
+
 @dataclass
 class GroupSpec:
     """What one group runs: one service of an instance at one release."""
@@ -45,6 +77,7 @@ class GroupSpec:
     # A ServiceSpec as stored in the instance/release snapshot (see domain.ServiceSpec).
     service: dict[str, Any]
     labels: dict[str, str] = field(default_factory=dict)
+    secrets: Injection = NO_SECRETS
 
     @property
     def service_name(self) -> str:
@@ -67,6 +100,8 @@ class Replica:
     container_id: str = ""
     started_at: datetime | None = None
     restarts: int = 0
+    # The secrets fingerprint the replica was started with (Injection.fingerprint).
+    secrets: str = ""
 
     @property
     def running(self) -> bool:
@@ -139,6 +174,8 @@ def labels_for(group: GroupSpec, index: int | None = None) -> dict[str, str]:
             "ctrlmesh.role": str(group.service.get("role") or "main"),
         }
     )
+    if group.secrets.fingerprint:
+        out["ctrlmesh.secrets"] = group.secrets.fingerprint
     if index is not None:
         out["ctrlmesh.replica"] = str(index)
     return out

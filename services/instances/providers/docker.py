@@ -5,15 +5,28 @@ Containers carry CPU and memory limits, the service's environment, our labels
 and an init process (so SIGTERM stops them promptly); every container port is published on
 127.0.0.1 on a host port the engine picks. The engine is the source of truth for what exists:
 everything is found again by label, which is what makes deletes convergent.
+
+Secrets (`GroupSpec.secrets`): `env` secrets are added to the environment, overriding the
+service's `env` entry of the same name; `file` (and `tls`) secrets are written to a directory of
+their own per container under `CTRLMESH_SECRETS_RUNTIME_DIR` (default /dev/shm/ctrlmesh-secrets),
+which must be a tmpfs, and that directory is bind-mounted read-only at /run/secrets: the values
+live in memory, never on the host's disk, and go when the container does. (A bind mount names a
+path on the engine's host, so file secrets need the engine on this host: a unix socket.)
+Registry credentials go with pulls as X-Registry-Auth. A stopped replica whose secrets changed is
+created anew rather than started again, so a restart runs with the current versions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import os
+import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiodocker
@@ -23,6 +36,7 @@ from services.instances.providers.base import (
     CAPABILITIES,
     GroupSpec,
     ImageNotFound,
+    Injection,
     LogLine,
     ProviderError,
     Replica,
@@ -56,8 +70,35 @@ def split_log_line(raw: str) -> tuple[datetime, str]:
     return parse_time(ts) or datetime.now(UTC), msg.rstrip("\n")
 
 
-def container_env(service: dict[str, Any]) -> list[str]:
-    return [f"{k}={v}" for k, v in sorted((service.get("env") or {}).items())]
+def container_env(service: dict[str, Any], secrets: Injection | None = None) -> list[str]:
+    """The service's env with its env secrets over it (a secret wins over an entry of its name)."""
+    env = dict(service.get("env") or {})
+    if secrets is not None:
+        env.update(secrets.env)
+    return [f"{k}={v}" for k, v in sorted(env.items())]
+
+
+def registry_auth_header(auth: dict[str, str]) -> str:
+    """The X-Registry-Auth value: base64url of the JSON credentials."""
+    return base64.urlsafe_b64encode(json.dumps(auth).encode()).decode()
+
+
+SECRETS_MOUNT = "/run/secrets"
+_TMPFS = ("tmpfs", "ramfs")
+
+
+def memory_backed(path: Path) -> bool:
+    """True when `path` lies on a tmpfs/ramfs (the longest mount point above it decides)."""
+    best, fstype = "", ""
+    target = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mount = left.split()[4].replace("\\040", " ")
+            inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(best):
+                best, fstype = mount, right.split()[0]
+    return fstype in _TMPFS
 
 
 def cpu_percent(stats: dict[str, Any]) -> float:
@@ -78,12 +119,21 @@ class DockerProvider:
     region = "local"
     capabilities: tuple[str, ...] = CAPABILITIES
 
-    def __init__(self, url: str | None, *, pull: bool, stop_timeout: float, name: str = "docker"):
+    def __init__(
+        self,
+        url: str | None,
+        *,
+        pull: bool,
+        stop_timeout: float,
+        name: str = "docker",
+        secrets_dir: Path = Path("/dev/shm/ctrlmesh-secrets"),
+    ):
         self.name = name
         self._url = url
         self._pull = pull
         self._stop_timeout = max(0, round(stop_timeout))
         self._docker: aiodocker.Docker | None = None
+        self._secrets_dir = secrets_dir
 
     @property
     def docker(self) -> aiodocker.Docker:
@@ -133,6 +183,7 @@ class DockerProvider:
                     ports=ports,
                     container_id=c["Id"],
                     started_at=datetime.fromtimestamp(c.get("Created", 0), UTC),
+                    secrets=labels.get("ctrlmesh.secrets", ""),
                 )
             )
         out.sort(key=lambda r: (r.service, r.release_id, r.index))
@@ -140,7 +191,42 @@ class DockerProvider:
 
     # -- changing ----------------------------------------------------------------------------
 
-    def _config(self, group: GroupSpec, index: int) -> dict[str, Any]:
+    # -- secret files ------------------------------------------------------------------------
+
+    def _files_dir(self, instance_id: str, container: str = "") -> Path:
+        base = self._secrets_dir / instance_id
+        return base / container if container else base
+
+    def _write_files(self, group: GroupSpec, container: str) -> Path:
+        """The container's secret files in a fresh directory on the tmpfs; returns it."""
+        if self._url and not self._url.startswith("unix://"):
+            raise ProviderError(
+                "file secrets need the docker engine on this host (a unix socket); use the swarm provider"
+            )
+        self._secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self._secrets_dir, 0o700)  # only the service's user walks in; the mount needs no path
+        if not memory_backed(self._secrets_dir):
+            raise ProviderError(f"{self._secrets_dir} is not a tmpfs: secret files would reach the disk")
+        where = self._files_dir(group.instance_id, container)
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir(mode=0o755, parents=True)
+        for name, data in group.secrets.files.items():
+            fd = os.open(where / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        return where
+
+    def _drop_files(self, instance_id: str, prefix: str = "") -> None:
+        base = self._files_dir(instance_id)
+        if not prefix:
+            shutil.rmtree(base, ignore_errors=True)
+            return
+        if base.is_dir():
+            for d in base.iterdir():
+                if d.name.startswith(prefix):
+                    shutil.rmtree(d, ignore_errors=True)
+
+    def _config(self, group: GroupSpec, index: int, files: Path | None = None) -> dict[str, Any]:
         svc = group.service
         res = svc.get("resources") or {}
         exposed: dict[str, Any] = {}
@@ -158,9 +244,13 @@ class DockerProvider:
             "PortBindings": bindings,
             "Init": True,
         }
+        if files is not None:
+            host["Mounts"] = [
+                {"Type": "bind", "Source": str(files), "Target": SECRETS_MOUNT, "ReadOnly": True}
+            ]
         config: dict[str, Any] = {
             "Image": svc["image"],
-            "Env": container_env(svc),
+            "Env": container_env(svc, group.secrets),
             "Labels": labels_for(group, index),
             "ExposedPorts": exposed,
             "HostConfig": host,
@@ -173,14 +263,15 @@ class DockerProvider:
 
     async def _create(self, group: GroupSpec, index: int) -> None:
         name = f"{group_name(group)}-{index}"
-        config = self._config(group, index)
+        files = self._write_files(group, name) if group.secrets.files else None
+        config = self._config(group, index, files)
         try:
             container = await self.docker.containers.create(config, name=name)
         except DockerError as err:
             if err.status == 409:  # a previous attempt created it: adopt it
                 container = self.docker.containers.container(name)
             elif err.status == 404 and self._pull:
-                await self._pull_image(group.service["image"])
+                await self._pull_image(group.service["image"], group.secrets.auth_for(group.service["image"]))
                 container = await self.docker.containers.create(config, name=name)
             elif err.status == 404:
                 raise ImageNotFound(f"image {group.service['image']!r} is not on the engine") from err
@@ -203,9 +294,9 @@ class DockerProvider:
                     raise ProviderError(f"starting {name} failed: {err.message}") from err
                 log.info("starting %s: its port was taken (%s); starting it again", name, err.message)
 
-    async def _pull_image(self, image: str) -> None:
+    async def _pull_image(self, image: str, auth: dict[str, str] | None = None) -> None:
         try:
-            await self.docker.images.pull(image)
+            await self.docker.images.pull(image, auth=registry_auth_header(auth) if auth else None)
         except DockerError as err:
             raise ImageNotFound(f"image {image!r} could not be pulled: {err.message}") from err
 
@@ -232,8 +323,14 @@ class DockerProvider:
         # Highest indexes go first, as in a swarm scale-down.
         for r in sorted(drop, key=lambda r: -r.index):
             await self._remove(r.ref)
-        for r in keep:
-            if r.state in ("created", "exited", "dead"):
+        for r in list(keep):
+            if r.state not in ("created", "exited", "dead"):
+                continue
+            if r.secrets != group.secrets.fingerprint:
+                # Started anew with the group's current secrets (a restart after a change).
+                await self._remove(r.ref)
+                keep.remove(r)
+            else:
                 await self._start(self.docker.containers.container(r.ref), r.ref)
         present = {r.index for r in keep}
         for index in range(count):
@@ -244,10 +341,12 @@ class DockerProvider:
         for r in await self.replicas(instance_id):
             if r.service == service and r.release_id == release_id:
                 await self._remove(r.ref)
+        self._drop_files(instance_id, f"cm-{instance_id}-{service}-{release_id[-8:]}-")
 
     async def remove_all(self, instance_id: str) -> int:
         found = await self._container_replicas(instance_id)
         await asyncio.gather(*(self._remove(r.ref) for r in found))
+        self._drop_files(instance_id)
         return len(found)
 
     async def stop(self, instance_id: str) -> None:

@@ -9,14 +9,23 @@ ports on every interface; endpoints name 127.0.0.1.)
 
 Logs, exec and resource usage go to the tasks' containers through the engine API, which holds on
 a single-node swarm and on the manager's own tasks.
+
+Secrets: `env` secrets join the service's environment (over its `env` entries of the same name);
+`file`/`tls` secrets become Swarm secrets (kept in the managers' encrypted Raft log, mounted by
+each node on a tmpfs, read-only at /run/secrets/<key>), one per group and key, removed with the
+group; registry credentials go with the service create as X-Registry-Auth. A service scaled up
+from zero (a restart) whose secrets changed gets them in its task template first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
+import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiodocker.exceptions import DockerError
@@ -30,7 +39,12 @@ from services.instances.providers.base import (
     group_name,
     labels_for,
 )
-from services.instances.providers.docker import DockerProvider, container_env, parse_time
+from services.instances.providers.docker import (
+    DockerProvider,
+    container_env,
+    parse_time,
+    registry_auth_header,
+)
 
 _NS = 1_000_000_000
 
@@ -52,8 +66,16 @@ class SwarmProvider(DockerProvider):
     name = "swarm"
     region = "local"
 
-    def __init__(self, url: str | None, *, pull: bool, stop_timeout: float, name: str = "swarm"):
-        super().__init__(url, pull=pull, stop_timeout=stop_timeout, name=name)
+    def __init__(
+        self,
+        url: str | None,
+        *,
+        pull: bool,
+        stop_timeout: float,
+        name: str = "swarm",
+        secrets_dir: Path = Path("/dev/shm/ctrlmesh-secrets"),
+    ):
+        super().__init__(url, pull=pull, stop_timeout=stop_timeout, name=name, secrets_dir=secrets_dir)
         self._stop_grace = int(max(1.0, stop_timeout) * _NS)
 
     async def ping(self) -> None:
@@ -75,16 +97,67 @@ class SwarmProvider(DockerProvider):
         except DockerError as err:
             raise ImageNotFound(f"image {image!r} is not on the engine") from err
 
-    def _spec(self, group: GroupSpec, replicas: int, image: str = "") -> dict[str, Any]:
+    async def _secret_refs(self, group: GroupSpec) -> list[dict[str, Any]]:
+        """The group's file secrets as Swarm secrets (created once; the name is derived from the
+        group, the key and the exact versions, so equal names hold equal data)."""
+        refs = []
+        for key, data in sorted(group.secrets.files.items()):
+            digest = hashlib.sha256(
+                f"{group_name(group)}|{key}|{group.secrets.fingerprint}".encode()
+            ).hexdigest()
+            name = f"cm-{digest[:40]}"
+            body = {
+                "Name": name,
+                "Data": base64.b64encode(data).decode(),
+                "Labels": {"ctrlmesh.instance": group.instance_id, "ctrlmesh.group": group_name(group)},
+            }
+            try:
+                made = await self.docker._query_json("secrets/create", method="POST", data=body)
+                secret_id = made["ID"]
+            except DockerError as err:
+                if err.status != 409:
+                    raise ProviderError(f"creating a swarm secret failed: {err.message}") from err
+                secret_id = (await self.docker._query_json(f"secrets/{name}"))["ID"]
+            refs.append(
+                {
+                    "File": {"Name": key, "UID": "0", "GID": "0", "Mode": 0o444},
+                    "SecretID": secret_id,
+                    "SecretName": name,
+                }
+            )
+        return refs
+
+    async def _drop_secrets(self, instance_id: str, group: str = "") -> None:
+        """Remove the instance's (or one group's) Swarm secrets no service uses any more."""
+        labels = [f"ctrlmesh.instance={instance_id}"] + ([f"ctrlmesh.group={group}"] if group else [])
+        try:
+            found = await self.docker._query_json(
+                "secrets", params={"filters": json.dumps({"label": labels})}
+            )
+        except DockerError as err:
+            raise ProviderError(f"listing swarm secrets failed: {err.message}") from err
+        for sec in found:
+            try:
+                async with self.docker._query(f"secrets/{sec['ID']}", method="DELETE"):
+                    pass
+            except DockerError as err:
+                if err.status not in (404, 400, 409):  # gone, or still in use by a task
+                    raise ProviderError(f"removing a swarm secret failed: {err.message}") from err
+
+    def _spec(
+        self, group: GroupSpec, replicas: int, image: str = "", secrets: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         svc = group.service
         res = svc.get("resources") or {}
         container: dict[str, Any] = {
             "Image": image or svc["image"],
-            "Env": container_env(svc),
+            "Env": container_env(svc, group.secrets),
             "Labels": labels_for(group),
             "Init": True,
             "StopGracePeriod": self._stop_grace,
         }
+        if secrets:
+            container["Secrets"] = secrets
         if svc.get("command"):
             container["Command"] = list(svc["command"])
         if svc.get("args"):
@@ -185,6 +258,7 @@ class SwarmProvider(DockerProvider):
                         ports=ports,
                         container_id=(status.get("ContainerStatus") or {}).get("ContainerID", ""),
                         started_at=parse_time(status.get("Timestamp")),
+                        secrets=labels.get("ctrlmesh.secrets", ""),
                     )
                 )
         out.sort(key=lambda r: (r.service, r.release_id, r.index))
@@ -194,18 +268,32 @@ class SwarmProvider(DockerProvider):
 
     async def scale_group(self, group: GroupSpec, count: int) -> None:
         name = group_name(group)
-        if await self._find(name) is None:
+        current = await self._find(name)
+        if current is None:
             if count == 0:
                 return
-            spec = self._spec(group, count, await self._image(group.service["image"]))
+            image = await self._image(group.service["image"])
+            spec = self._spec(group, count, image, await self._secret_refs(group))
+            auth = group.secrets.auth_for(group.service["image"]) if self._pull else None
+            headers = {"X-Registry-Auth": registry_auth_header(auth)} if auth else None
             try:
-                await self.docker._query_json("services/create", method="POST", data=spec)
+                await self.docker._query_json("services/create", method="POST", data=spec, headers=headers)
             except DockerError as err:
                 raise ProviderError(f"creating {name} failed: {err.message}") from err
             return
+        template: dict[str, Any] | None = None
+        was = current["Spec"].get("Mode", {}).get("Replicated", {}).get("Replicas")
+        have = (current["Spec"].get("Labels") or {}).get("ctrlmesh.secrets", "")
+        if was == 0 and count > 0 and have != group.secrets.fingerprint:
+            # Coming up from zero (a restart) after its secrets changed: with the current ones.
+            image = current["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+            template = self._spec(group, count, image, await self._secret_refs(group))
 
         def replicas(spec: dict[str, Any]) -> bool:
-            if spec.get("Mode", {}).get("Replicated", {}).get("Replicas") == count:
+            if template is not None:
+                spec["Labels"] = template["Labels"]
+                spec["TaskTemplate"]["ContainerSpec"] = template["TaskTemplate"]["ContainerSpec"]
+            elif spec.get("Mode", {}).get("Replicated", {}).get("Replicas") == count:
                 return False
             spec["Mode"] = {"Replicated": {"Replicas": count}}
             return True
@@ -217,6 +305,7 @@ class SwarmProvider(DockerProvider):
             labels = (svc.get("Spec") or {}).get("Labels") or {}
             if labels.get("ctrlmesh.service") == service and labels.get("ctrlmesh.release") == release_id:
                 await self._delete(svc["ID"])
+                await self._drop_secrets(instance_id, svc["Spec"]["Name"])
 
     async def _delete(self, service_id: str) -> None:
         try:
@@ -231,7 +320,9 @@ class SwarmProvider(DockerProvider):
         for svc in found:
             await self._delete(svc["ID"])
         # Task containers linger briefly after their service goes; remove them too.
-        return len(found) + await super().remove_all(instance_id)
+        removed = len(found) + await super().remove_all(instance_id)
+        await self._drop_secrets(instance_id)
+        return removed
 
     async def stop(self, instance_id: str) -> None:
         def none(spec: dict[str, Any]) -> bool:

@@ -1,0 +1,89 @@
+"""The secrets domain's view of the other services: the instance a secret belongs to (through the
+instances service, with the caller's own principal, so another tenant's instance is NOT_FOUND),
+the tenant's quota and account (accounts), and the rolling deploy `?rollout=true` starts."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from ctrlmesh.instances.v1 import instances_pb2, instances_pb2_grpc
+
+from libs.peers import Peer
+from libs.principal import Principal
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The instance a secret belongs to, with what the secrets domain needs of its tenant."""
+
+    instance_id: str
+    tenant_id: str
+    account_id: str
+    tenant_status: str
+    # 0 = no cap.
+    max_secrets: int
+    image: str
+
+
+class Instances(Peer):
+    service = "instances"
+
+    async def get(self, caller: Principal, instance_id: str) -> instances_pb2.Instance:
+        return await self.call(
+            instances_pb2_grpc.InstanceServiceStub(self.channel).GetInstance,
+            instances_pb2.GetInstanceRequest(id=instance_id),
+            caller=caller,
+            kind="instance",
+            ident=instance_id,
+        )
+
+    async def rollout(self, caller: Principal, instance_id: str, image: str, notes: str) -> str:
+        """Start a rolling deploy of the instance as it is (same image): its new release picks up
+        the current secret versions. Returns the deployment id."""
+        dep = await self.call(
+            instances_pb2_grpc.DeploymentServiceStub(self.channel).Deploy,
+            instances_pb2.DeployRequest(id=instance_id, image=image, strategy="rolling", notes=notes),
+            caller=caller,
+            kind="instance",
+            ident=instance_id,
+        )
+        return str(dep.id)
+
+
+class Accounts(Peer):
+    service = "accounts"
+
+    async def tenant(self, caller: Principal, tenant_id: str) -> tuple[str, str, int]:
+        """(account id, status, max_secrets) of the tenant, as visible to the caller."""
+        stub = accounts_pb2_grpc.TenantServiceStub(self.channel)
+        tenant, lim = await asyncio.gather(
+            self.call(
+                stub.ResolveTenant,
+                accounts_pb2.ResolveTenantRequest(tenant=tenant_id),
+                caller=caller,
+                kind="tenant",
+                ident=tenant_id,
+            ),
+            self.call(
+                stub.GetTenantLimits,
+                accounts_pb2.GetTenantLimitsRequest(tenant_id=tenant_id),
+                caller=caller,
+                kind="tenant",
+                ident=tenant_id,
+            ),
+        )
+        return tenant.account_id, lim.status, lim.quota.max_secrets
+
+
+class Peers:
+    def __init__(self, instances: Instances, accounts: Accounts):
+        self.instances = instances
+        self.accounts = accounts
+
+    async def owner(self, caller: Principal, instance_id: str) -> Owner:
+        """The caller's instance (NotFound for another tenant's, exactly like a missing one)."""
+        inst = await self.instances.get(caller, instance_id)
+        account_id, status, max_secrets = await self.accounts.tenant(caller, inst.tenant_id)
+        return Owner(inst.id, inst.tenant_id, account_id, status, max_secrets, inst.image)
