@@ -21,9 +21,9 @@ from libs.tenant_resources import Count, Spec, register_resources
 from services.clusters import servicer
 from services.clusters.apps import TemplatesDomain
 from services.clusters.domain import ClustersDomain
-from services.clusters.managed import Connection, ManagedDatabases, Unbindable
+from services.clusters.managed import Connection, InstanceSecrets, ManagedDatabases
 from services.clusters.models import SCHEMA, managed_databases, outbox
-from services.clusters.peers import Accounts, Databases, Instances
+from services.clusters.peers import Accounts, Databases, Instances, Secrets
 from services.clusters.platform import Platform, server_versions
 
 
@@ -57,7 +57,11 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         accounts,
         databases,
         instances,
-        Unbindable(),
+        # The gateway's own CA (made at its first start), unless certificates were given.
+        InstanceSecrets(
+            Secrets(rt.channels, rt.signer),
+            None if s.pg_tls_cert else s.data_dir / "pggateway" / "ca.crt",
+        ),
         gateway=Connection(s.public_pg_host, s.pg_port),
         versions=server_versions(),
     )

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from libs import principal as principals
-from libs.errors import AlreadyExists, CtrlmeshError, InvalidArgument, InvalidState, not_found
+from libs.errors import AlreadyExists, InvalidArgument, InvalidState, not_found
 from libs.ids import is_uuid, new_uuid
 from libs.outbox import Outbox
 from services.clusters import events
 from services.clusters import repository as repo
 from services.clusters.peers import Accounts, Databases, Instances
+from services.clusters.peers import Secrets as SecretsPeer
 from services.clusters.repository import ManagedRow, Scope
 
 log = logging.getLogger("ctrlmesh.clusters.managed")
@@ -64,21 +66,41 @@ class View:
 class Secrets(Protocol):
     """Where a binding writes the connection: the instance's secrets (network's SecretService)."""
 
-    async def bind(self, caller: principals.Principal, app_id: str, values: dict[str, str]) -> None: ...
+    async def bind(
+        self, caller: principals.Principal, app_id: str, values: dict[str, str], *, rollout: bool = False
+    ) -> None: ...
 
     async def unbind(self, caller: principals.Principal, app_id: str, keys: tuple[str, ...]) -> None: ...
 
 
-class Unbindable:
-    """The stand-in while no secret store is reachable: binding answers 501."""
+CA_SECRET = "pg-gateway-ca.crt"
+# Where a file secret appears inside the app's containers (the instances providers' mount).
+SECRETS_MOUNT = "/run/secrets"
 
-    async def bind(self, caller: principals.Principal, app_id: str, values: dict[str, str]) -> None:
-        raise CtrlmeshError(
-            "binding needs the secrets of the network service, not available yet", reason="NotImplemented"
-        )
+
+class InstanceSecrets:
+    """Bindings as secrets of the instance: env secrets for the connection, and the PG Gateway's CA
+    as a file secret with PGSSLROOTCERT naming it (libpq then verifies the gateway even with
+    sslmode=require). The last write starts the rolling deploy when asked, so the app is
+    rolled once with every value."""
+
+    def __init__(self, peer: SecretsPeer, ca_file: Path | None):
+        self.peer = peer
+        self.ca_file = ca_file
+
+    async def bind(
+        self, caller: principals.Principal, app_id: str, values: dict[str, str], *, rollout: bool = False
+    ) -> None:
+        items = [(k, v, "env") for k, v in values.items()]
+        if self.ca_file is not None and self.ca_file.exists():
+            items.append((CA_SECRET, self.ca_file.read_text(), "file"))
+            items.append(("PGSSLROOTCERT", f"{SECRETS_MOUNT}/{CA_SECRET}", "env"))
+        for i, (key, value, kind) in enumerate(items):
+            await self.peer.set(caller, app_id, key, value, kind, rollout=rollout and i == len(items) - 1)
 
     async def unbind(self, caller: principals.Principal, app_id: str, keys: tuple[str, ...]) -> None:
-        return None
+        for key in (*keys, CA_SECRET):
+            await self.peer.delete(caller, app_id, key)
 
 
 class ManagedDatabases:
@@ -213,6 +235,7 @@ class ManagedDatabases:
             )
         if row.app_id:
             await self.secrets.unbind(p, row.app_id, (*BOUND_KEYS, "PGSSLROOTCERT"))
+            # The app keeps running with the values it has until its next rollout.
         async with self.outbox.session() as s:
             await repo.update_managed(s, row.id, state="deleting", app_id=None)
         await self.databases.delete(row.tenant_id, row.pg_name)
@@ -259,7 +282,12 @@ class ManagedDatabases:
                 details={"managed_database_id": other.id},
             )
         creds = await self.accounts.credentials(row.tenant_id)
-        await self.secrets.bind(p, app_id, self.connection(row, creds.pg_user, creds.pg_password))
+        # A running app is rolled (a rolling deploy with the new secrets); one not running yet
+        # starts with them.
+        roll = restart and app.state == "running"
+        await self.secrets.bind(
+            p, app_id, self.connection(row, creds.pg_user, creds.pg_password), rollout=roll
+        )
         async with self.outbox.session() as s:
             locked = await repo.get_managed(s, Scope(), row.id, lock=True)
             if locked is None:
@@ -281,9 +309,4 @@ class ManagedDatabases:
                 tenant_id=row.tenant_id,
                 account_id=row.account_id,
             )
-        if restart:
-            try:
-                await self.instances.restart(p, app_id)
-            except InvalidState:
-                pass  # not running yet: it starts with the secrets
         return await self.view(fresh)

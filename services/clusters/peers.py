@@ -174,3 +174,41 @@ class Resources(Peer):
         stub = internal_pb2_grpc.TenantResourcesServiceStub(self.channel)
         resp = await self.call(stub.GetResourceStats, internal_pb2.GetResourceStatsRequest())
         return dict(resp.counts)
+
+
+class Secrets(Peer):
+    """The network service's SecretService: where a binding writes an app's connection."""
+
+    service = "network"
+
+    def _stub(self) -> Any:
+        from ctrlmesh.network.v1 import network_pb2_grpc
+
+        return network_pb2_grpc.SecretServiceStub(self.channel)
+
+    async def set(
+        self, caller: Principal, app_id: str, key: str, value: str, type_: str, *, rollout: bool
+    ) -> None:
+        from ctrlmesh.network.v1 import network_pb2
+
+        await self.call(
+            self._stub().SetSecret,
+            network_pb2.SetSecretRequest(
+                id=app_id, secret=network_pb2.SecretInput(key=key, value=value, type=type_), rollout=rollout
+            ),
+            caller=caller,
+            kind="instance",
+            ident=app_id,
+        )
+
+    async def delete(self, caller: Principal, app_id: str, key: str) -> None:
+        from ctrlmesh.network.v1 import network_pb2
+
+        from libs.errors import NotFound
+
+        try:
+            await self.call(
+                self._stub().DeleteSecret, network_pb2.DeleteSecretRequest(id=app_id, key=key), caller=caller
+            )
+        except NotFound:
+            pass

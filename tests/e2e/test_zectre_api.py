@@ -278,3 +278,68 @@ def test_stats_and_platform_config(imesh: Mesh, tenants: Any) -> None:
     assert cfg["ingress"] == {"domain": "localhost", "http_port": 8880, "https_port": 8443}
     assert cfg["features"]["templates"] is True and cfg["features"]["managed_clusters"] is False
     destroy(c, inst["id"])
+
+
+def test_bind_writes_the_connection_as_secrets_and_rolls_the_app(
+    imesh: Mesh, docker_host: str, tenants: Any
+) -> None:
+    """Bind sets DATABASE_URL and the PG* variables (PGSSLMODE=require) plus the gateway CA as
+    secrets of the app and rolls it, so its new container carries them; one app per database
+    (409 for a second app); DELETE of a bound database is 409 unless force=true, which unbinds."""
+    import json
+    import subprocess
+
+    t, _ = tenants
+    c = t.client()
+    cluster = main_cluster(c)["id"]
+    app = c.post("/v1/instances", json=create_body()).json()
+    second = c.post("/v1/instances", json=create_body()).json()
+    md = c.post(
+        "/api/v1/managed-databases", json={"cluster_id": cluster, "name": "bound-db"}, timeout=60
+    ).json()
+    wait_state(c, app["id"], "running")
+    r = c.post(f"/api/v1/managed-databases/{md['id']}/bind", json={"app_id": app["id"]}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["app_id"] == app["id"]
+    keys = {s["key"]: s["type"] for s in c.get(f"/v1/instances/{app['id']}/secrets").json()["items"]}
+    assert {"DATABASE_URL", "PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSSLMODE"} <= set(
+        keys
+    )
+    assert keys.get("pg-gateway-ca.crt") == "file" and keys.get("PGSSLROOTCERT") == "env"
+    deps = c.get(f"/v1/instances/{app['id']}/deployments").json()["items"]
+    assert deps, "binding a running app rolls it"
+    wait_for(
+        lambda: c.get(f"/v1/deployments/{deps[0]['id']}").json()["state"], lambda s: s == "succeeded", 60
+    )
+    names = subprocess.run(
+        ["docker", "ps", "--filter", f"label=ctrlmesh.instance={app['id']}", "--format", "{{.ID}}"],
+        env={"DOCKER_HOST": docker_host, "PATH": "/usr/local/bin:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    env = json.loads(
+        subprocess.run(
+            ["docker", "inspect", "--format", "{{json .Config.Env}}", names[0]],
+            env={"DOCKER_HOST": docker_host, "PATH": "/usr/local/bin:/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    got = dict(e.split("=", 1) for e in env)
+    assert got["PGDATABASE"] == "bound_db" and got["PGSSLMODE"] == "require"
+    assert got["DATABASE_URL"].startswith(f"postgres://{md['connection_user']}:")
+    assert got["DATABASE_URL"].endswith(
+        f"@localhost:{imesh.env['CTRLMESH_PG_PORT']}/bound_db?sslmode=require"
+    )
+
+    assert (
+        c.post(f"/api/v1/managed-databases/{md['id']}/bind", json={"app_id": second["id"]}).status_code == 409
+    )
+    assert c.delete(f"/api/v1/managed-databases/{md['id']}").status_code == 409
+    assert c.delete(f"/api/v1/managed-databases/{md['id']}", params={"force": "true"}).status_code == 204
+    left = {s["key"] for s in c.get(f"/v1/instances/{app['id']}/secrets").json()["items"]}
+    assert not left & {"DATABASE_URL", "PGPASSWORD", "pg-gateway-ca.crt"}
+    for i in (app, second):
+        destroy(c, i["id"])
