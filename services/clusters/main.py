@@ -1,9 +1,10 @@
 """The clusters service process: `python -m services.clusters.main`.
 
 Serves the Zectre surface (ClusterService, NodeService, ManagedDatabaseService, TemplateService,
-PlatformService), its EventStreamService and the internal TenantResourcesService, and runs one
-loop: the node heartbeat, which asks every cluster's engine for its nodes every
-`CTRLMESH_NODE_POLL_INTERVAL`. At start it registers the `local` cluster `main` for the
+PlatformService), its EventStreamService and the internal TenantResourcesService, and runs two
+loops: the node heartbeat, which asks every cluster's engine for its nodes every
+`CTRLMESH_NODE_POLL_INTERVAL`, and the follower of credential rotations, which gives every bound
+app its tenant's new password and rolls it. At start it registers the `local` cluster `main` for the
 configured Docker engine.
 """
 
@@ -86,7 +87,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         on_start=on_start,
         on_stop=clusters.close,
         events=box,
-        background=[heartbeat],
+        background=[heartbeat, managed.rotation_loop],
     )
     return service, remote_audit_sink(rt)
 

@@ -14,14 +14,16 @@ connection.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from libs import events as events_lib
 from libs import principal as principals
-from libs.errors import AlreadyExists, InvalidArgument, InvalidState, not_found
-from libs.ids import is_uuid, new_uuid
+from libs.errors import AlreadyExists, CtrlmeshError, InvalidArgument, InvalidState, not_found
+from libs.ids import is_uuid
 from libs.outbox import Outbox
 from services.clusters import events
 from services.clusters import repository as repo
@@ -182,9 +184,10 @@ class ManagedDatabases:
         backing = await self.databases.create(p, tid, pname)
         try:
             async with self.outbox.session() as s:
+                # One UUID for both: the managed database is its serverless database.
                 row = await repo.insert_managed(
                     s,
-                    id=new_uuid(),
+                    id=backing.db_id,
                     tenant_id=tid,
                     account_id=account_id,
                     cluster_id=cluster.id,
@@ -251,6 +254,46 @@ class ManagedDatabases:
                 tenant_id=row.tenant_id,
                 account_id=row.account_id,
             )
+
+    async def rotation_loop(self) -> None:
+        """Follow accounts' `tenant.credentials_rotated` events: every app bound to a database of
+        that tenant gets the new password in its secrets and is rolled (from now, as the
+        databases service follows them: a rotation while this service is down is picked up by
+        the next bind or rotation)."""
+        last: int | None = None
+        while True:
+            try:
+                async for ev in self.accounts.watch(["tenant.credentials_rotated"], last):
+                    last = int(ev.id)
+                    if ev.type != events_lib.STREAM_HEAD:
+                        await self.rebind_tenant(ev.tenant_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                log.info("accounts event stream interrupted (%s); reconnecting", err)
+            await asyncio.sleep(1.0)
+
+    async def rebind_tenant(self, tenant_id: str) -> int:
+        """Write the tenant's current credentials into every bound app and roll it; how many."""
+        system = principals.system_principal("clusters")
+        async with self.db.session() as s:
+            rows = [r for r in await repo.list_managed(s, Scope(tenant_id=tenant_id)) if r.app_id]
+        if not rows:
+            return 0
+        creds = await self.accounts.credentials(tenant_id)
+        for row in rows:
+            assert row.app_id is not None
+            try:
+                app = await self.instances.get(system, row.app_id)
+                await self.secrets.bind(
+                    system,
+                    row.app_id,
+                    self.connection(row, creds.pg_user, creds.pg_password),
+                    rollout=app.state == "running",
+                )
+            except CtrlmeshError:
+                log.warning("could not give %s the rotated credentials", row.app_id, exc_info=True)
+        return len(rows)
 
     def connection(self, row: ManagedRow, user: str, password: str) -> dict[str, str]:
         g = self.gateway

@@ -6,6 +6,7 @@ NOT_FOUND exactly like a missing one."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
@@ -13,6 +14,7 @@ from ctrlmesh.common.v1 import internal_pb2, internal_pb2_grpc
 from ctrlmesh.databases.v1 import databases_pb2, databases_pb2_grpc
 from ctrlmesh.instances.v1 import instances_pb2, instances_pb2_grpc
 
+from libs import events
 from libs.peers import Peer
 from libs.principal import Principal
 
@@ -43,6 +45,11 @@ class Accounts(Peer):
             out.extend(page.items)
             if not page.items or len(out) >= page.total:
                 return out
+
+    def watch(self, types: list[str], after: int | None) -> AsyncIterator[internal_pb2.Event]:
+        """accounts' own event stream (every tenant), from after `after` or from now (then led by
+        a `stream.head` event)."""
+        return events.remote_source(self._channels, self._signer, "accounts", types=types)(after)
 
     async def credentials(self, tenant_id: str) -> accounts_pb2.TenantCredentials:
         """The tenant's PostgreSQL credentials (system principal: only a bind asks)."""

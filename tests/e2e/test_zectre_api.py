@@ -36,6 +36,30 @@ def destroy(c: httpx.Client, instance_id: str) -> None:
     assert c.delete(f"/v1/instances/{instance_id}").status_code in (202, 404)
 
 
+def container_env(docker_host: str, instance_id: str) -> dict[str, str]:
+    """The environment of the instance's running container (the newest when several run)."""
+    import json
+    import subprocess
+
+    env = {"DOCKER_HOST": docker_host, "PATH": "/usr/local/bin:/usr/bin:/bin"}
+    ids = subprocess.run(
+        ["docker", "ps", "--filter", f"label=ctrlmesh.instance={instance_id}", "--format", "{{.ID}}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    if not ids:
+        return {}
+    out = subprocess.run(
+        ["docker", "inspect", "--format", "{{json .Config.Env}}", ids[0]],
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return dict(e.split("=", 1) for e in json.loads(out or "[]"))
+
+
 def main_cluster(c: httpx.Client) -> dict[str, Any]:
     r = c.get("/api/v1/clusters")
     assert r.status_code == 200, r.text
@@ -286,9 +310,6 @@ def test_bind_writes_the_connection_as_secrets_and_rolls_the_app(
     """Bind sets DATABASE_URL and the PG* variables (PGSSLMODE=require) plus the gateway CA as
     secrets of the app and rolls it, so its new container carries them; one app per database
     (409 for a second app); DELETE of a bound database is 409 unless force=true, which unbinds."""
-    import json
-    import subprocess
-
     t, _ = tenants
     c = t.client()
     cluster = main_cluster(c)["id"]
@@ -311,23 +332,7 @@ def test_bind_writes_the_connection_as_secrets_and_rolls_the_app(
     wait_for(
         lambda: c.get(f"/v1/deployments/{deps[0]['id']}").json()["state"], lambda s: s == "succeeded", 60
     )
-    names = subprocess.run(
-        ["docker", "ps", "--filter", f"label=ctrlmesh.instance={app['id']}", "--format", "{{.ID}}"],
-        env={"DOCKER_HOST": docker_host, "PATH": "/usr/local/bin:/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    env = json.loads(
-        subprocess.run(
-            ["docker", "inspect", "--format", "{{json .Config.Env}}", names[0]],
-            env={"DOCKER_HOST": docker_host, "PATH": "/usr/local/bin:/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    got = dict(e.split("=", 1) for e in env)
+    got = container_env(docker_host, app["id"])
     assert got["PGDATABASE"] == "bound_db" and got["PGSSLMODE"] == "require"
     assert got["DATABASE_URL"].startswith(f"postgres://{md['connection_user']}:")
     assert got["DATABASE_URL"].endswith(
@@ -343,3 +348,110 @@ def test_bind_writes_the_connection_as_secrets_and_rolls_the_app(
     assert not left & {"DATABASE_URL", "PGPASSWORD", "pg-gateway-ca.crt"}
     for i in (app, second):
         destroy(c, i["id"])
+
+
+def test_instantiate_with_database_binds_it_and_a_half_way_failure_leaves_nothing(
+    imesh: Mesh, tenants: Any
+) -> None:
+    """The database template creates the app, a managed database bound to it and the first
+    deployment; when a step fails half-way (its database name is taken: 409), the app made
+    before it is removed again and no managed database is left."""
+    t, other = tenants
+    c = t.client()
+    r = c.post(
+        f"/api/v1/templates/{WITH_DB}/instantiate",
+        json={"parameters": {"database_name": "shop-db"}},
+        timeout=90,
+    )
+    assert r.status_code == 201, r.text
+    body = r.json()
+    md, app = body["managed_database"], body["app"]
+    assert md["app_id"] == app["id"] and md["connection_database"] == "shop_db"
+    assert body["deployment"]["instance_id"] == app["id"]
+    keys = {s["key"] for s in c.get(f"/v1/instances/{app['id']}/secrets").json()["items"]}
+    assert {"DATABASE_URL", "PGPASSWORD"} <= keys
+    # Another tenant cannot bind to this tenant's app, nor see its database.
+    mine = (
+        other.client()
+        .post(
+            "/api/v1/managed-databases", json={"cluster_id": md["cluster_id"], "name": "theirs"}, timeout=60
+        )
+        .json()
+    )
+    assert (
+        other.client()
+        .post(f"/api/v1/managed-databases/{mine['id']}/bind", json={"app_id": app["id"]})
+        .status_code
+        == 404
+    )
+
+    before = {i["id"] for i in c.get("/v1/instances").json()["items"]}
+    dup = c.post(
+        f"/api/v1/templates/{WITH_DB}/instantiate",
+        json={"parameters": {"database_name": "shop-db"}},
+        timeout=90,
+    )
+    assert dup.status_code == 409, dup.text
+    wait_for(
+        lambda: {
+            i["id"] for i in c.get("/v1/instances").json()["items"] if i["state"] not in ("destroying",)
+        },
+        lambda ids: ids == before,
+        timeout=30,
+    )
+    assert [m["id"] for m in c.get("/api/v1/managed-databases").json()] == [md["id"]]
+    assert c.delete(f"/api/v1/managed-databases/{md['id']}", params={"force": "true"}).status_code == 204
+    destroy(c, app["id"])
+
+
+def test_zectre_events_reach_v2_events(imesh: Mesh, tenants: Any) -> None:
+    """The clusters service's outbox is merged into /v2/events: a global key sees node.drained,
+    node.undrained and node.status_changed; a tenant key sees its managed_database events and
+    never the platform's node events."""
+    import json
+    import threading
+
+    t, _ = tenants
+    admin = imesh.admin()
+
+    def listen(key: str, want: set[str], out: list[dict[str, Any]]) -> None:
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.stream("GET", f"{imesh.base_url}/v2/events", headers=headers, timeout=40) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out.append(json.loads(line[6:]))
+                    if want <= {e["type"] for e in out}:
+                        return
+
+    seen_admin: list[dict[str, Any]] = []
+    seen_tenant: list[dict[str, Any]] = []
+    a = threading.Thread(
+        target=listen, args=(imesh.admin_key, {"node.drained", "node.undrained"}, seen_admin), daemon=True
+    )
+    b = threading.Thread(target=listen, args=(t.key, {"managed_database.created"}, seen_tenant), daemon=True)
+    a.start()
+    b.start()
+    import time
+
+    time.sleep(3)  # both streams are open and past their heads
+    node = next(n for n in admin.get("/api/v1/nodes").json() if n["cluster_id"] == main_cluster(admin)["id"])
+    try:
+        assert admin.post(f"/api/v1/nodes/{node['id']}/drain").status_code == 200
+    finally:
+        assert admin.post(f"/api/v1/nodes/{node['id']}/undrain").status_code == 200
+    md = (
+        t.client()
+        .post(
+            "/api/v1/managed-databases", json={"cluster_id": node["cluster_id"], "name": "evdb"}, timeout=60
+        )
+        .json()
+    )
+    a.join(30)
+    b.join(30)
+    drained = next(e for e in seen_admin if e["type"] == "node.drained")
+    assert drained["resource_id"] == node["id"] and drained["data"]["migrate"] is False
+    assert any(e["type"] == "node.status_changed" and e["resource_id"] == node["id"] for e in seen_admin)
+    created = next(e for e in seen_tenant if e["type"] == "managed_database.created")
+    assert created["resource_id"] == md["id"] and created["tenant_id"] == t.id
+    assert not any(e["type"].startswith("node.") for e in seen_tenant)
+    t.client().delete(f"/api/v1/managed-databases/{md['id']}")
