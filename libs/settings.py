@@ -126,6 +126,9 @@ class Settings(BaseSettings):
     # The launcher restarts a process that dies: after restart_backoff, doubling per restart up
     # to restart_backoff_max; a process that needs more than restart_limit restarts within
     # restart_window is left stopped (logged as failed) while the rest keeps serving.
+    # How long the launcher waits for every process to serve before it gives up (a loaded machine
+    # needs more than an idle one: Python processes import slowly when CPUs are shared).
+    start_timeout: Duration = timedelta(seconds=60)
     restart_backoff: Duration = timedelta(seconds=0.5)
     restart_backoff_max: Duration = timedelta(seconds=10)
     restart_limit: int = 5
