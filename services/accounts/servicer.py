@@ -63,6 +63,10 @@ def api_key(v: KeyView, token: str | None = None) -> pb.ApiKey:
     return msg
 
 
+def quota(t: TenantRow) -> common_pb2.Quota:
+    return common_pb2.Quota(**t.quota)
+
+
 def tenant(t: TenantRow, db_count: int = 0) -> pb.Tenant:
     md = struct_pb2.Struct()
     md.update(t.metadata or {})
@@ -75,7 +79,7 @@ def tenant(t: TenantRow, db_count: int = 0) -> pb.Tenant:
         plan=t.plan,
         external_id=t.external_id,
         metadata=md,
-        quota=common_pb2.Quota(**t.quota),
+        quota=quota(t),
         suspended_at=ts(t.suspended_at),
         suspend_reason=t.suspend_reason,
         db_count=db_count,
@@ -89,10 +93,18 @@ def view(v: TenantView) -> pb.Tenant:
     return tenant(v.tenant, v.db_count)
 
 
+def login(c: Credentials) -> dict[str, str]:
+    """The login fields TenantCredentials and CreateTenantResponse share."""
+    return {"pg_user": c.tenant.pg_user, "pg_password": c.pg_password, "dsn_template": c.dsn_template}
+
+
 def credentials(c: Credentials) -> pb.TenantCredentials:
-    return pb.TenantCredentials(
-        tenant=c.tenant.name, pg_user=c.tenant.pg_user, pg_password=c.pg_password, dsn_template=c.dsn_template
-    )
+    return pb.TenantCredentials(tenant=c.tenant.name, **login(c))
+
+
+def deleted(t: TenantRow | None) -> pb.DeleteTenantResponse:
+    """The tenant as the delete left it: `deleting` while a cascade runs, none once it is gone."""
+    return pb.DeleteTenantResponse(tenant=tenant(t) if t is not None else None)
 
 
 def plan_limits(p: Plan) -> pb.PlanLimits:
@@ -242,12 +254,7 @@ class TenantService(rpc.TenantServiceServicer):
         self, request: pb.CreateTenantRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateTenantResponse:
         c = await self.d.tenants.create_tenant(principals.current(), request.name)
-        return pb.CreateTenantResponse(
-            tenant=tenant(c.tenant),
-            pg_user=c.tenant.pg_user,
-            pg_password=c.pg_password,
-            dsn_template=c.dsn_template,
-        )
+        return pb.CreateTenantResponse(tenant=tenant(c.tenant), **login(c))
 
     async def ListTenants(
         self, request: pb.ListTenantsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -274,7 +281,7 @@ class TenantService(rpc.TenantServiceServicer):
         self, request: pb.DeleteTenantRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DeleteTenantResponse:
         t = await self.d.tenants.delete_tenant(principals.current(), request.tenant, request.cascade)
-        return pb.DeleteTenantResponse(tenant=tenant(t) if t is not None else None)
+        return deleted(t)
 
     async def ResolveTenant(
         self, request: pb.ResolveTenantRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -302,7 +309,7 @@ class TenantService(rpc.TenantServiceServicer):
         return pb.TenantLimits(
             tenant_id=lim.tenant.id,
             status=lim.tenant.status,
-            quota=common_pb2.Quota(**lim.tenant.quota),
+            quota=quota(lim.tenant),
             account_plan=lim.account_plan,
             plan_limits=plan_limits(lim.plan),
         )
@@ -360,7 +367,7 @@ class AdminService(rpc.AdminServiceServicer):
         self, request: pb.AdminDeleteTenantRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DeleteTenantResponse:
         t = await self.d.tenants.delete_tenant(principals.current(), request.id, request.cascade, admin=True)
-        return pb.DeleteTenantResponse(tenant=tenant(t) if t is not None else None)
+        return deleted(t)
 
     async def SuspendTenant(
         self, request: pb.SuspendTenantRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -381,7 +388,7 @@ class AdminService(rpc.AdminServiceServicer):
         fields = common_pb2.QuotaUsed.DESCRIPTOR.fields_by_name
         return pb.QuotaUsage(
             tenant=t.id,
-            quota=common_pb2.Quota(**t.quota),
+            quota=quota(t),
             used=common_pb2.QuotaUsed(**{k: v for k, v in used.items() if k in fields}),
         )
 

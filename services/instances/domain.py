@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -24,7 +24,7 @@ from libs.principal import Principal, is_global, is_system
 from services.instances import repository as repo
 from services.instances import specs
 from services.instances.providers import Registry
-from services.instances.repository import Row, Scope, now
+from services.instances.repository import Instance, Scope, Values, now
 from services.instances.tenants import Limits, Tenants
 
 log = logging.getLogger("ctrlmesh.instances")
@@ -36,21 +36,24 @@ SUSPENSION_CURSOR = "accounts.tenant_suspended"
 STATE_EVENTS = {"running": "instance.started", "stopped": "instance.stopped", "failed": "instance.failed"}
 
 
+T = TypeVar("T")
+
+
 @dataclass
-class Page:
-    items: list[Row]
+class Page(Generic[T]):
+    items: list[T]
     next_cursor: str
     total: int
 
 
-def event_data(row: Row) -> dict[str, Any]:
+def event_data(row: Instance) -> dict[str, Any]:
     return {
-        "id": row["id"],
-        "tenant_id": row["tenant_id"],
-        "name": row["name"],
-        "state": row["state"],
-        "provider_name": row["provider_name"],
-        "current_release": row.get("current_release", ""),
+        "id": row.id,
+        "tenant_id": row.tenant_id,
+        "name": row.name,
+        "state": row.state,
+        "provider_name": row.provider_name,
+        "current_release": row.current_release,
     }
 
 
@@ -71,10 +74,10 @@ def check_quota(limits: Limits, used: dict[str, int], add: dict[str, int]) -> No
             )
 
 
-def ensure_not_suspended(row: Row) -> None:
-    if row["suspended_at"] is not None:
+def ensure_not_suspended(row: Instance) -> None:
+    if row.suspended_at is not None:
         raise InvalidState(
-            f"instance {row['id']!r} is suspended; unsuspend it first", details={"state": row["state"]}
+            f"instance {row.id!r} is suspended; unsuspend it first", details={"state": row.state}
         )
 
 
@@ -90,39 +93,39 @@ class InstancesDomain:
 
     # -- shared helpers ----------------------------------------------------------------------
 
-    async def publish(self, s: AsyncSession, type_: str, row: Row, **extra: Any) -> None:
+    async def publish(self, s: AsyncSession, type_: str, row: Instance, **extra: Any) -> None:
         await self.outbox.publish(
             s,
             type_,
             resource="instance",
-            resource_id=row["id"],
-            tenant_id=row["tenant_id"],
-            account_id=row.get("account_id", ""),
+            resource_id=row.id,
+            tenant_id=row.tenant_id,
+            account_id=row.account_id,
             data={**event_data(row), **extra},
         )
 
-    async def transition(self, s: AsyncSession, row: Row, state: str, **values: Any) -> bool:
+    async def transition(self, s: AsyncSession, row: Instance, state: str, **values: Any) -> bool:
         """Move an instance to `state` if it is still where `row` saw it; records the events."""
-        if not specs.can_transition(row["state"], state):
+        if not specs.can_transition(row.state, state):
             raise InvalidState(
-                f"instance {row['id']!r} cannot go from {row['state']} to {state}",
-                details={"state": row["state"], "target": state},
+                f"instance {row.id!r} cannot go from {row.state} to {state}",
+                details={"state": row.state, "target": state},
             )
         if not await repo.update_instance(
             s,
-            Scope.tenant(row["tenant_id"]),
-            row["id"],
+            Scope.tenant(row.tenant_id),
+            row.id,
             {"state": state, **values},
-            expect_state=row["state"],
+            expect_state=row.state,
         ):
             return False
-        new = {**row, "state": state, **values}
-        await self.publish(s, "instance.state_changed", new, previous_state=row["state"])
+        new = replace(row, state=state, **values)
+        await self.publish(s, "instance.state_changed", new, previous_state=row.state)
         if state in STATE_EVENTS:
             await self.publish(s, STATE_EVENTS[state], new)
         return True
 
-    async def load(self, s: AsyncSession, p: Principal, instance_id: str, *, lock: bool = False) -> Row:
+    async def load(self, s: AsyncSession, p: Principal, instance_id: str, *, lock: bool = False) -> Instance:
         row = await repo.get_instance(s, Scope.of(p), instance_id, lock=lock)
         if row is None:
             raise not_found("instance", instance_id)
@@ -163,7 +166,7 @@ class InstancesDomain:
         services: list[dict[str, Any]],
         replicas: int,
         labels: dict[str, str],
-    ) -> Row:
+    ) -> Instance:
         target = self._target_tenant(p, tenant_id)
         limits = await self.tenants.limits(p, target)
         if limits.suspended:
@@ -175,7 +178,7 @@ class InstancesDomain:
         main = specs.main_service(services)
         t = now()
         instance_id, release_id = ids.new_id("inst"), ids.new_id("rel")
-        row: Row = {
+        values: Values = {
             "id": instance_id,
             "tenant_id": limits.tenant_id,
             "account_id": limits.account_id,
@@ -199,11 +202,11 @@ class InstancesDomain:
             "created_at": t,
             "updated_at": t,
         }
-        async with self.db.session() as s:
+        async with self.outbox.session() as s:
             await repo.lock_tenant(s, limits.tenant_id)
             used = await repo.tenant_usage(s, limits.tenant_id)
             check_quota(limits, used, {"instances": 1, **{k: v * replicas for k, v in per.items()}})
-            await repo.insert_instance(s, row)
+            row = await repo.insert_instance(s, values)
             # The first release is what the instance was created with, so it can be rolled back to.
             await repo.insert_release(
                 s,
@@ -220,17 +223,16 @@ class InstancesDomain:
                 },
             )
             await self.publish(s, "instance.created", row)
-        await self.outbox.notify()
         self.wake()
         return row
 
-    async def get(self, p: Principal, instance_id: str) -> Row:
+    async def get(self, p: Principal, instance_id: str) -> Instance:
         async with self.db.session() as s:
             return await self.load(s, p, instance_id)
 
     async def find(
         self, p: Principal, *, state: str, label: str, provider: str, tenant_id: str, cursor: str, limit: int
-    ) -> Page:
+    ) -> Page[Instance]:
         after = decode_cursor(cursor)
         n = page_limit(limit)
         pair = None
@@ -248,7 +250,7 @@ class InstancesDomain:
                 after=after,
                 limit=n,
             )
-        return Page(*next_page(rows, n, lambda r: r["id"]), total)
+        return Page(*next_page(rows, n, lambda r: r.id), total)
 
     # -- changes -----------------------------------------------------------------------------
 
@@ -260,88 +262,88 @@ class InstancesDomain:
         name: str | None,
         labels: dict[str, str],
         services: list[dict[str, Any]],
-    ) -> Row:
+    ) -> Instance:
         if services:
             raise InvalidArgument(
                 "services change through a deployment (POST /v1/instances/{id}/deploy), not PATCH",
                 fields={"services": "use deploy"},
             )
         row = await self.get(p, instance_id)
-        await self.writable(p, row["tenant_id"])
+        await self.writable(p, row.tenant_id)
         values: dict[str, Any] = {}
         if name is not None:
             values.update(name=name, slug=specs.slugify(name))
         if labels:
             values["labels"] = labels
-        async with self.db.session() as s:
+        async with self.outbox.session() as s:
             row = await self.load(s, p, instance_id, lock=True)
             if values:
                 await repo.update_instance(s, Scope.of(p), instance_id, values)
-                row = {**row, **values, "updated_at": now()}
+                row = replace(row, **values, updated_at=now())
                 await self.publish(s, "instance.updated", row)
-        await self.outbox.notify()
         return row
 
-    async def _act(self, p: Principal, instance_id: str, action: Callable[[AsyncSession, Row], Any]) -> Row:
+    async def _act(
+        self, p: Principal, instance_id: str, action: Callable[[AsyncSession, Instance], Any]
+    ) -> Instance:
         """Common frame of the state-changing actions: visibility, suspension of the tenant, the
         row lock, the action, then wake the reconciler."""
         row = await self.get(p, instance_id)
-        await self.writable(p, row["tenant_id"])
-        async with self.db.session() as s:
+        await self.writable(p, row.tenant_id)
+        async with self.outbox.session() as s:
             row = await self.load(s, p, instance_id, lock=True)
             await action(s, row)
-        await self.outbox.notify()
         self.wake()
         return await self.get(p, instance_id)
 
-    async def start(self, p: Principal, instance_id: str) -> Row:
-        async def act(s: AsyncSession, row: Row) -> None:
+    async def start(self, p: Principal, instance_id: str) -> Instance:
+        async def act(s: AsyncSession, row: Instance) -> None:
             ensure_not_suspended(row)
-            if row["state"] in ("provisioning", "stopping"):
+            if row.state in ("provisioning", "stopping"):
                 # Recorded; the reconciler starts it once provisioned, or once it has stopped.
                 await repo.update_instance(
-                    s, Scope.tenant(row["tenant_id"]), row["id"], {"desired_state": "running"}
+                    s, Scope.tenant(row.tenant_id), row.id, {"desired_state": "running"}
                 )
                 return
-            if row["state"] not in ("stopped", "failed"):
+            if row.state not in ("stopped", "failed"):
                 raise InvalidState(
-                    f"instance {row['id']!r} is {row['state']}; start needs provisioning, stopping, stopped or failed",
-                    details={"state": row["state"]},
+                    f"instance {row.id!r} is {row.state}; start needs provisioning, stopping, stopped or failed",
+                    details={"state": row.state},
                 )
             await self.transition(s, row, "starting", desired_state="running", last_error="")
 
         return await self._act(p, instance_id, act)
 
-    async def stop(self, p: Principal, instance_id: str) -> Row:
-        async def act(s: AsyncSession, row: Row) -> None:
+    async def stop(self, p: Principal, instance_id: str) -> Instance:
+        async def act(s: AsyncSession, row: Instance) -> None:
             ensure_not_suspended(row)
-            if row["state"] != "running":
+            if row.state != "running":
                 raise InvalidState(
-                    f"instance {row['id']!r} is {row['state']}; stop needs running",
-                    details={"state": row["state"]},
+                    f"instance {row.id!r} is {row.state}; stop needs running",
+                    details={"state": row.state},
                 )
             await self._cancel_in_flight(s, row)
             await self.transition(s, row, "stopping", desired_state="stopped")
 
         return await self._act(p, instance_id, act)
 
-    async def restart(self, p: Principal, instance_id: str) -> Row:
-        async def act(s: AsyncSession, row: Row) -> None:
+    async def restart(self, p: Principal, instance_id: str) -> Instance:
+        async def act(s: AsyncSession, row: Instance) -> None:
             ensure_not_suspended(row)
-            if row["state"] == "running":
+            if row.state == "running":
                 # Down and up again: stopping, then the reconciler starts it (desired running).
                 await self.transition(s, row, "stopping", desired_state="running")
-            elif row["state"] == "stopping":
+            elif row.state == "stopping":
                 # Already on its way down: up again once it is stopped.
                 await repo.update_instance(
-                    s, Scope.tenant(row["tenant_id"]), row["id"], {"desired_state": "running"}
+                    s, Scope.tenant(row.tenant_id), row.id, {"desired_state": "running"}
                 )
-            elif row["state"] in ("stopped", "failed"):
+            elif row.state in ("stopped", "failed"):
                 await self.transition(s, row, "starting", desired_state="running", last_error="")
             else:
                 raise InvalidState(
-                    f"instance {row['id']!r} is {row['state']}; restart needs running, stopping, stopped or failed",
-                    details={"state": row["state"]},
+                    f"instance {row.id!r} is {row.state}; restart needs running, stopping, stopped or failed",
+                    details={"state": row.state},
                 )
             await self.publish(s, "instance.restarted", row)
 
@@ -349,101 +351,97 @@ class InstancesDomain:
 
     async def scale(
         self, p: Principal, instance_id: str, *, resources: dict[str, int], replicas: int | None
-    ) -> Row:
+    ) -> Instance:
         row = await self.get(p, instance_id)
-        limits = await self.writable(p, row["tenant_id"])
+        limits = await self.writable(p, row.tenant_id)
 
-        async def act(s: AsyncSession, row: Row) -> None:
+        async def act(s: AsyncSession, row: Instance) -> None:
             ensure_not_suspended(row)
-            if row["state"] not in ("running", "stopped", "failed"):
+            if row.state not in ("running", "stopped", "failed"):
                 raise InvalidState(
-                    f"instance {row['id']!r} is {row['state']}; scale needs running, stopped or failed",
-                    details={"state": row["state"]},
+                    f"instance {row.id!r} is {row.state}; scale needs running, stopped or failed",
+                    details={"state": row.state},
                 )
-            if await repo.in_flight_deployment(s, Scope.tenant(row["tenant_id"]), row["id"]):
+            if await repo.in_flight_deployment(s, Scope.tenant(row.tenant_id), row.id):
                 raise InvalidState(
-                    "a deployment is in progress; scale after it finishes", details={"state": row["state"]}
+                    "a deployment is in progress; scale after it finishes", details={"state": row.state}
                 )
-            services = [dict(x, resources=dict(x["resources"])) for x in row["spec"]["services"]]
+            services = [dict(x, resources=dict(x["resources"])) for x in row.spec["services"]]
             main = specs.main_service(services)
             for k in ("cpu_millis", "memory_mb", "disk_mb"):
                 if resources.get(k):
                     main["resources"][k] = int(resources[k])
-            n = row["replicas"] if replicas is None else replicas
+            n = row.replicas if replicas is None else replicas
             per = specs.per_replica(services)
-            await repo.lock_tenant(s, row["tenant_id"])
+            await repo.lock_tenant(s, row.tenant_id)
             if limits is not None:
-                used = await repo.tenant_usage(s, row["tenant_id"])
-                check_quota(limits, used, {k: per[k] * n - row[k] * row["replicas"] for k in per})
-            values = {"spec": {**row["spec"], "services": services}, **per, "replicas": n}
-            if row["state"] == "running":
-                values["generation"] = row["generation"] + 1
-            await repo.update_instance(s, Scope.tenant(row["tenant_id"]), row["id"], values)
+                used = await repo.tenant_usage(s, row.tenant_id)
+                check_quota(limits, used, {k: per[k] * n - getattr(row, k) * row.replicas for k in per})
+            values: Values = {"spec": {**row.spec, "services": services}, **per, "replicas": n}
+            if row.state == "running":
+                values["generation"] = row.generation + 1
+            await repo.update_instance(s, Scope.tenant(row.tenant_id), row.id, values)
             await self.publish(
-                s, "instance.scaled", {**row, **values}, replicas=n, resources=main["resources"]
+                s, "instance.scaled", replace(row, **values), replicas=n, resources=main["resources"]
             )
 
         return await self._act(p, instance_id, act)
 
-    async def suspend(self, p: Principal, instance_id: str, reason: str) -> Row:
-        async def act(s: AsyncSession, row: Row) -> None:
-            if row["suspended_at"] is not None:
+    async def suspend(self, p: Principal, instance_id: str, reason: str) -> Instance:
+        async def act(s: AsyncSession, row: Instance) -> None:
+            if row.suspended_at is not None:
+                raise InvalidState(f"instance {row.id!r} is already suspended", details={"state": row.state})
+            if row.state not in ("running", "stopped", "failed"):
                 raise InvalidState(
-                    f"instance {row['id']!r} is already suspended", details={"state": row["state"]}
+                    f"instance {row.id!r} is {row.state}; suspend needs running, stopped or failed",
+                    details={"state": row.state},
                 )
-            if row["state"] not in ("running", "stopped", "failed"):
-                raise InvalidState(
-                    f"instance {row['id']!r} is {row['state']}; suspend needs running, stopped or failed",
-                    details={"state": row["state"]},
-                )
-            values = {"suspended_at": now(), "suspend_reason": reason, "desired_state": "stopped"}
+            values: Values = {"suspended_at": now(), "suspend_reason": reason, "desired_state": "stopped"}
             await self._cancel_in_flight(s, row)
-            if row["state"] == "running":
+            if row.state == "running":
                 await self.transition(s, row, "stopping", **values)
             else:
-                await repo.update_instance(s, Scope.tenant(row["tenant_id"]), row["id"], values)
-            await self.publish(s, "instance.suspended", {**row, **values}, reason=reason)
+                await repo.update_instance(s, Scope.tenant(row.tenant_id), row.id, values)
+            await self.publish(s, "instance.suspended", replace(row, **values), reason=reason)
 
         return await self._act(p, instance_id, act)
 
-    async def unsuspend(self, p: Principal, instance_id: str, reason: str) -> Row:
-        async def act(s: AsyncSession, row: Row) -> None:
-            if row["suspended_at"] is None:
-                raise InvalidState(
-                    f"instance {row['id']!r} is not suspended", details={"state": row["state"]}
-                )
-            values = {"suspended_at": None, "suspend_reason": "", "desired_state": "running"}
-            if row["state"] in ("stopped", "failed"):
+    async def unsuspend(self, p: Principal, instance_id: str, reason: str) -> Instance:
+        async def act(s: AsyncSession, row: Instance) -> None:
+            if row.suspended_at is None:
+                raise InvalidState(f"instance {row.id!r} is not suspended", details={"state": row.state})
+            values: Values = {"suspended_at": None, "suspend_reason": "", "desired_state": "running"}
+            if row.state in ("stopped", "failed"):
                 await self.transition(s, row, "starting", last_error="", **values)
             else:
-                await repo.update_instance(s, Scope.tenant(row["tenant_id"]), row["id"], values)
-            await self.publish(s, "instance.unsuspended", {**row, **values}, reason=reason)
+                await repo.update_instance(s, Scope.tenant(row.tenant_id), row.id, values)
+            await self.publish(s, "instance.unsuspended", replace(row, **values), reason=reason)
 
         return await self._act(p, instance_id, act)
 
-    async def delete(self, p: Principal, instance_id: str) -> Row:
-        async def act(s: AsyncSession, row: Row) -> None:
-            if row["state"] in ("destroying", "destroyed"):
+    async def delete(self, p: Principal, instance_id: str) -> Instance:
+        async def act(s: AsyncSession, row: Instance) -> None:
+            if row.state in ("destroying", "destroyed"):
                 return
             await self._cancel_in_flight(s, row)
             # Convergent: from any state; the reconciler removes whatever the engine holds.
             await repo.update_instance(
                 s,
-                Scope.tenant(row["tenant_id"]),
-                row["id"],
+                Scope.tenant(row.tenant_id),
+                row.id,
                 {"state": "destroying", "desired_state": "destroyed"},
             )
             await self.publish(
-                s, "instance.state_changed", {**row, "state": "destroying"}, previous_state=row["state"]
+                s, "instance.state_changed", replace(row, state="destroying"), previous_state=row.state
             )
 
         return await self._act(p, instance_id, act)
 
-    async def _cancel_in_flight(self, s: AsyncSession, row: Row) -> None:
-        scope = Scope.tenant(row["tenant_id"])
-        dep = await repo.in_flight_deployment(s, scope, row["id"])
+    async def _cancel_in_flight(self, s: AsyncSession, row: Instance) -> None:
+        scope = Scope.tenant(row.tenant_id)
+        dep = await repo.in_flight_deployment(s, scope, row.id)
         if dep is not None:
-            await repo.update_deployment(s, scope, dep["id"], {"cancel_requested": True})
+            await repo.update_deployment(s, scope, dep.id, {"cancel_requested": True})
 
     # -- the tenant's lifecycle in accounts ---------------------------------------------------
 
@@ -453,9 +451,9 @@ class InstancesDomain:
         async with self.db.session() as s:
             rows = await repo.tenant_instances(s, tenant_id)
             for row in rows:
-                if row["state"] != "destroying":
+                if row.state != "destroying":
                     await repo.update_instance(
-                        s, scope, row["id"], {"state": "destroying", "desired_state": "destroyed"}
+                        s, scope, row.id, {"state": "destroying", "desired_state": "destroyed"}
                     )
         self.wake()
         return not rows
@@ -480,19 +478,18 @@ class InstancesDomain:
     async def on_tenant_suspended(self, tenant_id: str) -> int:
         """Stop every instance of a suspended tenant (they stay stopped after unsuspend)."""
         stopped = 0
-        async with self.db.session() as s:
+        async with self.outbox.session() as s:
             for row in await repo.tenant_instances(s, tenant_id):
-                if row["state"] in ("destroying", "destroyed", "stopped", "stopping", "failed"):
+                if row.state in ("destroying", "destroyed", "stopped", "stopping", "failed"):
                     continue
                 await self._cancel_in_flight(s, row)
-                if row["state"] == "running":
+                if row.state == "running":
                     await self.transition(s, row, "stopping", desired_state="stopped")
                 else:
                     await repo.update_instance(
-                        s, Scope.tenant(row["tenant_id"]), row["id"], {"desired_state": "stopped"}
+                        s, Scope.tenant(row.tenant_id), row.id, {"desired_state": "stopped"}
                     )
                 await self.publish(s, "instance.tenant_suspended", row)
                 stopped += 1
-        await self.outbox.notify()
         self.wake()
         return stopped

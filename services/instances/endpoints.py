@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from services.instances.providers.base import Replica
-from services.instances.repository import Row
+from services.instances.repository import Instance
 
 
-def endpoints_of(instance: Row, replicas: list[Replica]) -> list[dict[str, Any]]:
+def endpoints_of(instance: Instance, replicas: list[Replica]) -> list[dict[str, Any]]:
     """Where the current release answers: one endpoint per published port of each replica."""
     out = []
-    by_name = {s["name"]: s for s in instance["spec"]["services"]}
+    by_name = {s["name"]: s for s in instance.spec["services"]}
     for r in replicas:
-        if not r.running or r.release_id != instance["current_release"] or r.service not in by_name:
+        if not r.running or r.release_id != instance.current_release or r.service not in by_name:
             continue
         for p in by_name[r.service]["ports"]:
             host = r.ports.get(p["container_port"])

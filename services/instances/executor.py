@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from libs.db import Database
@@ -20,11 +21,28 @@ from services.instances.deployments import publish_deployment
 from services.instances.endpoints import endpoints_of
 from services.instances.health import Outcome, execute
 from services.instances.providers.base import NO_SECRETS, GroupSpec, Provider, ProviderError, Replica
-from services.instances.repository import Row, Scope, now
+from services.instances.repository import Deployment, HealthCheck, Instance, Release, Scope, Values, now
 from services.instances.secrets_client import SecretsClient
 from services.instances.strategies import STRATEGIES
 
 log = logging.getLogger("ctrlmesh.instances.deploys")
+
+
+class Run:
+    """The deployment being rolled out, as last written: each change is saved, then read back
+    from here (the row is frozen; the run moves from one row to the next)."""
+
+    def __init__(self, db: Database, row: Deployment):
+        self._db = db
+        self.row = row
+
+    async def save(self, **values: Any) -> None:
+        async with self._db.session() as s:
+            await repo.update_deployment(s, Scope.system(), self.row.id, values)
+        self.row = replace(self.row, **values)
+
+    async def progress_to(self, **changes: Any) -> None:
+        await self.save(progress={**self.row.progress, **changes})
 
 
 class GateFailed(Exception):
@@ -57,100 +75,74 @@ class Executor:
         self.secrets = secrets
 
     async def groups(
-        self, inst: Row, release_id: str, services: list[dict[str, Any]], *, current: bool = False
+        self, inst: Instance, release_id: str, services: list[dict[str, Any]], *, current: bool = False
     ) -> list[GroupSpec]:
         """The one place a rollout builds its provider groups: one per service of `services` at
         `release_id`, each with what the release runs with besides its spec (its secrets; see
         secrets_client.py for which versions, `current` taking the latest)."""
         secrets = NO_SECRETS
         if self.secrets is not None:
-            secrets = await self.secrets.for_release(
-                inst["tenant_id"], inst["id"], release_id, current=current
-            )
-        return [
-            GroupSpec(inst["id"], inst["tenant_id"], release_id, svc, inst["labels"], secrets)
-            for svc in services
-        ]
+            secrets = await self.secrets.for_release(inst.tenant_id, inst.id, release_id, current=current)
+        return [GroupSpec(inst.id, inst.tenant_id, release_id, svc, inst.labels, secrets) for svc in services]
 
-    async def _save(self, dep: Row, **values: Any) -> None:
+    async def _cancelled(self, run: Run) -> bool:
         async with self.db.session() as s:
-            await repo.update_deployment(s, Scope.system(), dep["id"], values)
-        dep.update(values)
+            fresh = await repo.get_deployment(s, Scope.system(), run.row.id)
+        return bool(fresh and fresh.cancel_requested)
 
-    async def progress(self, dep: Row, **changes: Any) -> None:
-        await self._save(dep, progress={**dep["progress"], **changes})
-
-    async def _cancelled(self, dep: Row) -> bool:
-        async with self.db.session() as s:
-            fresh = await repo.get_deployment(s, Scope.system(), dep["id"])
-        return bool(fresh and fresh["cancel_requested"])
-
-    async def run(self, inst: Row, dep: Row, provider: Provider) -> None:
-        if dep["cancel_requested"] and dep["state"] == "pending":
-            await self._finish(dep, "cancelled", "", inst)
+    async def run(self, inst: Instance, deployment: Deployment, provider: Provider) -> None:
+        run = Run(self.db, deployment)
+        if run.row.cancel_requested and run.row.state == "pending":
+            await self._finish(run, "cancelled", "")
             return
-        if dep["state"] == "pending":
-            await self._save(dep, state="running", started_at=now())
-            async with self.db.session() as s:
-                await publish_deployment(self.outbox, s, "deploy.running", dep)
-            await self.outbox.notify()
+        if run.row.state == "pending":
+            await run.save(state="running", started_at=now())
+            async with self.outbox.session() as s:
+                await publish_deployment(self.outbox, s, "deploy.running", run.row)
         async with self.db.session() as s:
-            release = await repo.get_release(s, Scope.system(), dep["release_id"])
-            checks = [c for c in await repo.list_checks(s, Scope.system(), inst["id"]) if c["enabled"]]
+            release = await repo.get_release(s, Scope.system(), run.row.release_id)
+            checks = [c for c in await repo.list_checks(s, Scope.system(), inst.id) if c.enabled]
         assert release is not None
-        current = {x["name"]: x for x in inst["spec"]["services"]}
+        current = {x["name"]: x for x in inst.spec["services"]}
         # A release brings images, env and ports; resources and replicas stay what they are now.
         target = [
-            dict(x, resources=current.get(x["name"], x)["resources"]) for x in release["snapshot"]["services"]
+            dict(x, resources=current.get(x["name"], x)["resources"]) for x in release.snapshot["services"]
         ]
-        n = inst["replicas"]
+        n = inst.replicas
         main = specs.main_service(target)["name"]
         live = specs.long_running(target)
         try:
-            news = await self.groups(inst, release["id"], live)
+            news = await self.groups(inst, release.id, live)
             olds = await self.groups(
-                inst, dep["previous_release_id"], [current.get(x["name"], x) for x in live]
+                inst, run.row.previous_release_id, [current.get(x["name"], x) for x in live]
             )
             for svc, new, old in zip(live, news, olds, strict=True):
-                await self.progress(
-                    dep,
-                    services={**dep["progress"]["services"], svc["name"]: "running"},
-                    message=f"rolling out {svc['name']} ({dep['strategy']})",
+                await run.progress_to(
+                    services={**run.row.progress["services"], svc["name"]: "running"},
+                    message=f"rolling out {svc['name']} ({run.row.strategy})",
                 )
-                await self._strategy(dep, provider, new, old, n, checks if svc["name"] == main else [])
-                await self.progress(dep, services={**dep["progress"]["services"], svc["name"]: "succeeded"})
+                await _Rollout(self, run, provider, new, old, n, checks if svc["name"] == main else []).run()
+                await run.progress_to(services={**run.row.progress["services"], svc["name"]: "succeeded"})
         except Cancelled:
-            await self._restore(dep, provider, inst, target)
-            await self._finish(dep, "cancelled", "", inst)
+            await self._restore(run, provider, inst, target)
+            await self._finish(run, "cancelled", "")
             return
         except (GateFailed, ProviderError) as err:
-            log.info("deployment %s failed: %s", dep["id"], err)
-            await self.progress(
-                dep,
+            log.info("deployment %s failed: %s", run.row.id, err)
+            await run.progress_to(
                 services={
-                    k: ("failed" if v == "running" else v) for k, v in dep["progress"]["services"].items()
+                    k: ("failed" if v == "running" else v) for k, v in run.row.progress["services"].items()
                 },
             )
-            await self._restore(dep, provider, inst, target)
-            await self._finish(dep, "failed", str(err), inst)
+            await self._restore(run, provider, inst, target)
+            await self._finish(run, "failed", str(err))
             return
-        await self._succeed(dep, provider, inst, release, target)
+        await self._succeed(run, provider, inst, release, target)
 
-    # -- strategies --------------------------------------------------------------------------
+    # -- what a rollout asks of the engine ----------------------------------------------------
 
-    async def _strategy(
-        self, dep: Row, provider: Provider, new: GroupSpec, old: GroupSpec, n: int, checks: list[Row]
-    ) -> None:
-        if n == 0:
-            await provider.scale_group(old, 0)
-            return
-        strategy = STRATEGIES.get(dep["strategy"])
-        if strategy is None:
-            raise GateFailed(f"unknown strategy {dep['strategy']!r}")
-        await strategy.run(_Rollout(self, dep, provider, new, old, n, checks))
-
-    async def check_cancel(self, dep: Row) -> None:
-        if await self._cancelled(dep):
+    async def check_cancel(self, run: Run) -> None:
+        if await self._cancelled(run):
             raise Cancelled()
 
     @staticmethod
@@ -161,7 +153,9 @@ class Executor:
             if r.service == g.service_name and r.release_id == g.release_id
         ]
 
-    async def gate(self, dep: Row, provider: Provider, g: GroupSpec, count: int, checks: list[Row]) -> None:
+    async def gate(
+        self, run: Run, provider: Provider, g: GroupSpec, count: int, checks: list[HealthCheck]
+    ) -> None:
         """Wait until `count` replicas of the group run and pass every check (or, without checks,
         keep running for the settle time); a replica that exits fails the gate at once."""
         deadline = time.monotonic() + self.gate_timeout
@@ -169,7 +163,7 @@ class Executor:
         first_running: dict[int, float] = {}
         last = "no replica running yet"
         while True:
-            if await self._cancelled(dep):
+            if await self._cancelled(run):
                 raise Cancelled()
             reps = [r for r in await self.group_replicas(provider, g) if r.index < count]
             for r in reps:
@@ -189,7 +183,7 @@ class Executor:
                 if not bad:
                     passed.add(r.index)
                 else:
-                    last = f"check {bad[0][0]['name']!r}: {bad[0][1].message}"
+                    last = f"check {bad[0][0].name!r}: {bad[0][1].message}"
             if len(passed) >= count:
                 return
             if time.monotonic() > deadline:
@@ -201,85 +195,82 @@ class Executor:
 
     # -- endings -----------------------------------------------------------------------------
 
-    async def _restore(self, dep: Row, provider: Provider, inst: Row, target: list[dict[str, Any]]) -> None:
+    async def _restore(
+        self, run: Run, provider: Provider, inst: Instance, target: list[dict[str, Any]]
+    ) -> None:
         """Put the previous release back to full strength and drop the new group."""
         try:
             olds = await self.groups(
-                inst, dep["previous_release_id"], specs.long_running(inst["spec"]["services"])
+                inst, run.row.previous_release_id, specs.long_running(inst.spec["services"])
             )
         except ProviderError:
-            log.warning("could not resolve the previous release of %s", inst["id"], exc_info=True)
+            log.warning("could not resolve the previous release of %s", inst.id, exc_info=True)
             olds = []
         for old in olds:
             try:
-                await provider.scale_group(old, inst["replicas"])
+                await provider.scale_group(old, inst.replicas)
             except ProviderError:
-                log.warning("could not restore %s of %s", old.service_name, inst["id"], exc_info=True)
+                log.warning("could not restore %s of %s", old.service_name, inst.id, exc_info=True)
         for svc in target:
             try:
-                await provider.remove_group(inst["id"], svc["name"], dep["release_id"])
+                await provider.remove_group(inst.id, svc["name"], run.row.release_id)
             except ProviderError:
-                log.warning("could not remove the new group of %s", inst["id"], exc_info=True)
+                log.warning("could not remove the new group of %s", inst.id, exc_info=True)
 
-    async def _finish(self, dep: Row, state: str, error: str, inst: Row) -> None:
-        values = {
+    async def _finish(self, run: Run, state: str, error: str) -> None:
+        values: Values = {
             "state": state,
             "error": error,
             "finished_at": now(),
-            "progress": {**dep["progress"], "message": error or state},
+            "progress": {**run.row.progress, "message": error or state},
         }
-        async with self.db.session() as s:
-            await repo.update_deployment(s, Scope.system(), dep["id"], values)
-            dep.update(values)
+        async with self.outbox.session() as s:
+            await repo.update_deployment(s, Scope.system(), run.row.id, values)
+            run.row = replace(run.row, **values)
             kind = {"failed": "deploy.failed", "cancelled": "deploy.cancelled"}[state]
-            await publish_deployment(self.outbox, s, kind, dep, error=error)
-        await self.outbox.notify()
+            await publish_deployment(self.outbox, s, kind, run.row, error=error)
 
     async def _succeed(
-        self, dep: Row, provider: Provider, inst: Row, release: Row, target: list[dict[str, Any]]
+        self, run: Run, provider: Provider, inst: Instance, release: Release, target: list[dict[str, Any]]
     ) -> None:
         # Anything not of the new release is retired (swarm keeps 0-replica services otherwise).
-        for r in await provider.replicas(inst["id"]):
-            if r.release_id != release["id"]:
-                await provider.remove_group(inst["id"], r.service, r.release_id)
-        for svc in specs.long_running(inst["spec"]["services"]):
-            await provider.remove_group(inst["id"], svc["name"], dep["previous_release_id"])
+        for r in await provider.replicas(inst.id):
+            if r.release_id != release.id:
+                await provider.remove_group(inst.id, r.service, r.release_id)
+        for svc in specs.long_running(inst.spec["services"]):
+            await provider.remove_group(inst.id, svc["name"], run.row.previous_release_id)
         main = specs.main_service(target)
-        reps = await provider.replicas(inst["id"])
-        async with self.db.session() as s:
-            row = await repo.get_instance(s, Scope.system(), inst["id"], lock=True)
+        reps = await provider.replicas(inst.id)
+        async with self.outbox.session() as s:
+            row = await repo.get_instance(s, Scope.system(), inst.id, lock=True)
             if row is None:
                 return
-            values = {
-                "spec": {**row["spec"], "services": target},
+            values: Values = {
+                "spec": {**row.spec, "services": target},
                 "image": main["image"],
-                "current_release": release["id"],
+                "current_release": release.id,
                 **specs.per_replica(target),
             }
             # In the same commit as the new release: a reader that sees the deployment succeeded
             # must not be handed the previous release's endpoints.
-            values["endpoints"] = endpoints_of({**row, **values}, reps)
-            await repo.update_instance(s, Scope.system(), inst["id"], values)
-            await repo.activate_release(s, Scope.system(), inst["id"], release["id"])
-            done = {
+            values["endpoints"] = endpoints_of(replace(row, **values), reps)
+            await repo.update_instance(s, Scope.system(), inst.id, values)
+            await repo.activate_release(s, Scope.system(), inst.id, release.id)
+            done: Values = {
                 "state": "succeeded",
                 "finished_at": now(),
-                "progress": {**dep["progress"], "message": "succeeded"},
+                "progress": {**run.row.progress, "message": "succeeded"},
             }
-            await repo.update_deployment(s, Scope.system(), dep["id"], done)
-            dep.update(done)
-            if dep["is_rollback"]:
+            await repo.update_deployment(s, Scope.system(), run.row.id, done)
+            run.row = replace(run.row, **done)
+            if run.row.is_rollback:
                 left = await repo.last_succeeded_for_release(
-                    s, Scope.system(), inst["id"], dep["previous_release_id"]
+                    s, Scope.system(), inst.id, run.row.previous_release_id
                 )
-                if left is not None and left["id"] != dep["id"]:
-                    await repo.update_deployment(s, Scope.system(), left["id"], {"state": "rolled_back"})
-                await publish_deployment(
-                    self.outbox, s, "deploy.rolled_back", dep, version=release["version"]
-                )
-            else:
-                await publish_deployment(self.outbox, s, "deploy.succeeded", dep, version=release["version"])
-        await self.outbox.notify()
+                if left is not None and left.id != run.row.id:
+                    await repo.update_deployment(s, Scope.system(), left.id, {"state": "rolled_back"})
+            kind = "deploy.rolled_back" if run.row.is_rollback else "deploy.succeeded"
+            await publish_deployment(self.outbox, s, kind, run.row, version=release.version)
 
 
 class _Rollout:
@@ -288,16 +279,26 @@ class _Rollout:
     def __init__(
         self,
         ex: Executor,
-        dep: Row,
+        run: Run,
         provider: Provider,
         new: GroupSpec,
         old: GroupSpec,
         n: int,
-        checks: list[Row],
+        checks: list[HealthCheck],
     ):
-        self._ex, self._dep, self._provider = ex, dep, provider
+        self._ex, self._run, self._provider = ex, run, provider
         self._new, self._old, self._n, self._checks = new, old, n, checks
-        self._base = dep["progress"].get("ready_replicas", 0)
+        self._base = run.row.progress.get("ready_replicas", 0)
+
+    async def run(self) -> None:
+        """The deployment's strategy, over this service's groups."""
+        if self._n == 0:
+            await self.scale_old(0)
+            return
+        strategy = STRATEGIES.get(self._run.row.strategy)
+        if strategy is None:
+            raise GateFailed(f"unknown strategy {self._run.row.strategy!r}")
+        await strategy.run(self)
 
     @property
     def service(self) -> str:
@@ -308,7 +309,7 @@ class _Rollout:
         return self._n
 
     async def step(self) -> None:
-        await self._ex.check_cancel(self._dep)
+        await self._ex.check_cancel(self._run)
 
     async def new_running(self) -> int:
         return len(await self._ex.group_replicas(self._provider, self._new))
@@ -320,11 +321,10 @@ class _Rollout:
         await self._provider.scale_group(self._old, count)
 
     async def gate(self, count: int) -> None:
-        await self._ex.gate(self._dep, self._provider, self._new, count, self._checks)
+        await self._ex.gate(self._run, self._provider, self._new, count, self._checks)
 
     async def ready(self, ready: int, replaced: int, message: str) -> None:
-        await self._ex.progress(
-            self._dep,
+        await self._run.progress_to(
             ready_replicas=self._base + ready,
             replaced_replicas=self._base + replaced,
             message=message,

@@ -36,7 +36,7 @@ from services.instances import specs
 from services.instances.domain import InstancesDomain
 from services.instances.providers import Registry
 from services.instances.providers.base import Provider, ProviderError, Replica
-from services.instances.repository import Row, Scope, now
+from services.instances.repository import HealthCheck, HealthResult, Instance, Scope, now
 
 log = logging.getLogger("ctrlmesh.instances.health")
 
@@ -152,20 +152,20 @@ async def _command(target: str, limit_s: float, replica: Replica | None, provide
     return Outcome("unhealthy", ms, f"exit {code}: {tail}" if tail else f"exit {code}")
 
 
-async def execute(check: Row, replica: Replica | None, provider: Provider | None) -> Outcome:
+async def execute(check: HealthCheck, replica: Replica | None, provider: Provider | None) -> Outcome:
     """Run one check once against one replica; every failure is an unhealthy outcome."""
-    timeout = float(check["timeout_s"])
+    timeout = float(check.timeout_s)
     started = time.perf_counter()
     try:
-        if check["type"] == "http":
-            return await _http(check["target"], timeout, replica)
-        if check["type"] == "tcp":
-            return await _tcp(check["target"], timeout, replica)
-        if check["type"] == "grpc":
-            return await _grpc(check["target"], timeout, replica)
+        if check.type == "http":
+            return await _http(check.target, timeout, replica)
+        if check.type == "tcp":
+            return await _tcp(check.target, timeout, replica)
+        if check.type == "grpc":
+            return await _grpc(check.target, timeout, replica)
         if provider is None:
             raise LookupError("the instance's provider is not available")
-        return await _command(check["target"], timeout, replica, provider)
+        return await _command(check.target, timeout, replica, provider)
     except (TimeoutError, httpx.TimeoutException):
         return Outcome("unhealthy", (time.perf_counter() - started) * 1000, f"timed out after {timeout:g}s")
     except grpc.aio.AioRpcError as err:
@@ -174,11 +174,11 @@ async def execute(check: Row, replica: Replica | None, provider: Provider | None
         return Outcome("unhealthy", (time.perf_counter() - started) * 1000, str(err) or type(err).__name__)
 
 
-async def serving_replica(provider: Provider, instance: Row) -> Replica | None:
+async def serving_replica(provider: Provider, instance: Instance) -> Replica | None:
     """The replica checks go to: the main service's first running replica of the current release."""
-    main = specs.main_service(instance["spec"]["services"])["name"]
-    reps = [r for r in await provider.replicas(instance["id"]) if r.running and r.service == main]
-    current = [r for r in reps if r.release_id == instance["current_release"]]
+    main = specs.main_service(instance.spec["services"])["name"]
+    reps = [r for r in await provider.replicas(instance.id) if r.running and r.service == main]
+    current = [r for r in reps if r.release_id == instance.current_release]
     pool = current or reps
     return min(pool, key=lambda r: r.index) if pool else None
 
@@ -212,17 +212,17 @@ class Hub:
     """In-process fan-out of new results to watchers; a slow watcher loses results, never blocks."""
 
     def __init__(self, buffer: int = 16):
-        self._subs: dict[str, set[asyncio.Queue[Row]]] = defaultdict(set)
+        self._subs: dict[str, set[asyncio.Queue[HealthResult]]] = defaultdict(set)
         self._buffer = buffer
 
-    def publish(self, instance_id: str, result: Row) -> None:
+    def publish(self, instance_id: str, result: HealthResult) -> None:
         for q in list(self._subs.get(instance_id, ())):
             if q.full():
                 continue
             q.put_nowait(result)
 
-    async def subscribe(self, instance_id: str) -> AsyncIterator[Row]:
-        q: asyncio.Queue[Row] = asyncio.Queue(self._buffer)
+    async def subscribe(self, instance_id: str) -> AsyncIterator[HealthResult]:
+        q: asyncio.Queue[HealthResult] = asyncio.Queue(self._buffer)
         self._subs[instance_id].add(q)
         try:
             while True:
@@ -237,7 +237,7 @@ class Hub:
 class InstanceHealth:
     instance_id: str
     status: str
-    checks: list[tuple[Row, Row | None]]
+    checks: list[tuple[HealthCheck, HealthResult | None]]
     last_checked: Any
     uptime_percent: float
     consecutive_failures: int
@@ -265,7 +265,7 @@ class HealthDomain:
         timeout_s: float | None,
         retries: int | None,
         enabled: bool | None,
-    ) -> Row:
+    ) -> HealthCheck:
         """A check; what the caller leaves out takes the upstream defaults: every 30 s, a timeout
         of 5 s (at most the interval), 3 retries, enabled."""
         interval_s = DEFAULT_INTERVAL_S if interval_s is None else interval_s
@@ -273,17 +273,17 @@ class HealthDomain:
         retries = DEFAULT_RETRIES if retries is None else retries
         enabled = True if enabled is None else enabled
         inst = await self.instances.get(p, instance_id)
-        await self.instances.writable(p, inst["tenant_id"])
-        ports = {pt["container_port"] for svc in inst["spec"]["services"] for pt in svc["ports"]}
+        await self.instances.writable(p, inst.tenant_id)
+        ports = {pt["container_port"] for svc in inst.spec["services"] for pt in svc["ports"]}
         validate_target(type_, target, ports)
         if timeout_s > interval_s:
             raise InvalidArgument(
                 "timeout must not exceed interval", fields={"timeout": "at most the interval"}
             )
         t = now()
-        row = {
+        values = {
             "id": ids.new_id("chk"),
-            "tenant_id": inst["tenant_id"],
+            "tenant_id": inst.tenant_id,
             "instance_id": instance_id,
             "name": name,
             "type": type_,
@@ -297,26 +297,25 @@ class HealthDomain:
             "created_at": t,
             "updated_at": t,
         }
-        async with self.db.session() as s:
-            await repo.insert_check(s, row)
+        async with self.outbox.session() as s:
+            row = await repo.insert_check(s, values)
             await self.outbox.publish(
                 s,
                 "health.check_created",
                 resource="health_check",
-                resource_id=row["id"],
-                tenant_id=row["tenant_id"],
+                resource_id=row.id,
+                tenant_id=row.tenant_id,
                 account_id=repo.account_of(instance_id),
-                data={"id": row["id"], "instance_id": instance_id},
+                data={"id": row.id, "instance_id": instance_id},
             )
-        await self.outbox.notify()
         return row
 
-    async def list_checks(self, p: Principal, instance_id: str) -> list[Row]:
+    async def list_checks(self, p: Principal, instance_id: str) -> list[HealthCheck]:
         await self.instances.get(p, instance_id)
         async with self.db.session() as s:
             return await repo.list_checks(s, Scope.of(p), instance_id)
 
-    async def _check(self, p: Principal, check_id: str) -> Row:
+    async def _check(self, p: Principal, check_id: str) -> HealthCheck:
         async with self.db.session() as s:
             row = await repo.get_check(s, Scope.of(p), check_id)
         if row is None:
@@ -325,73 +324,69 @@ class HealthDomain:
 
     async def delete(self, p: Principal, check_id: str) -> None:
         check = await self._check(p, check_id)
-        await self.instances.writable(p, check["tenant_id"])
-        async with self.db.session() as s:
+        await self.instances.writable(p, check.tenant_id)
+        async with self.outbox.session() as s:
             await repo.delete_check(s, Scope.of(p), check_id)
-            await self._refresh_aggregate(s, check["instance_id"], check["tenant_id"])
-        await self.outbox.notify()
+            await self._refresh_aggregate(s, check.instance_id, check.tenant_id)
 
-    async def run_now(self, p: Principal, check_id: str) -> Row:
+    async def run_now(self, p: Principal, check_id: str) -> HealthResult:
         return await self.run(await self._check(p, check_id))
 
-    async def run(self, check: Row) -> Row:
+    async def run(self, check: HealthCheck) -> HealthResult:
         """Execute a check against the instance and record the result."""
         async with self.db.session() as s:
-            inst = await repo.get_instance(s, Scope.tenant(check["tenant_id"]), check["instance_id"])
+            inst = await repo.get_instance(s, Scope.tenant(check.tenant_id), check.instance_id)
         if inst is None:
-            raise not_found("instance", check["instance_id"])
-        provider = (
-            self.registry.get(inst["provider_name"]) if self.registry.has(inst["provider_name"]) else None
-        )
-        if inst["state"] != "running":
-            outcome = Outcome("unhealthy", 0.0, f"instance is {inst['state']}")
+            raise not_found("instance", check.instance_id)
+        provider = self.registry.get(inst.provider_name) if self.registry.has(inst.provider_name) else None
+        if inst.state != "running":
+            outcome = Outcome("unhealthy", 0.0, f"instance is {inst.state}")
         else:
             try:
                 replica = await serving_replica(provider, inst) if provider is not None else None
             except ProviderError as err:
                 replica = None
-                log.info("could not list replicas of %s: %s", inst["id"], err)
+                log.info("could not list replicas of %s: %s", inst.id, err)
             outcome = await execute(check, replica, provider)
         return await self.record(check, outcome)
 
-    async def record(self, check: Row, outcome: Outcome) -> Row:
-        result = {
-            "id": ids.new_id("hres"),
-            "tenant_id": check["tenant_id"],
-            "check_id": check["id"],
-            "instance_id": check["instance_id"],
-            "status": outcome.status,
-            "latency_ms": round(outcome.latency_ms, 3),
-            "message": outcome.message[:2000],
-            "status_code": outcome.status_code,
-            "checked_at": now(),
-        }
-        async with self.db.session() as s:
-            current = await repo.get_check(s, Scope.tenant(check["tenant_id"]), check["id"])
+    async def record(self, check: HealthCheck, outcome: Outcome) -> HealthResult:
+        result = HealthResult(
+            id=ids.new_id("hres"),
+            tenant_id=check.tenant_id,
+            check_id=check.id,
+            instance_id=check.instance_id,
+            status=outcome.status,
+            latency_ms=round(outcome.latency_ms, 3),
+            message=outcome.message[:2000],
+            status_code=outcome.status_code,
+            checked_at=now(),
+        )
+        async with self.outbox.session() as s:
+            current = await repo.get_check(s, Scope.tenant(check.tenant_id), check.id)
             if current is None:  # deleted meanwhile
                 return result
             await repo.insert_result(s, result)
-            failures = 0 if outcome.status == "healthy" else current["consecutive_failures"] + 1
+            failures = 0 if outcome.status == "healthy" else current.consecutive_failures + 1
             if outcome.status == "healthy":
                 status = "healthy"
-            elif failures >= max(1, current["retries"]):
+            elif failures >= max(1, current.retries):
                 status = "unhealthy"
             else:
-                status = current["status"]  # within its retries: keep what it was
+                status = current.status  # within its retries: keep what it was
             await repo.update_check(
                 s,
-                Scope.tenant(check["tenant_id"]),
-                check["id"],
+                Scope.tenant(check.tenant_id),
+                check.id,
                 {"consecutive_failures": failures, "status": status},
             )
-            await self._refresh_aggregate(s, check["instance_id"], check["tenant_id"], cause=check["id"])
-        await self.outbox.notify()
-        self.hub.publish(check["instance_id"], result)
+            await self._refresh_aggregate(s, check.instance_id, check.tenant_id, cause=check.id)
+        self.hub.publish(check.instance_id, result)
         return result
 
     async def _refresh_aggregate(self, s: Any, instance_id: str, tenant_id: str, cause: str = "") -> None:
         checks = await repo.list_checks(s, Scope.tenant(tenant_id), instance_id)
-        status = aggregate([c["status"] for c in checks if c["enabled"]])
+        status = aggregate([c.status for c in checks if c.enabled])
         previous = await repo.swap_instance_health(s, instance_id, tenant_id, status)
         event = transition_event(previous, status)
         if event:
@@ -409,23 +404,21 @@ class HealthDomain:
         await self.instances.get(p, instance_id)
         async with self.db.session() as s:
             checks = await repo.list_checks(s, Scope.of(p), instance_id)
-            latest = await repo.latest_results(s, Scope.of(p), [c["id"] for c in checks])
+            latest = await repo.latest_results(s, Scope.of(p), [c.id for c in checks])
             recent = await repo.recent_results(s, Scope.of(p), instance_id, now() - timedelta(hours=24))
-        status = aggregate([c["status"] for c in checks if c["enabled"]])
-        uptime = (
-            round(100.0 * sum(r["status"] == "healthy" for r in recent) / len(recent), 2) if recent else 0.0
-        )
+        status = aggregate([c.status for c in checks if c.enabled])
+        uptime = round(100.0 * sum(r.status == "healthy" for r in recent) / len(recent), 2) if recent else 0.0
         streak = 0
         for r in recent:  # newest first
-            if r["status"] == "healthy":
+            if r.status == "healthy":
                 break
             streak += 1
-        last = max((r["checked_at"] for r in latest.values()), default=None)
+        last = max((r.checked_at for r in latest.values()), default=None)
         return InstanceHealth(
-            instance_id, status, [(c, latest.get(c["id"])) for c in checks], last, uptime, streak
+            instance_id, status, [(c, latest.get(c.id)) for c in checks], last, uptime, streak
         )
 
-    async def watch(self, p: Principal, instance_id: str) -> AsyncIterator[Row]:
+    async def watch(self, p: Principal, instance_id: str) -> AsyncIterator[HealthResult]:
         await self.instances.get(p, instance_id)
         async for result in self.hub.subscribe(instance_id):
             yield result
@@ -444,14 +437,14 @@ class Runner:
         self._last_prune = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def _one(self, check: Row) -> None:
+    async def _one(self, check: HealthCheck) -> None:
         async with self._sem:
             try:
                 await self.health.run(check)
             except Exception:
-                log.warning("health check %s failed to run", check["id"], exc_info=True)
+                log.warning("health check %s failed to run", check.id, exc_info=True)
             finally:
-                self._busy.discard(check["id"])
+                self._busy.discard(check.id)
 
     async def run(self) -> None:
         await every("health runner", self.tick, self._pass, first=0, jitter=0)
@@ -463,15 +456,15 @@ class Runner:
                 await repo.prune_results(s, timedelta(hours=25))
                 self._last_prune = time.monotonic()
         t = time.monotonic()
-        live = {c["id"] for c in checks}
+        live = {c.id for c in checks}
         for cid in list(self._next):
             if cid not in live:
                 self._next.pop(cid, None)
         for c in checks:
-            due = self._next.setdefault(c["id"], t)
-            if due <= t and c["id"] not in self._busy:
-                self._busy.add(c["id"])
-                self._next[c["id"]] = t + float(c["interval_s"])
+            due = self._next.setdefault(c.id, t)
+            if due <= t and c.id not in self._busy:
+                self._busy.add(c.id)
+                self._next[c.id] = t + float(c.interval_s)
                 task = asyncio.create_task(self._one(c))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)

@@ -1,11 +1,14 @@
 """SQLAlchemy access to the instances schema. Every read of tenant data takes a `Scope`, so a row
-outside the caller's tenants is simply not found. Rows come back as plain dicts."""
+outside the caller's tenants is simply not found. Rows come back frozen (one dataclass per
+table, as in databases and accounts); writes take the changed columns as a dict. JSONB columns
+(`spec`, `labels`, `endpoints`, `snapshot`, `services`, `progress`) stay plain dicts and lists.
+System scans for the reconciler return only keys."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -27,7 +30,129 @@ from services.instances.models import (
     releases,
 )
 
-Row = dict[str, Any]
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+# The columns a write sets.
+Values = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One `instances` row. The quota columns are what ONE replica takes (models.py)."""
+
+    id: str
+    tenant_id: str
+    account_id: str
+    name: str
+    slug: str
+    provider_name: str
+    state: str
+    desired_state: str
+    image: str
+    cpu_millis: int
+    memory_mb: int
+    disk_mb: int
+    replicas: int
+    spec: dict[str, Any]
+    labels: dict[str, str]
+    suspended_at: datetime | None
+    suspend_reason: str
+    generation: int
+    observed_generation: int
+    current_release: str
+    endpoints: list[dict[str, Any]]
+    last_error: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Release:
+    id: str
+    tenant_id: str
+    instance_id: str
+    version: int
+    snapshot: dict[str, Any]
+    notes: str
+    commit_sha: str
+    active: bool
+    created_at: datetime
+    # Key → version of the secrets it last rolled out with (None before its first rollout).
+    secret_versions: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Deployment:
+    id: str
+    tenant_id: str
+    instance_id: str
+    release_id: str
+    previous_release_id: str
+    state: str
+    strategy: str
+    is_rollback: bool
+    services: list[dict[str, Any]]
+    progress: dict[str, Any]
+    notes: str
+    commit_sha: str
+    error: str
+    initiator: str
+    cancel_requested: bool
+    started_at: datetime | None
+    finished_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    id: str
+    tenant_id: str
+    instance_id: str
+    name: str
+    type: str
+    target: str
+    interval_s: float
+    timeout_s: float
+    retries: int
+    enabled: bool
+    status: str
+    consecutive_failures: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    id: str
+    tenant_id: str
+    check_id: str
+    instance_id: str
+    status: str
+    latency_ms: float
+    message: str
+    status_code: int
+    checked_at: datetime
+
+
+@dataclass(frozen=True)
+class ResultStatus:
+    """The part of a health result the uptime figures read."""
+
+    status: str
+    checked_at: datetime
+
+
+T = TypeVar("T", bound="DataclassInstance")
+
+
+def _row(cls: type[T], m: Any) -> T:
+    return cls(**{f.name: m[f.name] for f in fields(cls)})
+
+
+def _maybe(cls: type[T], m: Any) -> T | None:
+    return None if m is None else _row(cls, m)
 
 
 def account_of(instance_id: str) -> ColumnElement[str]:
@@ -85,12 +210,13 @@ def _scoped(q: Any, cond: ColumnElement[bool] | None) -> Any:
 # -- instances --------------------------------------------------------------------------------
 
 
-async def get_instance(s: AsyncSession, scope: Scope, instance_id: str, *, lock: bool = False) -> Row | None:
+async def get_instance(
+    s: AsyncSession, scope: Scope, instance_id: str, *, lock: bool = False
+) -> Instance | None:
     q = _scoped(select(instances).where(instances.c.id == instance_id), scope.instance_filter())
     if lock:
         q = q.with_for_update()
-    row = (await s.execute(q)).mappings().first()
-    return dict(row) if row else None
+    return _maybe(Instance, (await s.execute(q)).mappings().first())
 
 
 async def list_instances(
@@ -103,7 +229,7 @@ async def list_instances(
     tenant_id: str,
     after: str | None,
     limit: int,
-) -> tuple[list[Row], int]:
+) -> tuple[list[Instance], int]:
     q = _scoped(select(instances), scope.instance_filter())
     if state:
         q = q.where(instances.c.state == state)
@@ -117,15 +243,17 @@ async def list_instances(
     if after:
         q = q.where(instances.c.id < after)
     rows = (await s.execute(q.order_by(instances.c.id.desc()).limit(limit + 1))).mappings().all()
-    return [dict(r) for r in rows], int(total)
+    return [_row(Instance, r) for r in rows], int(total)
 
 
-async def insert_instance(s: AsyncSession, values: Row) -> None:
-    await s.execute(insert(instances).values(**values))
+async def insert_instance(s: AsyncSession, values: Values) -> Instance:
+    return _row(
+        Instance, (await s.execute(insert(instances).values(**values).returning(instances))).mappings().one()
+    )
 
 
 async def update_instance(
-    s: AsyncSession, scope: Scope, instance_id: str, values: Row, *, expect_state: str | None = None
+    s: AsyncSession, scope: Scope, instance_id: str, values: Values, *, expect_state: str | None = None
 ) -> bool:
     """Conditional on the state when given, so the worker never overwrites a newer decision."""
     q = _scoped(update(instances).where(instances.c.id == instance_id), scope.instance_filter())
@@ -160,7 +288,8 @@ async def tenant_usage(s: AsyncSession, tenant_id: str, *, exclude: str = "") ->
     return {"instances": int(n), "cpu_millis": int(cpu), "memory_mb": int(mem), "disk_mb": int(disk)}
 
 
-async def instances_needing_work(s: AsyncSession) -> list[Row]:
+async def instances_needing_work(s: AsyncSession) -> list[str]:
+    """Ids of the instances the reconciler has work for (a system scan: keys only)."""
     t = instances
     q = select(t.c.id).where(
         t.c.state.in_(("provisioning", "starting", "stopping", "destroying"))
@@ -168,17 +297,12 @@ async def instances_needing_work(s: AsyncSession) -> list[Row]:
         | ((t.c.state == "running") & (t.c.generation != t.c.observed_generation))
         | t.c.id.in_(select(deployments.c.instance_id).where(deployments.c.state.in_(("pending", "running"))))
     )
-    return [dict(r) for r in (await s.execute(q)).mappings().all()]
+    return list((await s.execute(q)).scalars().all())
 
 
-async def tenant_instances(s: AsyncSession, tenant_id: str) -> list[Row]:
+async def tenant_instances(s: AsyncSession, tenant_id: str) -> list[Instance]:
     rows = (await s.execute(select(instances).where(instances.c.tenant_id == tenant_id))).mappings().all()
-    return [dict(r) for r in rows]
-
-
-async def running_instances(s: AsyncSession) -> list[Row]:
-    rows = (await s.execute(select(instances).where(instances.c.state == "running"))).mappings().all()
-    return [dict(r) for r in rows]
+    return [_row(Instance, r) for r in rows]
 
 
 async def count_by_provider(s: AsyncSession) -> dict[str, int]:
@@ -199,25 +323,26 @@ async def next_release_version(s: AsyncSession, scope: Scope, instance_id: str) 
     return int(v or 0) + 1
 
 
-async def insert_release(s: AsyncSession, values: Row) -> None:
-    await s.execute(insert(releases).values(**values))
+async def insert_release(s: AsyncSession, values: Values) -> Release:
+    return _row(
+        Release, (await s.execute(insert(releases).values(**values).returning(releases))).mappings().one()
+    )
 
 
-async def get_release(s: AsyncSession, scope: Scope, release_id: str) -> Row | None:
+async def get_release(s: AsyncSession, scope: Scope, release_id: str) -> Release | None:
     q = _scoped(select(releases).where(releases.c.id == release_id), scope.child_filter(releases))
-    row = (await s.execute(q)).mappings().first()
-    return dict(row) if row else None
+    return _maybe(Release, (await s.execute(q)).mappings().first())
 
 
 async def list_releases(
     s: AsyncSession, scope: Scope, instance_id: str, after: str | None, limit: int
-) -> tuple[list[Row], int]:
+) -> tuple[list[Release], int]:
     q = _scoped(select(releases).where(releases.c.instance_id == instance_id), scope.child_filter(releases))
     total = await s.scalar(select(func.count()).select_from(q.subquery())) or 0
     if after:
         q = q.where(releases.c.id < after)
     rows = (await s.execute(q.order_by(releases.c.id.desc()).limit(limit + 1))).mappings().all()
-    return [dict(r) for r in rows], int(total)
+    return [_row(Release, r) for r in rows], int(total)
 
 
 async def activate_release(s: AsyncSession, scope: Scope, instance_id: str, release_id: str) -> None:
@@ -230,23 +355,23 @@ async def activate_release(s: AsyncSession, scope: Scope, instance_id: str, rele
 # -- deployments ------------------------------------------------------------------------------
 
 
-async def insert_deployment(s: AsyncSession, values: Row) -> None:
-    await s.execute(insert(deployments).values(**values))
+async def insert_deployment(s: AsyncSession, values: Values) -> Deployment:
+    stmt = insert(deployments).values(**values).returning(deployments)
+    return _row(Deployment, (await s.execute(stmt)).mappings().one())
 
 
 async def get_deployment(
     s: AsyncSession, scope: Scope, deployment_id: str, *, lock: bool = False
-) -> Row | None:
+) -> Deployment | None:
     q = _scoped(select(deployments).where(deployments.c.id == deployment_id), scope.child_filter(deployments))
     if lock:
         q = q.with_for_update()
-    row = (await s.execute(q)).mappings().first()
-    return dict(row) if row else None
+    return _maybe(Deployment, (await s.execute(q)).mappings().first())
 
 
 async def list_deployments(
     s: AsyncSession, scope: Scope, instance_id: str, after: str | None, limit: int
-) -> tuple[list[Row], int]:
+) -> tuple[list[Deployment], int]:
     q = _scoped(
         select(deployments).where(deployments.c.instance_id == instance_id), scope.child_filter(deployments)
     )
@@ -254,25 +379,26 @@ async def list_deployments(
     if after:
         q = q.where(deployments.c.id < after)
     rows = (await s.execute(q.order_by(deployments.c.id.desc()).limit(limit + 1))).mappings().all()
-    return [dict(r) for r in rows], int(total)
+    return [_row(Deployment, r) for r in rows], int(total)
 
 
-async def in_flight_deployment(s: AsyncSession, scope: Scope, instance_id: str) -> Row | None:
+async def in_flight_deployment(s: AsyncSession, scope: Scope, instance_id: str) -> Deployment | None:
     q = select(deployments).where(
         deployments.c.instance_id == instance_id, deployments.c.state.in_(("pending", "running"))
     )
-    row = (await s.execute(_scoped(q, scope.child_filter(deployments)))).mappings().first()
-    return dict(row) if row else None
+    return _maybe(
+        Deployment, (await s.execute(_scoped(q, scope.child_filter(deployments)))).mappings().first()
+    )
 
 
-async def update_deployment(s: AsyncSession, scope: Scope, deployment_id: str, values: Row) -> None:
+async def update_deployment(s: AsyncSession, scope: Scope, deployment_id: str, values: Values) -> None:
     q = _scoped(update(deployments).where(deployments.c.id == deployment_id), scope.child_filter(deployments))
     await s.execute(q.values(updated_at=now(), **values))
 
 
 async def last_succeeded_for_release(
     s: AsyncSession, scope: Scope, instance_id: str, release_id: str
-) -> Row | None:
+) -> Deployment | None:
     q = (
         select(deployments)
         .where(
@@ -283,8 +409,9 @@ async def last_succeeded_for_release(
         .order_by(deployments.c.id.desc())
         .limit(1)
     )
-    row = (await s.execute(_scoped(q, scope.child_filter(deployments)))).mappings().first()
-    return dict(row) if row else None
+    return _maybe(
+        Deployment, (await s.execute(_scoped(q, scope.child_filter(deployments)))).mappings().first()
+    )
 
 
 async def count_recent_deployments(s: AsyncSession, scope: Scope, instance_id: str, since: datetime) -> int:
@@ -299,34 +426,34 @@ async def count_recent_deployments(s: AsyncSession, scope: Scope, instance_id: s
 # -- health -----------------------------------------------------------------------------------
 
 
-async def insert_check(s: AsyncSession, values: Row) -> None:
-    await s.execute(insert(health_checks).values(**values))
+async def insert_check(s: AsyncSession, values: Values) -> HealthCheck:
+    stmt = insert(health_checks).values(**values).returning(health_checks)
+    return _row(HealthCheck, (await s.execute(stmt)).mappings().one())
 
 
-async def get_check(s: AsyncSession, scope: Scope, check_id: str) -> Row | None:
+async def get_check(s: AsyncSession, scope: Scope, check_id: str) -> HealthCheck | None:
     q = _scoped(
         select(health_checks).where(health_checks.c.id == check_id), scope.child_filter(health_checks)
     )
-    row = (await s.execute(q)).mappings().first()
-    return dict(row) if row else None
+    return _maybe(HealthCheck, (await s.execute(q)).mappings().first())
 
 
-async def list_checks(s: AsyncSession, scope: Scope, instance_id: str) -> list[Row]:
+async def list_checks(s: AsyncSession, scope: Scope, instance_id: str) -> list[HealthCheck]:
     q = _scoped(
         select(health_checks).where(health_checks.c.instance_id == instance_id),
         scope.child_filter(health_checks),
     )
     rows = (await s.execute(q.order_by(health_checks.c.id))).mappings().all()
-    return [dict(r) for r in rows]
+    return [_row(HealthCheck, r) for r in rows]
 
 
-async def enabled_checks(s: AsyncSession) -> list[Row]:
+async def enabled_checks(s: AsyncSession) -> list[HealthCheck]:
     q = (
         select(health_checks)
         .join(instances, instances.c.id == health_checks.c.instance_id)
         .where(health_checks.c.enabled, instances.c.state == "running")
     )
-    return [dict(r) for r in (await s.execute(q)).mappings().all()]
+    return [_row(HealthCheck, r) for r in (await s.execute(q)).mappings().all()]
 
 
 async def delete_check(s: AsyncSession, scope: Scope, check_id: str) -> None:
@@ -336,18 +463,18 @@ async def delete_check(s: AsyncSession, scope: Scope, check_id: str) -> None:
     await s.execute(_scoped(q, scope.child_filter(health_checks)))
 
 
-async def update_check(s: AsyncSession, scope: Scope, check_id: str, values: Row) -> None:
+async def update_check(s: AsyncSession, scope: Scope, check_id: str, values: Values) -> None:
     q = _scoped(
         update(health_checks).where(health_checks.c.id == check_id), scope.child_filter(health_checks)
     )
     await s.execute(q.values(updated_at=now(), **values))
 
 
-async def insert_result(s: AsyncSession, values: Row) -> None:
-    await s.execute(insert(health_results).values(**values))
+async def insert_result(s: AsyncSession, result: HealthResult) -> None:
+    await s.execute(insert(health_results).values(**asdict(result)))
 
 
-async def latest_results(s: AsyncSession, scope: Scope, check_ids: list[str]) -> dict[str, Row]:
+async def latest_results(s: AsyncSession, scope: Scope, check_ids: list[str]) -> dict[str, HealthResult]:
     if not check_ids:
         return {}
     q = (
@@ -357,18 +484,19 @@ async def latest_results(s: AsyncSession, scope: Scope, check_ids: list[str]) ->
         .order_by(health_results.c.check_id, health_results.c.checked_at.desc())
     )
     q = _scoped(q, scope.child_filter(health_results))
-    return {r["check_id"]: dict(r) for r in (await s.execute(q)).mappings().all()}
+    return {r["check_id"]: _row(HealthResult, r) for r in (await s.execute(q)).mappings().all()}
 
 
-async def recent_results(s: AsyncSession, scope: Scope, instance_id: str, since: datetime) -> list[Row]:
+async def recent_results(
+    s: AsyncSession, scope: Scope, instance_id: str, since: datetime
+) -> list[ResultStatus]:
     q = (
         select(health_results.c.status, health_results.c.checked_at)
         .where(health_results.c.instance_id == instance_id, health_results.c.checked_at >= since)
         .order_by(health_results.c.checked_at.desc())
     )
-    return [
-        dict(r) for r in (await s.execute(_scoped(q, scope.child_filter(health_results)))).mappings().all()
-    ]
+    rows = (await s.execute(_scoped(q, scope.child_filter(health_results)))).mappings().all()
+    return [_row(ResultStatus, r) for r in rows]
 
 
 async def prune_results(s: AsyncSession, keep: timedelta) -> None:
@@ -394,17 +522,13 @@ async def swap_instance_health(s: AsyncSession, instance_id: str, tenant_id: str
 # -- providers and cursors --------------------------------------------------------------------
 
 
-async def upsert_provider(s: AsyncSession, values: Row) -> None:
+async def upsert_provider(s: AsyncSession, values: Values) -> None:
     stmt = pg_insert(providers).values(**values)
     await s.execute(
         stmt.on_conflict_do_update(
             index_elements=["name"], set_={k: v for k, v in values.items() if k != "name"}
         )
     )
-
-
-async def list_providers(s: AsyncSession) -> list[Row]:
-    return [dict(r) for r in (await s.execute(select(providers).order_by(providers.c.name))).mappings().all()]
 
 
 async def get_cursor(s: AsyncSession, name: str) -> int | None:

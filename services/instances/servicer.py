@@ -19,7 +19,7 @@ from services.instances.deployments import DeploymentsDomain
 from services.instances.domain import InstancesDomain
 from services.instances.health import HealthDomain
 from services.instances.provider_status import ProvidersDomain
-from services.instances.repository import Row
+from services.instances.repository import Deployment, HealthCheck, HealthResult, Instance, Release
 from services.instances.telemetry import Dashboard, Entry, Snapshot, TelemetryDomain
 
 
@@ -68,12 +68,12 @@ def service_spec(s: dict[str, Any]) -> pb.ServiceSpec:
     )
 
 
-def instance(row: Row) -> pb.Instance:
-    services = row["spec"].get("services") or []
+def instance(row: Instance) -> pb.Instance:
+    services = row.spec.get("services") or []
     main = specs.main_service(services) if services else None
     # The main service's ports, each with the host port of its first serving replica.
     host: dict[int, int] = {}
-    for e in row["endpoints"]:
+    for e in row.endpoints:
         if main is not None and e["service_name"] == main["name"]:
             host.setdefault(e.get("container_port", 0), e["port"])
     ports = [
@@ -85,19 +85,19 @@ def instance(row: Row) -> pb.Instance:
         for p in (main["ports"] if main else [])
     ]
     return pb.Instance(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        name=row["name"],
-        slug=row["slug"],
-        provider_name=row["provider_name"],
-        state=row["state"],
-        state_reason=row.get("last_error") or "",
-        image=row["image"],
+        id=row.id,
+        tenant_id=row.tenant_id,
+        name=row.name,
+        slug=row.slug,
+        provider_name=row.provider_name,
+        state=row.state,
+        state_reason=row.last_error,
+        image=row.image,
         resources=resources(main["resources"]) if main else None,
-        replicas=row["replicas"],
+        replicas=row.replicas,
         ports=ports,
         env=main["env"] if main else {},
-        labels=row["labels"],
+        labels=row.labels,
         services=[service_spec(s) for s in services],
         endpoints=[
             pb.Endpoint(
@@ -107,30 +107,30 @@ def instance(row: Row) -> pb.Instance:
                 protocol=e["protocol"],
                 public=e["public"],
             )
-            for e in row["endpoints"]
+            for e in row.endpoints
         ],
-        current_release=row["current_release"],
-        suspended_at=ts(row["suspended_at"]),
-        suspend_reason=row["suspend_reason"],
-        created_at=ts(row["created_at"]),
-        updated_at=ts(row["updated_at"]),
+        current_release=row.current_release,
+        suspended_at=ts(row.suspended_at),
+        suspend_reason=row.suspend_reason,
+        created_at=ts(row.created_at),
+        updated_at=ts(row.updated_at),
     )
 
 
-def deployment(row: Row) -> pb.Deployment:
-    prog = row["progress"] or {}
-    main = row["services"][0] if row["services"] else {}
+def deployment(row: Deployment) -> pb.Deployment:
+    prog = row.progress or {}
+    main = row.services[0] if row.services else {}
     return pb.Deployment(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        instance_id=row["instance_id"],
-        release_id=row["release_id"],
-        state=row["state"],
-        strategy=row["strategy"],
+        id=row.id,
+        tenant_id=row.tenant_id,
+        instance_id=row.instance_id,
+        release_id=row.release_id,
+        state=row.state,
+        strategy=row.strategy,
         image=main.get("image", ""),
         env=main.get("env") or {},
-        notes=row["notes"],
-        commit_sha=row["commit_sha"],
+        notes=row.notes,
+        commit_sha=row.commit_sha,
         progress=pb.DeploymentProgress(
             total_replicas=prog.get("total_replicas", 0),
             ready_replicas=prog.get("ready_replicas", 0),
@@ -138,75 +138,75 @@ def deployment(row: Row) -> pb.Deployment:
             services=prog.get("services") or {},
             message=prog.get("message", ""),
         ),
-        error=row["error"],
-        initiator=row["initiator"],
-        started_at=ts(row["started_at"]),
-        finished_at=ts(row["finished_at"]),
-        created_at=ts(row["created_at"]),
-        updated_at=ts(row["updated_at"]),
+        error=row.error,
+        initiator=row.initiator,
+        started_at=ts(row.started_at),
+        finished_at=ts(row.finished_at),
+        created_at=ts(row.created_at),
+        updated_at=ts(row.updated_at),
         services=[
             pb.ServiceDeploySpec(name=s["name"], image=s["image"], env=s.get("env") or {})
-            for s in row["services"]
+            for s in row.services
         ],
     )
 
 
-def release(row: Row) -> pb.Release:
-    services = row["snapshot"]["services"]
+def release(row: Release) -> pb.Release:
+    services = row.snapshot["services"]
     main = specs.main_service(services)
     return pb.Release(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        instance_id=row["instance_id"],
-        version=row["version"],
+        id=row.id,
+        tenant_id=row.tenant_id,
+        instance_id=row.instance_id,
+        version=row.version,
         image=main["image"],
         env=main["env"],
         services=[service_spec(s) for s in services],
         resources=resources(main["resources"]),
-        replicas=row["snapshot"].get("replicas", 1),
-        notes=row["notes"],
-        commit_sha=row["commit_sha"],
-        active=row["active"],
-        created_at=ts(row["created_at"]),
-        secret_versions=row.get("secret_versions") or {},
+        replicas=row.snapshot.get("replicas", 1),
+        notes=row.notes,
+        commit_sha=row.commit_sha,
+        active=row.active,
+        created_at=ts(row.created_at),
+        secret_versions=row.secret_versions or {},
     )
 
 
-def check(row: Row) -> pb.HealthCheck:
+def check(row: HealthCheck) -> pb.HealthCheck:
     return pb.HealthCheck(
-        id=row["id"],
-        tenant_id=row["tenant_id"],
-        instance_id=row["instance_id"],
-        name=row["name"],
-        type=row["type"],
-        target=row["target"],
-        interval=dur_s(row["interval_s"]),
-        timeout=dur_s(row["timeout_s"]),
-        retries=row["retries"],
-        enabled=row["enabled"],
-        created_at=ts(row["created_at"]),
-        updated_at=ts(row["updated_at"]),
+        id=row.id,
+        tenant_id=row.tenant_id,
+        instance_id=row.instance_id,
+        name=row.name,
+        type=row.type,
+        target=row.target,
+        interval=dur_s(row.interval_s),
+        timeout=dur_s(row.timeout_s),
+        retries=row.retries,
+        enabled=row.enabled,
+        created_at=ts(row.created_at),
+        updated_at=ts(row.updated_at),
     )
 
 
-def result(row: Row) -> pb.HealthResult:
+def result(row: HealthResult) -> pb.HealthResult:
     return pb.HealthResult(
-        id=row["id"],
-        check_id=row["check_id"],
-        instance_id=row["instance_id"],
-        status=row["status"],
-        latency=dur_ms(row["latency_ms"]),
-        message=row["message"],
-        status_code=row["status_code"],
-        checked_at=ts(row["checked_at"]),
+        id=row.id,
+        check_id=row.check_id,
+        instance_id=row.instance_id,
+        status=row.status,
+        latency=dur_ms(row.latency_ms),
+        message=row.message,
+        status_code=row.status_code,
+        checked_at=ts(row.checked_at),
     )
 
 
 def snapshot(s: Snapshot) -> pb.ResourceSnapshot:
     u = s.usage
     return pb.ResourceSnapshot(
-        instance_id=s.instance["id"],
-        tenant_id=s.instance["tenant_id"],
+        instance_id=s.instance.id,
+        tenant_id=s.instance.tenant_id,
         cpu_percent=u.cpu_percent,
         memory_used_mb=u.memory_used_mb,
         memory_limit_mb=u.memory_limit_mb,
@@ -216,7 +216,7 @@ def snapshot(s: Snapshot) -> pb.ResourceSnapshot:
     )
 
 
-def log_entry(inst: Row, e: Entry) -> pb.LogEntry:
+def log_entry(inst: Instance, e: Entry) -> pb.LogEntry:
     fields = None
     if e.fields:
         fields = struct_pb2.Struct()
@@ -224,8 +224,8 @@ def log_entry(inst: Row, e: Entry) -> pb.LogEntry:
             {k: v for k, v in e.fields.items() if isinstance(v, str | int | float | bool) or v is None}
         )
     return pb.LogEntry(
-        instance_id=inst["id"],
-        tenant_id=inst["tenant_id"],
+        instance_id=inst.id,
+        tenant_id=inst.tenant_id,
         level=e.level,
         message=e.line.message,
         fields=fields,
@@ -428,10 +428,10 @@ class HealthService(rpc.HealthServiceServicer):
             status=h.status,
             checks=[
                 pb.CheckSummary(
-                    check_id=c["id"],
-                    name=c["name"],
-                    status=c["status"],
-                    latency=dur_ms(last["latency_ms"]) if last else None,
+                    check_id=c.id,
+                    name=c.name,
+                    status=c.status,
+                    latency=dur_ms(last.latency_ms) if last else None,
                     last_result=result(last) if last else None,
                 )
                 for c, last in h.checks
@@ -505,7 +505,7 @@ class TelemetryService(rpc.TelemetryServiceServicer):
         d: Dashboard = await self.d.dashboard(principals.current(), request.id)
         # Request rates, latencies and alerts have no source yet; they stay at their zero value.
         return pb.DashboardData(
-            instance_id=d.instance["id"],
+            instance_id=d.instance.id,
             resources=snapshot(d.snapshot) if d.snapshot else None,
             health_status=d.health_status,
             uptime_percent=d.uptime_percent,

@@ -22,7 +22,7 @@ from services.instances.domain import InstancesDomain
 from services.instances.health import HealthDomain
 from services.instances.providers import Registry
 from services.instances.providers.base import LogLine, ProviderError, Usage
-from services.instances.repository import Row, Scope, now
+from services.instances.repository import Instance, Scope, now
 
 LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3}
 _WORD = re.compile(r"\b(DEBUG|TRACE|INFO|WARN|WARNING|ERROR|ERR|FATAL|CRITICAL|PANIC)\b", re.IGNORECASE)
@@ -63,14 +63,14 @@ class Entry:
 
 @dataclass
 class Snapshot:
-    instance: Row
+    instance: Instance
     usage: Usage
     taken_at: datetime
 
 
 @dataclass
 class Dashboard:
-    instance: Row
+    instance: Instance
     snapshot: Snapshot | None
     health_status: str
     uptime_percent: float
@@ -86,7 +86,7 @@ class TelemetryDomain:
 
     async def resources(self, p: Principal, instance_id: str) -> Snapshot:
         inst = await self.instances.get(p, instance_id)
-        provider = self.registry.get(inst["provider_name"])
+        provider = self.registry.get(inst.provider_name)
         try:
             usage = await provider.usage(instance_id)
         except ProviderError as err:
@@ -105,7 +105,7 @@ class TelemetryDomain:
         self, p: Principal, instance_id: str, *, level: str, limit: int, since: datetime | None
     ) -> list[Entry]:
         inst = await self.instances.get(p, instance_id)
-        provider = self.registry.get(inst["provider_name"])
+        provider = self.registry.get(inst.provider_name)
         n = limit or 100
         out: list[Entry] = []
         # Ask for more than `n` when filtering by level, so the filter still fills the page.
@@ -122,7 +122,7 @@ class TelemetryDomain:
         self, p: Principal, instance_id: str, *, tail: int, follow: bool, level: str
     ) -> AsyncIterator[Entry]:
         inst = await self.instances.get(p, instance_id)
-        provider = self.registry.get(inst["provider_name"])
+        provider = self.registry.get(inst.provider_name)
         async for line in provider.logs(instance_id, tail=tail, since=None, follow=follow):
             lvl, fields = level_of(line.message)
             if level and LEVELS.get(lvl, 1) < LEVELS[level]:

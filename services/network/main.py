@@ -37,6 +37,9 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     async def rewrap_loop() -> None:
         await every("secret re-wrap", rewrap_every, secret_domain.rewrap_pass, first=0)
 
+    async def orphan_loop() -> None:
+        await every("orphaned secrets sweep", 300, secret_domain.sweep_orphans, first=30)
+
     def register(server: grpc.aio.Server) -> list[str]:
         return [
             *secrets_servicer.register(server, secret_domain),
@@ -44,7 +47,12 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
             *register_resources(server, rt.db, SPEC),
         ]
 
-    service = Service(name="network", register=register, events=box, background=[rewrap_loop])
+    service = Service(
+        name="network",
+        register=register,
+        events=box,
+        background=[rewrap_loop, secret_domain.follow_deletions, orphan_loop],
+    )
     return service, remote_audit_sink(rt)
 
 

@@ -64,6 +64,38 @@ def bounded_sync(name: str, fn: Callable[[], dict[str, Any]], timeout: float = C
         emit(name, **result[0])
 
 
+def run_sync(checks: list[Callable[[], dict[str, Any]]]) -> None:
+    """Each check in order, named by its function, each bounded."""
+    for check in checks:
+        bounded_sync(check.__name__, check)
+
+
+async def run_async(checks: list[Callable[[], Awaitable[dict[str, Any]]]]) -> None:
+    for check in checks:
+        await bounded_async(check.__name__, check())
+
+
+async def until_sleeping(sleepers: Callable[[], Awaitable[Any]]) -> None:
+    """Wait until a second connection sees the sleep running (at most SLEEP_SEEN_WITHIN)."""
+    deadline = time.monotonic() + SLEEP_SEEN_WITHIN
+    while await sleepers() != 1:
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.02)
+
+
+async def cancel_task(task: asyncio.Task[Any]) -> float | None:
+    """Cancel the task running a query: when it was cancelled (monotonic), or None when it had
+    ended by itself."""
+    t0 = time.monotonic()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        return t0
+    return None
+
+
 async def bounded_async(name: str, coro: Awaitable[dict[str, Any]]) -> None:
     try:
         async with asyncio.timeout(CHECK_TIMEOUT):
@@ -95,6 +127,19 @@ def psycopg_conninfo(a: argparse.Namespace) -> str:
     )
 
 
+def psycopg_connected(conn: Any, row: Any) -> dict[str, Any]:
+    """What the connect check reports for either psycopg connection class."""
+    import psycopg
+
+    return {
+        "user": row[0],
+        "database": row[1],
+        "tls": conn.pgconn.ssl_in_use,
+        "libpq": psycopg.pq.version(),
+        "impl": psycopg.pq.__impl__,
+    }
+
+
 def psycopg_sync(a: argparse.Namespace) -> None:
     import psycopg
 
@@ -109,13 +154,7 @@ def psycopg_sync(a: argparse.Namespace) -> None:
         conn.execute("create table kv (k int primary key, v text)")
         conn.execute("insert into kv values (1, 'v0')")
         conn.commit()
-        return {
-            "user": row[0],
-            "database": row[1],
-            "tls": conn.pgconn.ssl_in_use,
-            "libpq": psycopg.pq.version(),
-            "impl": psycopg.pq.__impl__,
-        }
+        return psycopg_connected(conn, row)
 
     def param() -> dict[str, Any]:
         row = conn.execute(PARAM_SQL.format(a="%s", b="%s"), (41, "hi")).fetchone()
@@ -167,15 +206,7 @@ def psycopg_sync(a: argparse.Namespace) -> None:
         finally:
             timer.join(SLEEP_SEEN_WITHIN + 5)
 
-    for name, fn in [
-        ("connect", connect),
-        ("param", param),
-        ("large", large),
-        ("prepared", prepared),
-        ("rollback", rollback),
-        ("cancel", cancel),
-    ]:
-        bounded_sync(name, fn)
+    run_sync([connect, param, large, prepared, rollback, cancel])
     conn.close()
 
 
@@ -203,13 +234,7 @@ async def psycopg_async(a: argparse.Namespace) -> None:
         await conn.execute("create table kv (k int primary key, v text)")
         await conn.execute("insert into kv values (1, 'v0')")
         await conn.commit()
-        return {
-            "user": row[0],
-            "database": row[1],
-            "tls": conn.pgconn.ssl_in_use,
-            "libpq": psycopg.pq.version(),
-            "impl": psycopg.pq.__impl__,
-        }
+        return psycopg_connected(conn, row)
 
     async def param() -> dict[str, Any]:
         row = await one(PARAM_SQL.format(a="%s", b="%s"), (41, "hi"))
@@ -242,11 +267,12 @@ async def psycopg_async(a: argparse.Namespace) -> None:
     async def cancel() -> dict[str, Any]:
         async def later() -> None:
             async with await psycopg.AsyncConnection.connect(psycopg_conninfo(a), autocommit=True) as w:
-                deadline = time.monotonic() + SLEEP_SEEN_WITHIN
-                while await (await w.execute(SLEEPERS_SQL)).fetchone() != (1,):
-                    if time.monotonic() > deadline:
-                        break
-                    await asyncio.sleep(0.02)
+
+                async def sleepers() -> Any:
+                    row = await (await w.execute(SLEEPERS_SQL)).fetchone()
+                    return row[0] if row else None
+
+                await until_sleeping(sleepers)
             await conn.cancel_safe()
 
         canceller = asyncio.create_task(later())
@@ -263,15 +289,7 @@ async def psycopg_async(a: argparse.Namespace) -> None:
         finally:
             await canceller
 
-    for name, check in [
-        ("connect", connect),
-        ("param", param),
-        ("large", large),
-        ("prepared", prepared),
-        ("rollback", rollback),
-        ("cancel", cancel),
-    ]:
-        await bounded_async(name, check())
+    await run_async([connect, param, large, prepared, rollback, cancel])
     await conn.close()
 
 
@@ -283,11 +301,10 @@ def ssl_context(a: argparse.Namespace) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=a.ca)
 
 
-async def asyncpg_driver(a: argparse.Namespace) -> None:
+async def asyncpg_connect(a: argparse.Namespace) -> Any:
     import asyncpg
 
-    # The default statement cache: every query below is prepared on the server and reused.
-    conn = await asyncpg.connect(
+    return await asyncpg.connect(
         host=a.host,
         port=a.port,
         user=a.user,
@@ -296,6 +313,13 @@ async def asyncpg_driver(a: argparse.Namespace) -> None:
         ssl=ssl_context(a),
         timeout=45,
     )
+
+
+async def asyncpg_driver(a: argparse.Namespace) -> None:
+    import asyncpg
+
+    # The default statement cache: every query below is prepared on the server and reused.
+    conn = await asyncpg_connect(a)
     if a.phase == "wake":
 
         async def wake() -> dict[str, Any]:
@@ -347,28 +371,12 @@ async def asyncpg_driver(a: argparse.Namespace) -> None:
         tx = conn.transaction()
         await tx.start()
         task = asyncio.create_task(conn.fetchval(SLEEP_SQL))
-        watcher = await asyncpg.connect(
-            host=a.host,
-            port=a.port,
-            user=a.user,
-            password=a.password,
-            database=a.database,
-            ssl=ssl_context(a),
-            timeout=45,
-        )
-        deadline = time.monotonic() + SLEEP_SEEN_WITHIN
-        while await watcher.fetchval(SLEEPERS_SQL) != 1:
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.02)
+        watcher = await asyncpg_connect(a)
+        await until_sleeping(lambda: watcher.fetchval(SLEEPERS_SQL))
         await watcher.close()
-        t0 = time.monotonic()
-        task.cancel()
-        try:
-            await task
+        t0 = await cancel_task(task)
+        if t0 is None:
             return {"error": "pg_sleep was not cancelled"}
-        except asyncio.CancelledError:
-            pass
         try:
             await conn.fetchval("select 1")
             return {"error": "pg_sleep ended without an error"}
@@ -379,15 +387,7 @@ async def asyncpg_driver(a: argparse.Namespace) -> None:
         after = await conn.fetchval("select 1")
         return {"sqlstate": sqlstate, "seconds": round(took, 2), "after": after}
 
-    for name, check in [
-        ("connect", connect),
-        ("param", param),
-        ("large", large),
-        ("prepared", prepared),
-        ("rollback", rollback),
-        ("cancel", cancel),
-    ]:
-        await bounded_async(name, check())
+    await run_async([connect, param, large, prepared, rollback, cancel])
     await conn.close()
 
 

@@ -18,11 +18,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from tests.clients.py_drivers import (
     LARGE_ROWS,
-    SLEEP_SEEN_WITHIN,
     SLEEP_SQL,
     SLEEPERS_SQL,
     bounded_async,
+    cancel_task,
+    run_async,
     ssl_context,
+    until_sleeping,
 )
 
 
@@ -115,18 +117,14 @@ async def sqlalchemy_driver(a: argparse.Namespace) -> None:
 
         task = asyncio.create_task(sleep())
         async with engine.connect() as watcher:
-            deadline = time.monotonic() + SLEEP_SEEN_WITHIN
-            while (await watcher.execute(text(SLEEPERS_SQL))).scalar_one() != 1:
-                if time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.02)
-        t0 = time.monotonic()
-        task.cancel()
-        try:
-            await task
+
+            async def sleepers() -> Any:
+                return (await watcher.execute(text(SLEEPERS_SQL))).scalar_one()
+
+            await until_sleeping(sleepers)
+        t0 = await cancel_task(task)
+        if t0 is None:
             return {"error": "pg_sleep was not cancelled"}
-        except asyncio.CancelledError:
-            pass
         async with engine.connect() as c:
             after = (await c.execute(text("select 1"))).scalar_one()
             sleeping = -1
@@ -135,13 +133,5 @@ async def sqlalchemy_driver(a: argparse.Namespace) -> None:
                 await asyncio.sleep(0.05)
         return {"sleeping_after": sleeping, "seconds": round(time.monotonic() - t0, 2), "after": after}
 
-    for name, check in [
-        ("connect", connect),
-        ("param", param),
-        ("large", large),
-        ("prepared", prepared),
-        ("rollback", rollback),
-        ("cancel", cancel),
-    ]:
-        await bounded_async(name, check())
+    await run_async([connect, param, large, prepared, rollback, cancel])
     await engine.dispose()

@@ -3,14 +3,16 @@ platform writes to is searched for them: zero hits.
 
 The canaries are the tenant's PG passwords (before and after a rotation, and a wrong one a user
 typed), API key tokens (account and tenant keys, one sent as `?token=`, one revoked, one that
-was never valid), a secret value sent to the secrets route, and the platform's own secrets (the
-internal signing secret, the embedded PostgreSQL superuser password, the PG Gateway's TLS private
-keys). The sinks are the captured output of every process at DEBUG level, every log file the
-mesh wrote, the OTLP trace export, every `/metrics` page and a `pg_dumpall` of the control-plane
-PostgreSQL.
+was never valid), instance secret values (env and file, set, rotated and injected), and the
+platform's own secrets (the internal signing secret, the embedded PostgreSQL superuser password,
+the PG Gateway's TLS private keys). The sinks are the captured output of every process at DEBUG level, every log file the
+mesh wrote, the OTLP trace export, every `/metrics` page, a `pg_dumpall` of the control-plane
+PostgreSQL and every API answer about the secrets.
 
-To cover a new kind of secret (the network service's secret values and certificate keys once
-they exist), add an `Exercise` that sends it through its routes and returns its canaries.
+The instances' secret values (env and file) are set, rotated and injected into a real container
+by a rollout, and every answer of the API about them is searched too. To cover a new kind of
+secret (certificate keys once they exist), add an exercise that sends it through its routes and
+adds its canaries.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import pytest
 from libs.embedded_pg import PASSWORD_FILE, find_pg_bindir
 from libs.settings import SERVICES
 from tests.fixtures.api import create_account, unique
+from tests.fixtures.docker import engine_containers
+from tests.fixtures.instances import MESH_ENV, create_running, make_tenant, wait_deployment
 from tests.fixtures.mesh import Mesh
 from tests.fixtures.otlp import Collector
 
@@ -50,10 +54,18 @@ class Canaries:
 
 
 @pytest.fixture(scope="module")
-def canary_mesh(mesh_builder: Callable[..., Mesh]) -> Iterator[tuple[Mesh, Collector]]:
-    """A private mesh at DEBUG log level, exporting traces to an in-test OTLP receiver."""
+def canary_mesh(mesh_builder: Callable[..., Mesh], docker_host: str) -> Iterator[tuple[Mesh, Collector]]:
+    """A private mesh at DEBUG log level, exporting traces to an in-test OTLP receiver, with the
+    instances service on the test engine (secret values go through a real rollout)."""
     collector = Collector()
-    m = mesh_builder(CTRLMESH_LOG_LEVEL="DEBUG", CTRLMESH_IDLE_TIMEOUT="60s", **collector.start())
+    m = mesh_builder(
+        CTRLMESH_LOG_LEVEL="DEBUG",
+        CTRLMESH_IDLE_TIMEOUT="60s",
+        DOCKER_HOST=docker_host,
+        **MESH_ENV,
+        **collector.start(),
+    )
+    m.env["DOCKER_HOST"] = docker_host
     yield m, collector
     collector.stop()
 
@@ -134,16 +146,50 @@ def exercise_tenant_credentials_and_keys(mesh: Mesh, canaries: Canaries) -> None
 
 
 def exercise_secret_values(mesh: Mesh, canaries: Canaries) -> None:
-    """A secret value sent to the secrets route. The network service is not built yet, so today
-    the route answers 501 (the value still passes through the edge); once it has logic this
-    exercise must set it on a real instance and read it back through a deploy."""
-    value = canaries.add("secret value", "s3cr3t-" + secrets.token_hex(12))
-    r = mesh.admin().post(
-        "/v1/instances/inst_01h455vb4pex5vsknk084sn02q/secrets", json={"key": "CANARY", "value": value}
+    """Secret values (env and file) set on a real instance with `?rollout=true`, a new version
+    of one, the rollout that injects them (checked inside the container), then every read of the
+    instance, its secrets, releases and deployments: each answer is kept for the search."""
+    t = make_tenant(mesh, {"max_instances": 2, "max_cpu_millis": 4000, "max_memory_mb": 4096})
+    c = t.client()
+    iid = create_running(c)["id"]
+    env_value = canaries.add("secret value (env)", "s3cr3t-" + secrets.token_hex(12))
+    file_value = canaries.add("secret value (file)", "f1l3-" + secrets.token_hex(12))
+    rotated = canaries.add("secret value (rotated)", "r0t4t3d-" + secrets.token_hex(12))
+    url = f"/v1/instances/{iid}/secrets"
+    answers = [
+        c.post(url, json={"key": "CANARY", "value": env_value}),
+        c.post(url, json={"key": "canary.txt", "value": file_value, "type": "file"}),
+        c.post(url, json={"key": "CANARY", "value": rotated}, params={"rollout": "true"}),
+    ]
+    assert [r.status_code for r in answers] == [201, 201, 201], [r.text for r in answers]
+    dep = wait_deployment(c, answers[-1].json()["deployment_id"], ("succeeded", "failed"))
+    assert dep["state"] == "succeeded", dep
+    inst = c.get(f"/v1/instances/{iid}").json()
+    cid = engine_containers(mesh.env["DOCKER_HOST"], iid)[0]
+    seen = subprocess.run(
+        ["docker", "exec", cid, "sh", "-c", "echo $CANARY; cat /run/secrets/canary.txt"],
+        env={"DOCKER_HOST": mesh.env["DOCKER_HOST"], "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.split()
+    assert seen == [rotated, file_value], "the values did not reach the container: the search proves less"
+    for path in (
+        url,
+        f"/v1/instances/{iid}",
+        f"/v1/instances/{iid}/releases",
+        f"/v1/instances/{iid}/deployments",
+    ):
+        answers.append(c.get(path))
+    answers.append(c.get(f"/v1/releases/{inst['current_release']}"))
+    answers.append(c.delete(f"{url}/CANARY"))
+    API_ANSWERS.extend(
+        f"{r.request.method} {r.request.url.path} → {r.status_code}\n{r.text}" for r in answers
     )
-    assert r.status_code == 501, (
-        f"the secrets route answers {r.status_code} now: set the canary on a real instance here"
-    )
+
+
+# Every answer the exercises kept (searched like the other sinks).
+API_ANSWERS: list[str] = []
 
 
 def platform_secrets(mesh: Mesh, canaries: Canaries) -> None:
@@ -233,6 +279,8 @@ def test_no_secret_appears_in_logs_traces_metrics_or_the_database_dump(canary_me
     platform_secrets(mesh, canaries)
     time.sleep(1.5)  # the span processor exports every 100 ms; logs are line-buffered
     sinks = {**sink_logs(mesh), **sink_metrics(mesh), **sink_traces(collector), **sink_dump(mesh)}
+    assert API_ANSWERS, "no API answer was kept: the search would prove nothing"
+    sinks["API answers"] = "\n".join(API_ANSWERS)
     assert len(canaries.values) >= 10
     hits = []
     for sink, text in sinks.items():

@@ -21,11 +21,13 @@ from libs.events import EVENT_SOURCES, encode_cursor
 from libs.principal import Principal, sign
 from tests.fixtures.instances import (
     Tenant,
+    create_body,
     create_running,
     destroy,
     make_tenant,
     wait_deployment,
     wait_for,
+    wait_gone,
     wait_state,
 )
 
@@ -114,7 +116,7 @@ def test_secrets_reach_containers_at_rollouts_and_rollback_restores_their_versio
     read-only files from a tmpfs; rotating and deleting take effect the same way; a rollback
     runs with the versions its release recorded; a restart picks up the current ones."""
     c = Recorder(tenant.client())
-    inst = create_running(c.c, replicas=2)
+    inst = create_running(c.c)
     iid, first = inst["id"], inst["current_release"]
     values = ["secret-greeting-1", "file-token-1", "api-key-1", "secret-greeting-2", "file-token-2"]
 
@@ -152,7 +154,7 @@ def test_secrets_reach_containers_at_rollouts_and_rollback_restores_their_versio
     assert set_secret(c, iid, key="token", value=values[4])["version"] == 2
     assert c.post(f"/v1/instances/{iid}/restart", json={}).status_code == 204
     wait_for(lambda: c.c.get(f"/v1/instances/{iid}").json(), lambda i: i["state"] == "running", 30)
-    wait_for(lambda: inside(docker_host, iid, second)[1], lambda f: f == {"token": values[4]}, 30)
+    wait_for(lambda: files_now(docker_host, iid, second), lambda f: f == {"token": values[4]}, 30)
 
     r = c.delete(f"/v1/instances/{iid}/secrets/API_KEY", params={"rollout": "true"})
     assert r.status_code == 204, r.text
@@ -203,8 +205,9 @@ def secret_events(t: Tenant, iid: str, want: int) -> list[dict[str, Any]]:
 
 def test_secret_rules_quota_cross_tenant_and_resolve_refused(tenant: Tenant, docker_host):
     """400 naming the field (env key, size, type), 404 for another tenant's instance and a missing
-    key, 429 QuotaExceeded at max_secrets (a new version of a key is not a new secret), and
-    ResolveSecrets refused (403) to every principal but the instances service's."""
+    key, 429 QuotaExceeded at max_secrets (a new version of a key is not a new secret),
+    ResolveSecrets refused (403) to every principal but the instances service's, and the secrets
+    of a deleted instance deleted with it."""
     mesh = tenant.mesh
     small = make_tenant(
         mesh, {"max_instances": 2, "max_cpu_millis": 4000, "max_memory_mb": 4096, "max_secrets": 2}
@@ -263,3 +266,46 @@ def test_secret_rules_quota_cross_tenant_and_resolve_refused(tenant: Tenant, doc
             ("cfg.yaml", 1, "a: 1"),
         }
     destroy(c, docker_host, iid)
+    # A deleted instance's secrets go with it, and so does their share of the quota.
+    quota = f"/v1/admin/tenants/{small.id}/quota"
+    wait_for(lambda: mesh.admin().get(quota).json()["used"]["secrets"], lambda n: n == 0, 20)
+
+
+def test_swarm_gets_env_and_swarm_secret_files_and_removes_them_with_the_instance(imesh, docker_host):
+    """On `swarm`: env secrets in the task's environment, file secrets as Swarm secrets mounted
+    read-only at /run/secrets/<key>; a restart after a change runs the new version; nothing
+    (service or Swarm secret) is left after delete."""
+    t = make_tenant(imesh)
+    c = Recorder(t.client())
+    r = c.post("/v1/instances", json=create_body(provider_name="swarm"))
+    assert r.status_code == 201, r.text
+    iid = r.json()["id"]
+    wait_state(c.c, iid, "running", timeout=60)
+    set_secret(c, iid, key="GREETING", value="swarm-secret-1")
+    dep = set_secret(c, iid, rollout=True, key="conf", value="swarm-file-1", type="file")["deployment_id"]
+    rel = rolled(c, iid, dep)["current_release"]
+    env, files = inside(docker_host, iid, rel)
+    assert (env["GREETING"], files) == ("swarm-secret-1", {"conf": "swarm-file-1"})
+    cid = containers(docker_host, iid, rel)[0]
+    assert (
+        engine(docker_host, "exec", cid, "sh", "-c", "echo x > /run/secrets/conf", check=False).returncode
+        != 0
+    )
+    set_secret(c, iid, key="conf", value="swarm-file-2")
+    assert c.post(f"/v1/instances/{iid}/restart", json={}).status_code == 204
+    wait_for(lambda: files_now(docker_host, iid, rel), lambda f: f == {"conf": "swarm-file-2"}, 60)
+    assert c.delete(f"/v1/instances/{iid}").status_code == 202
+    wait_gone(c.c, iid, timeout=60)
+    left = engine(
+        docker_host, "secret", "ls", "--filter", f"label=ctrlmesh.instance={iid}", "-q"
+    ).stdout.split()
+    assert left == [], "swarm secrets outlived the instance"
+    assert not [v for v in ("swarm-secret-1", "swarm-file-1", "swarm-file-2") if v in "\n".join(c.bodies)]
+
+
+def files_now(docker_host: str, iid: str, release: str) -> dict[str, str] | None:
+    """The replicas' /run/secrets files, or None while they are being replaced."""
+    try:
+        return inside(docker_host, iid, release)[1]
+    except (AssertionError, subprocess.CalledProcessError):
+        return None

@@ -102,9 +102,9 @@ async def test_an_update_in_another_tenants_scope_changes_nothing(db: Database):
             row = await repo.get_instance(s, system, "inst_b")
             dep = await repo.get_deployment(s, system, "dep_b")
             chk = await repo.get_check(s, system, "chk_b")
-        assert row is not None and row["desired_state"] == "running"
-        assert dep is not None and dep["cancel_requested"] is False
-        assert chk is not None and chk["status"] == "unknown"
+        assert row is not None and row.desired_state == "running"
+        assert dep is not None and dep.cancel_requested is False
+        assert chk is not None and chk.status == "unknown"
 
 
 async def test_the_owning_tenant_and_the_system_scope_do_change_the_row(db: Database):
@@ -114,14 +114,15 @@ async def test_the_owning_tenant_and_the_system_scope_do_change_the_row(db: Data
         assert await repo.update_instance(s, Scope.tenant("ten_b"), "inst_b", {"desired_state": "stopped"})
         await repo.update_deployment(s, Scope(account_id="acc_b"), "dep_b", {"cancel_requested": True})
         await repo.update_check(s, Scope.system(), "chk_b", {"status": "healthy"})
-        assert (await repo.in_flight_deployment(s, Scope.tenant("ten_b"), "inst_b") or {})["id"] == "dep_b"
+        in_flight = await repo.in_flight_deployment(s, Scope.tenant("ten_b"), "inst_b")
+        assert in_flight is not None and in_flight.id == "dep_b"
     async with db.session() as s:
         row = await repo.get_instance(s, Scope.system(), "inst_b")
         dep = await repo.get_deployment(s, Scope.system(), "dep_b")
         chk = await repo.get_check(s, Scope.system(), "chk_b")
-    assert row is not None and row["desired_state"] == "stopped"
-    assert dep is not None and dep["cancel_requested"] is True
-    assert chk is not None and chk["status"] == "healthy"
+    assert row is not None and row.desired_state == "stopped"
+    assert dep is not None and dep.cancel_requested is True
+    assert chk is not None and chk.status == "healthy"
     async with db.session() as s:
         await repo.delete_instance(s, Scope.tenant("ten_a"), "inst_b")
         assert await repo.get_instance(s, Scope.system(), "inst_b") is not None

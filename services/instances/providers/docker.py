@@ -296,7 +296,9 @@ class DockerProvider:
 
     async def _pull_image(self, image: str, auth: dict[str, str] | None = None) -> None:
         try:
-            await self.docker.images.pull(image, auth=registry_auth_header(auth) if auth else None)
+            # aiodocker encodes the credentials as X-Registry-Auth; it needs a "/" in the name
+            # (a bare official image is public anyway).
+            await self.docker.images.pull(image, auth=dict(auth) if auth and "/" in image else None)
         except DockerError as err:
             raise ImageNotFound(f"image {image!r} could not be pulled: {err.message}") from err
 

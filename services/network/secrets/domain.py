@@ -18,6 +18,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+import grpc
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs import ids
@@ -26,6 +27,7 @@ from libs.db import Database
 from libs.errors import InvalidArgument, InvalidState, PermissionDenied, QuotaExceeded, not_found
 from libs.outbox import Outbox
 from libs.principal import Principal, is_global, is_system
+from libs.reconcile import every
 from libs.timeutil import now
 from services.network.secrets import repository as repo
 from services.network.secrets.peers import Owner, Peers
@@ -70,7 +72,7 @@ class SecretsDomain:
             )
         return owner
 
-    async def _publish(self, s: AsyncSession, type_: str, owner: Owner, row: SecretRow) -> None:
+    async def _publish(self, s: AsyncSession, type_: str, owner: Owner, row: SecretRow, **extra: str) -> None:
         await self.outbox.publish(
             s,
             type_,
@@ -84,6 +86,7 @@ class SecretsDomain:
                 "key": row.key,
                 "type": row.type,
                 "version": row.version,
+                **extra,
             },
         )
 
@@ -199,6 +202,44 @@ class SecretsDomain:
         have = {v.key for v in found}
         missing = sorted(k for k in versions if k not in have) if versions else []
         return out, missing
+
+    # -- secrets of deleted instances -----------------------------------------------------------
+
+    async def forget_instance(self, tenant_id: str, instance_id: str, account_id: str = "") -> int:
+        """Delete the secrets of an instance that is gone (they would hold quota forever)."""
+        async with self.outbox.session() as s:
+            rows = await repo.delete_instance(s, tenant_id, instance_id)
+            owner = Owner(instance_id, tenant_id, account_id, "", 0, "")
+            for row in rows:
+                await self._publish(s, DELETED, owner, row, reason="instance_deleted")
+        if rows:
+            log.info("deleted %d secret(s) of deleted instance %s", len(rows), instance_id)
+        return len(rows)
+
+    async def follow_deletions(self) -> None:
+        """Forget the secrets of each instance the instances service deletes, as it happens."""
+
+        async def follow() -> None:
+            try:
+                async for event in self.peers.instances.deletions():
+                    if event.type == "instance.deleted":
+                        await self.forget_instance(event.tenant_id, event.resource_id, event.account_id)
+            except grpc.aio.AioRpcError as err:
+                # The instances service restarting (or not up yet): the sweep covers the gap.
+                log.info("the instances event stream is unavailable (%s); retrying", err.code().name)
+
+        await every("instance deletion follower", 1.0, follow, first=0, jitter=0)
+
+    async def sweep_orphans(self) -> int:
+        """The backstop of the follower (deletions while this service was down): the secrets of
+        every instance the instances service no longer knows."""
+        async with self.db.session() as s:
+            held = await repo.instances_with_secrets(s)
+        gone = 0
+        for tenant_id, instance_id in held:
+            if not await self.peers.instances.exists(instance_id):
+                gone += await self.forget_instance(tenant_id, instance_id)
+        return gone
 
     async def rewrap_pass(self, batch: int = 200) -> int:
         """Re-wrap every stored version whose data key is wrapped by a retired KEK (or whose KEK

@@ -5,11 +5,15 @@ the tenant's quota and account (accounts), and the rolling deploy `?rollout=true
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from ctrlmesh.common.v1 import internal_pb2
 from ctrlmesh.instances.v1 import instances_pb2, instances_pb2_grpc
 
+from libs import events
+from libs.errors import NotFound
 from libs.peers import Peer
 from libs.principal import Principal
 
@@ -50,6 +54,23 @@ class Instances(Peer):
             ident=instance_id,
         )
         return str(dep.id)
+
+    async def exists(self, instance_id: str) -> bool:
+        """Whether the instances service still holds the instance (asked as this service)."""
+        try:
+            await self.call(
+                instances_pb2_grpc.InstanceServiceStub(self.channel).GetInstance,
+                instances_pb2.GetInstanceRequest(id=instance_id),
+            )
+        except NotFound:
+            return False
+        return True
+
+    def deletions(self) -> AsyncIterator[internal_pb2.Event]:
+        """The instances service's `instance.deleted` events from now on."""
+        return events.remote_source(self._channels, self._signer, "instances", types=["instance.deleted"])(
+            None
+        )
 
 
 class Accounts(Peer):

@@ -161,7 +161,21 @@ async def versions(
     return [Version(r.id, r.key, r.type, r.version, r.value_enc) for r in rows]
 
 
-# -- the re-wrap pass (system scan) ---------------------------------------------------------------
+# -- system scans: the re-wrap pass and the orphan sweep -----------------------------------------
+
+
+async def instances_with_secrets(s: AsyncSession) -> list[tuple[str, str]]:
+    """(tenant_id, instance_id) of every instance that holds a secret."""
+    q = select(secrets.c.tenant_id, secrets.c.instance_id).distinct()
+    return [(r.tenant_id, r.instance_id) for r in (await s.execute(q)).all()]
+
+
+async def delete_instance(s: AsyncSession, tenant_id: str, instance_id: str) -> list[SecretRow]:
+    """Every secret of a deleted instance, with its versions; returns what was deleted."""
+    rows = await list_for(s, tenant_id, instance_id)
+    for row in rows:
+        await delete_secret(s, tenant_id, row.id)
+    return rows
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,37 @@
+"""`destroying → gone`: remove whatever the engine holds for the instance, then the row (its
+children with it) and `instance.deleted`. An engine that is configured but away keeps the
+instance `destroying` until it answers; one no longer configured is recorded as a warning."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from services.instances import repository as repo
+from services.instances.repository import Deployment, Instance, Scope
+
+if TYPE_CHECKING:
+    from services.instances.reconciler import Reconciler
+
+
+async def delete(rc: Reconciler, inst: Instance, dep: Deployment | None) -> bool:
+    name = inst.provider_name
+    if rc.registry.has(name):
+        removed = await rc.registry.get(name).remove_all(inst.id)
+        # A second look: a replica being created while we removed would be left behind.
+        if removed:
+            await rc.registry.get(name).remove_all(inst.id)
+        warning = ""
+    elif name in rc.registry.configured:
+        return False  # its engine is away; keep `destroying` and try again later
+    else:
+        warning = f"provider {name!r} is no longer configured; engine resources not removed"
+    async with rc.outbox.session() as s:
+        await repo.delete_instance(s, Scope.system(), inst.id)
+        await rc.domain.publish(
+            s,
+            "instance.deleted",
+            replace(inst, state="destroyed"),
+            **({"warning": warning} if warning else {}),
+        )
+    return False
