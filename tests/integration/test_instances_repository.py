@@ -3,6 +3,7 @@ scope that does not hold the row changes nothing (STYLE rule 5 for updates and d
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -128,3 +129,23 @@ async def test_the_owning_tenant_and_the_system_scope_do_change_the_row(db: Data
         assert await repo.get_instance(s, Scope.system(), "inst_b") is not None
         await repo.delete_instance(s, Scope.system(), "inst_b")
         assert await repo.get_instance(s, Scope.system(), "inst_b") is None
+
+
+async def test_rows_come_back_frozen_with_typed_fields_and_json_as_plain_data(db: Database):
+    """An insert returns the row it wrote (server defaults filled in), reads return the same
+    frozen dataclass, JSONB columns are plain dicts and lists, and a row cannot be changed in
+    place (a change is a write, then a new read)."""
+    async with db.session() as s:
+        written = await repo.insert_instance(s, instance("inst_c", "ten_c", "acc_c"))
+        dep = await repo.insert_deployment(s, deployment("dep_c", "inst_c", "ten_c"))
+    async with db.session() as s:
+        read = await repo.get_instance(s, Scope.tenant("ten_c"), "inst_c")
+        in_flight = await repo.in_flight_deployment(s, Scope.tenant("ten_c"), "inst_c")
+        # Running and caught up, but its deployment is in flight: work, named by id only.
+        assert await repo.instances_needing_work(s) == ["inst_c"]
+    assert isinstance(written, repo.Instance) and read == written
+    assert written.desired_state == "running" and written.replicas == 1 and written.generation == 0
+    assert written.spec == {} and written.labels == {} and written.endpoints == []
+    assert in_flight == dep and dep.progress == {} and dep.services == [] and dep.is_rollback is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        written.state = "stopped"  # type: ignore[misc]
