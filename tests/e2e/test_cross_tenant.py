@@ -220,6 +220,8 @@ def victim(imesh: Mesh, docker_host: str) -> Iterator[Victim]:
         json={"name": "a", "type": "tcp", "target": "localhost:8080", "interval": "60s", "timeout": "1s"},
     )
     assert chk.status_code == 201, chk.text
+    sec = c.post(f"/v1/instances/{inst['id']}/secrets", json={"key": "A_SECRET", "value": "of-tenant-a"})
+    assert sec.status_code == 201, sec.text
     key_id = c.get("/v2/api-keys/me").json()["id"]
     ids: dict[str, str | None] = {
         "tenant_name": a.name,
@@ -231,8 +233,9 @@ def victim(imesh: Mesh, docker_host: str) -> Iterator[Victim]:
         "deployment": dep.json()["id"],
         "release": releases[-1]["id"],
         "health_check": chk.json()["id"],
-        # Not built yet: the network service (secrets, domains, routes) and Zectre's platform.
-        "secret_key": None,
+        "secret_key": "A_SECRET",
+        # Not built yet: the network service's domains and routes; Zectre's platform kinds are
+        # no tenant's (PLATFORM_KINDS).
         "domain": None,
         "route": None,
         "cluster": None,
@@ -254,6 +257,7 @@ def victim(imesh: Mesh, docker_host: str) -> Iterator[Victim]:
         ("own", f"/v1/instances/{i}/deployments"),
         ("own", f"/v1/instances/{i}/releases"),
         ("own", f"/v1/instances/{i}/health/checks"),
+        ("own", f"/v1/instances/{i}/secrets"),
         ("own", f"/v1/deployments/{ids['deployment']}"),
     ]
     # The database settles (creating → stopped) before the first snapshot.
