@@ -1,5 +1,5 @@
-"""/v2/events merges the streams of every service (accounts, databases, instances) for the key's
-visibility, with one opaque cursor that resumes all of them."""
+"""/v2/events merges the streams of every service (accounts, databases, instances, network) for
+the key's visibility, with one opaque cursor that resumes all of them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from libs.events import decode_cursor
+from libs.events import EVENT_SOURCES, decode_cursor
 from tests.fixtures.instances import Tenant, create_body, destroy, make_tenant, wait_state
 from tests.fixtures.mesh import Mesh
 
@@ -76,7 +76,7 @@ def test_v2_events_merges_every_service_and_resumes_all_with_one_cursor(
     sources = {e["type"].split(".")[0]: e for e in events}
     assert {"api_key", "database", "instance"} <= set(sources)
     last = decode_cursor(events[-1]["id"])
-    assert set(last) == {"accounts", "databases", "instances"}, last
+    assert set(last) == set(EVENT_SOURCES), last
     # Positions only move forward along the stream.
     cursors = [decode_cursor(e["id"]) for e in events]
     for a, b in itertools.pairwise(cursors):

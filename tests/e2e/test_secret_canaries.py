@@ -17,6 +17,7 @@ adds its canaries.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import subprocess
@@ -168,7 +169,7 @@ def exercise_secret_values(mesh: Mesh, canaries: Canaries) -> None:
     cid = engine_containers(mesh.env["DOCKER_HOST"], iid)[0]
     seen = subprocess.run(
         ["docker", "exec", cid, "sh", "-c", "echo $CANARY; cat /run/secrets/canary.txt"],
-        env={"DOCKER_HOST": mesh.env["DOCKER_HOST"], "PATH": "/usr/bin:/bin"},
+        env=dict(os.environ, DOCKER_HOST=mesh.env["DOCKER_HOST"]),
         capture_output=True,
         text=True,
         timeout=30,
