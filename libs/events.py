@@ -38,7 +38,7 @@ from libs.outbox import Outbox
 log = logging.getLogger("ctrlmesh.events")
 
 # The services whose outboxes /v2/events merges, in cursor order.
-EVENT_SOURCES: tuple[str, ...] = ("accounts", "databases", "instances", "network")
+EVENT_SOURCES: tuple[str, ...] = ("accounts", "databases", "instances", "network", "clusters")
 
 STREAM_HEAD = "stream.head"
 HEAD_WAIT = 2.0

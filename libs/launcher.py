@@ -219,8 +219,7 @@ class Launcher:
         for name in SERVICES:
             self._spawn(name, f"services.{name}.main")
         self._write_pids()
-        # Generous: on a loaded machine (CI, parallel meshes) a cold start can take over a minute.
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + s.start_timeout.total_seconds()
         asyncio.run(self._wait_services(deadline))
         if CADDY in self.procs:
             asyncio.run(_wait_http(f"{s.ingress_admin()}/config/", deadline))

@@ -159,6 +159,9 @@ class Settings(BaseSettings):
     telemetry_retention: Duration = timedelta(days=7)
     # How often the engine's resource usage of every running instance is sampled for /resources.
     resource_sample_interval: Duration = timedelta(seconds=30)
+    # How long the launcher waits for every process to serve before it gives up (a loaded machine
+    # needs more than an idle one: Python processes import slowly when CPUs are shared).
+    start_timeout: Duration = timedelta(seconds=120)
     # The launcher restarts a process that dies: after restart_backoff, doubling per restart up
     # to restart_backoff_max; a process that needs more than restart_limit restarts within
     # restart_window is left stopped (logged as failed) while the rest keeps serving.
@@ -190,6 +193,12 @@ class Settings(BaseSettings):
     # and how often it scrapes every process's /metrics.
     prometheus_port: int = 9090
     prometheus_scrape_interval: Duration = timedelta(seconds=15)
+    # Clusters: how often each cluster's engine is asked for its nodes (their heartbeat); a node
+    # whose engine has not answered for node_not_ready_after is `not_ready`, after node_down_after
+    # `down`.
+    node_poll_interval: Duration = timedelta(seconds=2)
+    node_not_ready_after: Duration = timedelta(seconds=10)
+    node_down_after: Duration = timedelta(seconds=30)
     version: str = Field(default="0.1.0")
 
     @classmethod

@@ -16,10 +16,11 @@ pytest_plugins = [
     "tests.fixtures.dns",
     "tests.fixtures.acme",
     "tests.fixtures.caddy",
+    "tests.fixtures.swarm",
 ]
 
 
-_DOCKER_FIXTURES = frozenset(("docker_host", "imesh", "tenant", "running_instance"))
+_DOCKER_FIXTURES = frozenset(("docker_host", "imesh", "tenant", "running_instance", "swarm2"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

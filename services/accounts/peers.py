@@ -13,8 +13,8 @@ from libs import events
 from libs.clients import Channels, Signer
 from libs.peers import Peer
 
-# The services that own tenant resources (accounts counts its own; clusters owns none yet).
-OWNERS = ("databases", "instances", "network")
+# The services that own tenant resources (accounts counts its own; clusters: managed databases).
+OWNERS = ("databases", "instances", "network", "clusters")
 
 
 class Owner(Peer):

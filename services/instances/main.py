@@ -37,6 +37,7 @@ from services.instances.models import (
     releases,
 )
 from services.instances.otlp import Telemetry
+from services.instances.placement import Placement
 from services.instances.provider_status import ProvidersDomain
 from services.instances.providers import Registry
 from services.instances.reconciler import Reconciler
@@ -90,7 +91,8 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         secrets=SecretsClient(rt.channels, rt.signer, rt.db),
         rollout_env=otlp.rollout_env,
     )
-    reconciler = Reconciler(rt.db, domain, registry, executor, wake=wake)
+    placement = Placement(rt.channels, rt.signer)
+    reconciler = Reconciler(rt.db, domain, registry, executor, wake=wake, placement=placement.blocked)
     telemetry = TelemetryDomain(rt.db, domain, health, registry, otlp)
     otlp.sampler = telemetry.sample_usage
     engines = ProvidersDomain(rt.db, registry, probe_interval=s.provider_probe_interval.total_seconds())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from libs.db import Database
 from libs.reconcile import Claims, KeyedRunner, every, process_owner
@@ -40,9 +41,12 @@ class Reconciler:
         interval: float = 1.0,
         owner: str = "",
         wake: asyncio.Event | None = None,
+        placement: Callable[[str], Awaitable[str]] | None = None,
     ):
         """`wake`: the event the domain sets after recording a decision (it is built before the
-        reconciler, which needs the domain), so the next pass runs at once."""
+        reconciler, which needs the domain), so the next pass runs at once. `placement`: why a
+        new instance on a provider cannot be placed now ("" when it can; see placement.py)."""
+        self.placement = placement
         self.db = db
         self.domain = domain
         self.outbox = domain.outbox

@@ -94,6 +94,7 @@ def instance(row: Instance) -> pb.Instance:
         slug=row.slug,
         provider_name=row.provider_name,
         state=row.state,
+        state_reason=row.last_error,
         image=row.image,
         resources=resources(main["resources"]) if main else None,
         replicas=row.replicas,

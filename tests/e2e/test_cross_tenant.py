@@ -66,11 +66,16 @@ KINDS: dict[tuple[str, str], str] = {
     ("routes", "id"): "route",
     # Zectre's managed databases are the caller tenant's serverless databases (ROUTES.md).
     ("managed-databases", "id"): "db_uuid",
-    # Platform-wide resources (no tenant owns them): no builder until the clusters service exists.
+    # Platform-wide resources (no tenant owns them; PLATFORM_KINDS).
     ("clusters", "id"): "cluster",
     ("nodes", "id"): "node",
     ("templates", "id"): "template",
 }
+
+# Kinds no tenant owns: every key reads the same clusters, nodes and templates, and only global
+# keys change clusters and nodes (403 before any lookup), so "A's answers like a random id" does
+# not apply to them; tests/e2e/test_zectre_api.py covers who may read and change them.
+PLATFORM_KINDS = frozenset({"cluster", "node", "template"})
 
 # A well-formed id of each kind that names nothing.
 RANDOM: dict[str, Callable[[], str]] = {
@@ -199,9 +204,11 @@ def victim(imesh: Mesh, docker_host: str) -> Iterator[Victim]:
     tenant, an instance with two releases from a deployment, and a health check."""
     a = make_tenant(imesh)
     c = a.client()
-    r = c.post(f"/v2/tenants/{a.name}/dbs", json={"name": "appdb", "size": "L1"})
+    # A Zectre managed database: A's serverless database `appdb`, under the same UUID.
+    main = next(x for x in c.get("/api/v1/clusters").json() if x["name"] == "main")
+    r = c.post("/api/v1/managed-databases", json={"cluster_id": main["id"], "name": "appdb"}, timeout=60)
     assert r.status_code == 201, r.text
-    db = r.json()
+    db = c.get(f"/v2/dbs/{r.json()['id']}").json()
     inst = create_running(c, image=V1)
     dep = c.post(f"/v1/instances/{inst['id']}/deploy", json={"image": V2, "strategy": "recreate"})
     assert dep.status_code in (200, 201, 202), dep.text
@@ -213,6 +220,8 @@ def victim(imesh: Mesh, docker_host: str) -> Iterator[Victim]:
         json={"name": "a", "type": "tcp", "target": "localhost:8080", "interval": "60s", "timeout": "1s"},
     )
     assert chk.status_code == 201, chk.text
+    sec = c.post(f"/v1/instances/{inst['id']}/secrets", json={"key": "A_SECRET", "value": "of-tenant-a"})
+    assert sec.status_code == 201, sec.text
     key_id = c.get("/v2/api-keys/me").json()["id"]
     ids: dict[str, str | None] = {
         "tenant_name": a.name,
@@ -224,8 +233,9 @@ def victim(imesh: Mesh, docker_host: str) -> Iterator[Victim]:
         "deployment": dep.json()["id"],
         "release": releases[-1]["id"],
         "health_check": chk.json()["id"],
-        # Not built yet: the network service (secrets, domains, routes) and Zectre's platform.
-        "secret_key": None,
+        "secret_key": "A_SECRET",
+        # Not built yet: the network service's domains and routes; Zectre's platform kinds are
+        # no tenant's (PLATFORM_KINDS).
         "domain": None,
         "route": None,
         "cluster": None,
@@ -239,6 +249,7 @@ def victim(imesh: Mesh, docker_host: str) -> Iterator[Victim]:
         ("own", f"/v2/tenants/{a.name}/credentials"),
         ("own", f"/v2/tenants/{a.name}/dbs/{db['name']}"),
         ("own", f"/v2/tenants/{a.name}/dbs"),
+        ("own", f"/api/v1/managed-databases/{db['db_id']}"),
         ("own", "/v2/api-keys/me"),
         ("admin", f"/v1/admin/tenants/{a.id}"),
         ("admin", f"/v1/admin/tenants/{a.id}/quota"),
@@ -246,6 +257,7 @@ def victim(imesh: Mesh, docker_host: str) -> Iterator[Victim]:
         ("own", f"/v1/instances/{i}/deployments"),
         ("own", f"/v1/instances/{i}/releases"),
         ("own", f"/v1/instances/{i}/health/checks"),
+        ("own", f"/v1/instances/{i}/secrets"),
         ("own", f"/v1/deployments/{ids['deployment']}"),
     ]
     # The database settles (creating → stopped) before the first snapshot.
@@ -337,6 +349,8 @@ def test_foreign_resources_answer_like_random_ids_and_stay_unchanged(imesh, vict
         c = imesh.client(key)
         for route in id_routes():
             kinds = path_kinds(route)
+            if {kind for _, kind in kinds} <= PLATFORM_KINDS:
+                continue
             random_ids = {kind: RANDOM[kind]() for _, kind in kinds}
             real = {kind: victim.ids[kind] for _, kind in kinds}
             buildable = all(v is not None for v in real.values())

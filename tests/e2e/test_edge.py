@@ -34,9 +34,26 @@ def test_malformed_json_unknown_route_and_wrong_method(mesh):
 
 
 def test_routes_without_logic_answer_501(mesh):
-    """A route whose service has no logic yet answers 501 NotImplemented, not 404 or 500."""
-    r = mesh.admin().get("/api/v1/clusters")
-    assert r.status_code == 501 and r.json()["error"] == "NotImplemented"
+    """A route whose service has no logic yet answers 501 NotImplemented, not 404 or 500 (read
+    on whichever GET routes are still unbuilt; skipped once every one has logic)."""
+    from gateway.routes import load_routes
+
+    c = mesh.admin()
+    seen = 0
+    for route in load_routes():
+        if route.http_method != "GET" or route.streaming:
+            continue
+        path = route.template
+        for var in route.path_fields:
+            path = path.replace("{" + var + "}", "inst_01h455vb4pex5vsknk084sn02q")
+        r = c.get(path)
+        if r.status_code == 501:
+            assert r.json()["error"] == "NotImplemented", path
+            seen += 1
+        else:
+            assert r.status_code < 500, f"{path}: {r.status_code} {r.text[:200]}"
+    if not seen:
+        pytest.skip("every GET route has logic now")
 
 
 def test_validation_runs_before_501(mesh):

@@ -274,7 +274,8 @@ def test_openapi_carries_the_protovalidate_rules():
                 ), (name, f.name, rendered)
                 checked += 1
         assert schemas[name].get("required", []) == required_fields(desc)
-    assert checked > 100
+    # A floor, so the loop cannot pass by checking nothing (query-only inputs have no schema).
+    assert checked > 90
     # Path fields are not asked for again in the body of a `body: "*"` route.
     scale = doc["paths"]["/v1/instances/{id}/scale"]["post"]["requestBody"]["content"]["application/json"]
     assert "id" not in schemas[scale["schema"]["$ref"].rsplit("/", 1)[1]]["properties"]
