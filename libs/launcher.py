@@ -178,7 +178,7 @@ class Launcher:
         for name in SERVICES:
             self._spawn(name, f"services.{name}.main")
         self._write_pids()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + s.start_timeout.total_seconds()
         asyncio.run(self._wait_services(deadline))
         self._spawn(*FRONTS[0])
         self._write_pids()

@@ -139,6 +139,8 @@ class Settings(BaseSettings):
     # The launcher restarts a process that dies: after restart_backoff, doubling per restart up
     # to restart_backoff_max; a process that needs more than restart_limit restarts within
     # restart_window is left stopped (logged as failed) while the rest keeps serving.
+    # How long the launcher waits for every process to answer at start (a loaded machine needs more).
+    start_timeout: Duration = timedelta(seconds=60)
     restart_backoff: Duration = timedelta(seconds=0.5)
     restart_backoff_max: Duration = timedelta(seconds=10)
     restart_limit: int = 5

@@ -28,9 +28,12 @@ from tests.fixtures.api import grpc_call
 from tests.fixtures.databases import TenantDb, system_md, tenant_with_db, ttl
 from tests.fixtures.mesh import Mesh, still_running
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
+# The machine these run on is shared: give the mesh longer to come up than the default minute.
+SLOW_START = {"CTRLMESH_START_TIMEOUT": "150s"}
 HANDOFF_ENV = {
+    **SLOW_START,
     "CTRLMESH_AUTOSCALE_ENABLED": "false",
     "CTRLMESH_AUTOSCALE_COOLDOWN": "0s",
     "CTRLMESH_HANDOFF_DRAIN_TIMEOUT": "1.5s",
@@ -65,7 +68,13 @@ def request_handoff(mesh: Mesh, db_id: str, profile: str) -> dpb.Database:
 
 
 def get_db(mesh: Mesh, db_id: str) -> dict[str, Any]:
-    r = mesh.admin().get(f"/v2/dbs/{db_id}")
+    """GET /v2/dbs/{id}, waiting out a databases service that is restarting (503)."""
+    deadline = time.monotonic() + 30
+    while True:
+        r = mesh.admin().get(f"/v2/dbs/{db_id}")
+        if r.status_code != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert r.status_code == 200, r.text
     return r.json()  # type: ignore[no-any-return]
 
@@ -280,6 +289,44 @@ def test_alternating_handoffs_fail_no_transaction(hmesh: Mesh, db: TenantDb) -> 
     while len(events.phases()) < len(one) * len(profiles) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [p for p in events.phases() if p != "STEADY"] == one * len(profiles)
+    # The control plane counted them, and the gateways learned each freeze from the push stream.
+    db_metrics = scrape(
+        int(hmesh.env["CTRLMESH_DATABASES_PORT"]) + int(hmesh.env["CTRLMESH_METRICS_PORT_OFFSET"])
+    )
+    assert db_metrics.get('ctrlmesh_handoffs_total{result="ok"}', 0) >= len(profiles)
+    assert db_metrics.get('ctrlmesh_handoff_phase_seconds_count{phase="DRAINING"}', 0) >= len(profiles)
+    gw = [scrape(int(hmesh.env["CTRLMESH_PG_METRICS_PORT"]) + i) for i in range(2)]
+    assert sum(m.get('pggateway_freezes_total{source="push"}', 0) for m in gw) >= len(profiles)
+    assert sum(m.get("pggateway_control_stream_up", 0) for m in gw) == 2
+    windows = freeze_windows(events.seen)
+    print(f"freeze windows (FREEZING → SWITCHING), ms: {[round(w) for w in windows]}")
+    assert len(windows) == len(profiles)
+
+
+def scrape(port: int) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def freeze_windows(seen: list[dict[str, Any]]) -> list[float]:
+    """ms from each handoff's FREEZING to its SWITCHING (the freeze as the control plane holds it)."""
+    from datetime import datetime
+
+    def at(e: dict[str, Any]) -> float:
+        return datetime.fromisoformat(e["scale_phase_started_at"].replace("Z", "+00:00")).timestamp()
+
+    out, frozen = [], None
+    for e in seen:
+        if e["scale_state"] == "FREEZING":
+            frozen = at(e)
+        elif e["scale_state"] == "SWITCHING" and frozen is not None:
+            out.append(1000 * (at(e) - frozen))
+            frozen = None
+    return out
 
 
 def test_pinned_session_fails_the_handoff_and_keeps_working(hmesh: Mesh, db: TenantDb) -> None:
@@ -393,7 +440,7 @@ def test_sigkill_of_databases_mid_handoff_converges(hmesh: Mesh, db: TenantDb) -
                 metadata=system_md(hmesh),
                 timeout=10,
             )
-            request_handoff(hmesh, db.db_id, "L2")
+            await asyncio.to_thread(request_handoff, hmesh, db.db_id, "L2")
             assert wait_scale(hmesh, db.db_id, {"FREEZING"}, 10)["freeze_new_checkouts"] is True
             await asyncio.to_thread(_kill_databases, hmesh)
             await asyncio.sleep(1.0)
@@ -433,6 +480,7 @@ def test_sigkill_of_databases_mid_handoff_converges(hmesh: Mesh, db: TenantDb) -
 @pytest.fixture(scope="module")
 def policy_mesh(mesh_builder: Callable[..., Mesh]) -> Mesh:
     return mesh_builder(
+        **SLOW_START,
         CTRLMESH_AUTOSCALE_INTERVAL="0.25s",
         CTRLMESH_AUTOSCALE_WINDOW="1.5s",
         CTRLMESH_AUTOSCALE_COOLDOWN="1s",

@@ -202,6 +202,12 @@ def _event(kind: str, db: Db) -> control.ControlEvent:
     )
 
 
+def _last_line(err: BaseException) -> str:
+    """A driver error's last line (its first lines are a server log tail, kept in last_error)."""
+    lines = str(err).strip().splitlines()
+    return lines[-1] if lines else type(err).__name__
+
+
 def _past(deadline: datetime | None) -> bool:
     return deadline is not None and now() >= deadline
 
@@ -336,7 +342,7 @@ async def _starting_new(lc: Lifecycle, db: Db) -> bool:
             _remaining(db.scale_phase_deadline_at, lc.handoff.start_timeout),
         )
     except Exception as err:  # not started in time, or not at all: the old profile again
-        log.error("the %s candidate of %s did not start: %s", db.candidate_profile, db.id, err)
+        log.error("the %s candidate of %s did not start: %s", db.candidate_profile, db.id, _last_line(err))
         return await _rollback(lc, db, err)
     async with lc.db.session() as s:
         cur = await _locked(lc, s, db)
@@ -425,7 +431,7 @@ async def fail(lc: Lifecycle, db: Db, reason: str, err: BaseException, **values:
     kind = control.WRITER_SWITCHED if row.lease_control_epoch != db.lease_control_epoch else control.UNFREEZE
     lc.bus.publish(_event(kind, row))
     HANDOFFS.labels(reason).inc()
-    log.warning("handoff of database %s failed (%s): %s", db.id, reason, err)
+    log.warning("handoff of database %s failed (%s): %s", db.id, reason, _last_line(err))
     return False
 
 
