@@ -61,6 +61,8 @@ TRANSIENT_RETRY_SECONDS = 0.25
 # look at the drain state this often, reporting it at once when it changed.
 FROZEN_RENEW_SECONDS = 0.1
 REPORT_POLL_SECONDS = 0.005
+# Between attempts to release a lease while the control plane is unreachable.
+RELEASE_RETRY_SECONDS = 0.25
 # Between attempts to reach a writer the control plane still calls ready after a crash.
 RECONNECT_PAUSE_SECONDS = 0.05
 BACKEND_CONNECT_TIMEOUT = 5.0
@@ -396,7 +398,7 @@ class Route:
             self._on_closed(self)
             self._release_task = asyncio.get_running_loop().create_task(self._release())
 
-    async def _release(self) -> None:
+    async def _release(self, retry: bool = True) -> None:
         if self._probe_task is not None:
             self._probe_task.cancel()
         if self._renew_task is not None:
@@ -412,11 +414,21 @@ class Route:
         if lease is None:
             return
         self._metrics.leases.dec()
-        try:
-            await self._cp.release_lease(lease.lease_id, lease.epoch)
-        except ControlPlaneError as err:
-            # The lease expires by itself after its TTL; nothing else to do.
-            log.warning("releasing the lease of %s failed: %s", self, err)
+        loop = asyncio.get_running_loop()
+        # A lease left behind keeps its database from idling and a handoff waiting for this
+        # holder's freeze until it expires: while the control plane is restarting, try again.
+        give_up = loop.time() + (self._config.lease_ttl if retry else 0.0)
+        while True:
+            try:
+                await self._cp.release_lease(lease.lease_id, lease.epoch)
+                return
+            except ControlPlaneError as err:
+                transient = err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not transient or loop.time() >= give_up:
+                    # The lease expires by itself after its TTL; nothing else to do.
+                    log.warning("releasing the lease of %s failed: %s", self, err)
+                    return
+            await asyncio.sleep(RELEASE_RETRY_SECONDS)
 
     async def close(self) -> None:
         """Release now (gateway shutdown)."""
@@ -426,7 +438,7 @@ class Route:
         if not self.closing:
             self.closing = True
             self._on_closed(self)
-            self._release_task = asyncio.get_running_loop().create_task(self._release())
+            self._release_task = asyncio.get_running_loop().create_task(self._release(retry=False))
         if self._release_task is not None:
             await self._release_task
 

@@ -292,6 +292,7 @@ class LocalDriver:
             finally:
                 await asyncio.to_thread(server.stop, "fast", STOP_TIMEOUT)
                 self._servers.pop(spec.db_id, None)
+                await asyncio.to_thread(self._remove_groups, spec.db_id)
 
     async def start(self, spec: ComputeSpec, profile: Profile) -> Endpoint:
         async with self._lock(spec.db_id):
@@ -388,6 +389,7 @@ class LocalDriver:
             await asyncio.to_thread(self.root)
             server = self._servers.pop(spec.db_id, None) or self._server(spec)
             await asyncio.to_thread(server.stop, "immediate", 10)
+            await asyncio.to_thread(self._remove_groups, spec.db_id)
             await asyncio.to_thread(shutil.rmtree, self.data_path(spec), True)
         self._locks.pop(spec.db_id, None)
 
