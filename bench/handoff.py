@@ -211,6 +211,7 @@ def run_ctrlmesh(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "CTRLMESH_AUTOSCALE_ENABLED": "false",
             "CTRLMESH_AUTOSCALE_COOLDOWN": "0s",
             "CTRLMESH_PG_POOL_SIZE": "20",
+            "CTRLMESH_START_TIMEOUT": "150s",
         },
         timeout=180,
     )
@@ -287,8 +288,14 @@ def run_ctrlmesh(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 freeze.append(1000 * (_ts(e["scale_phase_started_at"]) - frozen_at))
                 frozen_at = None
         windows = [(d["at"], d["end"]) for d in done if "end" in d]
+        phases: dict[str, list[float]] = {}
+        for a, b in zip(events.seen, events.seen[1:], strict=False):
+            if a["scale_state"] not in ("COOLDOWN", "STEADY", "FAILED"):
+                ms = 1000 * (_ts(b["scale_phase_started_at"]) - _ts(a["scale_phase_started_at"]))
+                phases.setdefault(a["scale_state"], []).append(ms)
         out = {
             "target": "ctrlmesh",
+            "phase_p50_ms": {k: round(statistics.median(v), 1) for k, v in phases.items()},
             **failures(r),
             "transactions": len(txs),
             "tps": round(len(txs) / (end - start), 1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import time
 from collections import deque
 from datetime import timedelta
@@ -115,3 +116,43 @@ def test_no_writable_cgroup_says_so(tmp_path: Path) -> None:
     cg = Cgroups(root=tmp_path / "absent")
     assert not cg.status().enforced and "no writable cgroup" in cg.status().detail
     assert cg.wrap("g", ["postgres"]) == ["postgres"]
+
+
+def test_one_trace_per_handoff_with_a_span_per_phase() -> None:
+    """Each phase left becomes a child span of the handoff's root span; the root ends with the
+    result, so a handoff is one trace."""
+    from dataclasses import fields
+    from datetime import UTC, datetime
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import services.databases.actions  # noqa: F401 (the package re-exports the function `handoff`)
+    from services.databases.repository import Db
+
+    handoff = sys.modules["services.databases.actions.handoff"]
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    saved, handoff.tracer = handoff.tracer, provider.get_tracer("test")
+    try:
+        base: dict[str, Any] = {f.name: None for f in fields(Db)}
+        base.update(id="db1", current_profile="L1", target_profile="L2", candidate_profile="L2")
+        base.update(candidate_writer_term=7)
+        t = datetime(2026, 1, 1, tzinfo=UTC)
+        phases = ["PREPARING", "FREEZING", "DRAINING", "STOPPING_OLD", "STARTING_NEW", "SWITCHING"]
+        for i, phase in enumerate(phases):
+            db = Db(**{**base, "scale_state": phase, "scale_phase_started_at": t + timedelta(seconds=i)})
+            last = i == len(phases) - 1
+            handoff._phase_span(db, t + timedelta(seconds=i + 1), "ok" if last else None)
+    finally:
+        handoff.tracer = saved
+    spans = exporter.get_finished_spans()
+    root = [s for s in spans if s.name == "databases.handoff"]
+    assert len(root) == 1 and root[0].attributes is not None
+    assert root[0].attributes["ctrlmesh.handoff.result"] == "ok"
+    children = [s for s in spans if s.parent is not None]
+    assert [s.name for s in children] == [f"handoff.{p.lower()}" for p in phases]
+    assert {s.context.trace_id for s in spans} == {root[0].context.trace_id}
