@@ -246,14 +246,25 @@ async def _preparing(lc: Lifecycle, db: Db) -> bool:
         row = await scale_transition(
             lc, s, cur, ScaleState.FREEZING, {"freeze_new_checkouts": True}, lc.handoff.freeze_timeout
         )
-    await lc.committed(db.id)
     lc.bus.publish(_event(control.FREEZE, row))
+    await lc.committed(db.id)
     return True
 
 
+async def _report(lc: Lifecycle, db: Db, done: Any) -> repo.DrainReport:
+    """The gateways' drain report, waited on (woken by each renewal) until `done(report)` or the
+    phase's deadline, for at most one second (the drive then re-reads the row)."""
+    until = min(db.scale_phase_deadline_at or now(), now() + timedelta(seconds=1))
+    while True:
+        async with lc.db.session() as s:
+            report = await repo.drain_report(s, db, now())
+        if done(report) or now() >= until:
+            return report
+        await lc.wait_change(db.id, POLL_SECONDS)
+
+
 async def _freezing(lc: Lifecycle, db: Db) -> bool:
-    async with lc.db.session() as s:
-        report = await repo.drain_report(s, db, now())
+    report = await _report(lc, db, lambda r: r.holders == r.frozen)
     if report.holders == report.frozen:
         async with lc.db.session() as s:
             cur = await _locked(lc, s, db)
@@ -274,10 +285,13 @@ async def _freezing(lc: Lifecycle, db: Db) -> bool:
     return True
 
 
+def _drained(r: repo.DrainReport) -> bool:
+    return r.holders == r.frozen and r.busy == 0 and r.pinned == 0
+
+
 async def _draining(lc: Lifecycle, db: Db) -> bool:
-    async with lc.db.session() as s:
-        report = await repo.drain_report(s, db, now())
-    if report.holders == report.frozen and report.busy == 0 and report.pinned == 0:
+    report = await _report(lc, db, _drained)
+    if _drained(report):
         async with lc.db.session() as s:
             cur = await _locked(lc, s, db)
             if cur is not None:
@@ -376,8 +390,8 @@ async def _starting_new(lc: Lifecycle, db: Db) -> bool:
             cu=prof.cu,
             started_at=db.scale_phase_started_at or now(),
         )
-    await lc.committed(db.id)
     lc.bus.publish(_event(control.WRITER_SWITCHED, row))
+    await lc.committed(db.id)
     return True
 
 
