@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 
-.PHONY: run test bootstrap proto lint typecheck routes openapi bench clean admin-key observe
+.PHONY: run test bootstrap proto lint typecheck routes openapi bench clean admin-key observe handoff
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -19,6 +19,10 @@ observe: bootstrap
 # Break-glass: a new global API key written straight into the control-plane database (printed once).
 admin-key: bootstrap
 	@$(PY) -m libs.admin_key
+
+# Ask the running platform for a writer profile handoff: make handoff DB=<db_id> PROFILE=L2
+handoff: bootstrap
+	@$(PY) -m services.databases.handoff_cli "$(DB)" "$(PROFILE)"
 
 test: bootstrap
 	@$(PY) -m pytest tests --durations=25

@@ -84,6 +84,27 @@ class Settings(BaseSettings):
     idle_timeout: Duration = timedelta(seconds=300)
     # How the databases service runs writers: `local` (one PostgreSQL process per database here).
     compute_driver: str = "local"
+    # The writer autoscaler (services/databases/autoscaler.py): how often it looks at each ready
+    # database, the window its load is averaged over (scale-down needs twice that of low load),
+    # the pause after a handoff (or a failed one) before the next, and the thresholds: the
+    # writer's CPU use as a fraction of its profile's quota, and checkouts gateways had to queue
+    # per second. autoscale_max_profile bounds the live contract (L1 ⇄ L2; up to L5 if set).
+    autoscale_enabled: bool = True
+    autoscale_interval: Duration = timedelta(seconds=5)
+    autoscale_window: Duration = timedelta(seconds=60)
+    autoscale_cooldown: Duration = timedelta(seconds=300)
+    autoscale_cpu_up: float = Field(default=0.75, gt=0, le=1)
+    autoscale_cpu_down: float = Field(default=0.25, ge=0, lt=1)
+    autoscale_waits_up: float = Field(default=5.0, gt=0)
+    autoscale_max_profile: str = Field(default="L2", pattern=r"^L[1-5]$")
+    # The deadlines of a handoff's phases: gateways acknowledging the freeze, in-flight and
+    # pinned sessions draining, the new writer starting (then the old profile is started again).
+    handoff_freeze_timeout: Duration = timedelta(seconds=5)
+    handoff_drain_timeout: Duration = timedelta(seconds=10)
+    handoff_start_timeout: Duration = timedelta(seconds=30)
+    # Extra PostgreSQL settings per profile, JSON: {"L2": {"work_mem": "8MB"}} (operators'
+    # overrides of the profile table; the tests inject a bad one to make a candidate fail).
+    profile_settings: str = ""
     auth_cache_ttl: Duration = timedelta(seconds=5)
     # The edge: the largest request body it reads (413 beyond), and the deadline of a call that
     # sends no `Grpc-Timeout` (GET reads, other methods writes), so a frozen service costs seconds.

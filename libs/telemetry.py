@@ -30,6 +30,11 @@ ATTR_PG_USER = "ctrlmesh.pg.user"
 ATTR_PG_OUTCOME = "ctrlmesh.pg.outcome"
 ATTR_PG_COLD_START = "ctrlmesh.pg.cold_start"
 ATTR_PG_PIN_REASON = "ctrlmesh.pg.pin_reason"
+# A writer profile handoff (the databases service's handoff trace).
+ATTR_HANDOFF_FROM = "ctrlmesh.handoff.from_profile"
+ATTR_HANDOFF_TO = "ctrlmesh.handoff.to_profile"
+ATTR_HANDOFF_TERM = "ctrlmesh.handoff.term"
+ATTR_HANDOFF_RESULT = "ctrlmesh.handoff.result"
 
 log = logging.getLogger("ctrlmesh.telemetry")
 

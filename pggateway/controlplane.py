@@ -1,8 +1,9 @@
 """What the gateway needs from the control plane, and its gRPC implementation.
 
-The interface is four calls: look up a tenant's PostgreSQL credentials (accounts) and acquire,
-renew and release a lease on a database (databases). `GrpcControlPlane` speaks to the real
-services with a signed system principal; tests pass any object with the same four methods that
+The interface is five calls: look up a tenant's PostgreSQL credentials (accounts); acquire,
+renew (with the drain report of a handoff) and release a lease on a database; and follow the
+control events the databases service pushes (freeze, unfreeze, writer switched, stopped). `GrpcControlPlane` speaks to the real
+services with a signed system principal; tests pass any object with the same five methods that
 raises `ControlPlaneError` the same way, so everything above this module is exercised for real.
 
 Failures keep their gRPC status code and `ErrorInfo` reason; turning them into PostgreSQL errors
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,6 +68,30 @@ class LeaseInfo:
         return self.state == STATE_READY and bool(self.writer_host) and self.writer_port > 0
 
 
+@dataclass(frozen=True)
+class LeaseReport:
+    """What a renewal tells the control plane beyond the connection count (RenewLeaseRequest):
+    the drain state during a handoff and the checkouts that had to queue (a counter)."""
+
+    frozen: bool = False
+    busy_backends: int = 0
+    pinned_sessions: int = 0
+    checkout_waits: int = 0
+
+
+@dataclass(frozen=True)
+class ControlMessage:
+    """One pushed control event (databases.v1.ControlEvent); `kind` is the enum's name."""
+
+    kind: str
+    db_id: str = ""
+    tenant_id: str = ""
+    name: str = ""
+    epoch: int = 0
+    writer_host: str = ""
+    writer_port: int = 0
+
+
 class ControlPlaneError(Exception):
     """A control-plane call failed; `code` and `reason` are what the service answered."""
 
@@ -88,11 +114,23 @@ class ControlPlane(Protocol):
         call may block until the database is ready (0: answer at once)."""
         ...
 
-    async def renew_lease(self, lease_id: str, epoch: int, ttl: float, active_connections: int) -> LeaseInfo:
+    async def renew_lease(
+        self,
+        lease_id: str,
+        epoch: int,
+        ttl: float,
+        active_connections: int,
+        report: LeaseReport | None = None,
+    ) -> LeaseInfo:
         """Extend the lease. FAILED_PRECONDITION when the epoch is stale (re-acquire)."""
         ...
 
     async def release_lease(self, lease_id: str, epoch: int) -> None: ...
+
+    def watch_control(self, holder_id: str) -> AsyncIterator[ControlMessage]:
+        """The pushed control events (HELLO first); ends or raises ControlPlaneError when the
+        stream breaks (the caller reconnects)."""
+        ...
 
 
 def error_from_rpc(err: grpc.aio.AioRpcError) -> ControlPlaneError:
@@ -130,6 +168,7 @@ class GrpcControlPlane:
     def __init__(self, channels: Channels, signer: Signer, rpc_timeout: float = 5.0) -> None:
         self._tenants = accounts_pb2_grpc.TenantServiceStub(channels.get("accounts"))
         self._leases = databases_pb2_grpc.LeaseServiceStub(channels.get("databases"))
+        self._autoscaler = databases_pb2_grpc.AutoscalerServiceStub(channels.get("databases"))
         self._signer = signer
         self._timeout = rpc_timeout
 
@@ -163,12 +202,25 @@ class GrpcControlPlane:
             raise error_from_rpc(err) from None
         return lease_from_proto(lease)
 
-    async def renew_lease(self, lease_id: str, epoch: int, ttl: float, active_connections: int) -> LeaseInfo:
+    async def renew_lease(
+        self,
+        lease_id: str,
+        epoch: int,
+        ttl: float,
+        active_connections: int,
+        report: LeaseReport | None = None,
+    ) -> LeaseInfo:
+        req = databases_pb2.RenewLeaseRequest(
+            lease_id=lease_id, epoch=epoch, ttl=_duration(ttl), active_connections=active_connections
+        )
+        if report is not None:
+            req.frozen = report.frozen
+            req.busy_backends = report.busy_backends
+            req.pinned_sessions = report.pinned_sessions
+            req.checkout_waits = report.checkout_waits
         try:
             lease = await self._leases.RenewLease(
-                databases_pb2.RenewLeaseRequest(
-                    lease_id=lease_id, epoch=epoch, ttl=_duration(ttl), active_connections=active_connections
-                ),
+                req,
                 metadata=self._signer.system(),
                 timeout=self._timeout,
             )
@@ -185,6 +237,26 @@ class GrpcControlPlane:
             )
         except grpc.aio.AioRpcError as err:
             raise error_from_rpc(err) from None
+
+    async def watch_control(self, holder_id: str) -> AsyncIterator[ControlMessage]:
+        call = self._autoscaler.WatchControl(
+            databases_pb2.WatchControlRequest(holder_id=holder_id), metadata=self._signer.system()
+        )
+        try:
+            async for ev in call:
+                yield ControlMessage(
+                    kind=databases_pb2.ControlEvent.Kind.Name(ev.kind),
+                    db_id=ev.db_id,
+                    tenant_id=ev.tenant_id,
+                    name=ev.name,
+                    epoch=ev.epoch,
+                    writer_host=ev.writer_host,
+                    writer_port=ev.writer_port,
+                )
+        except grpc.aio.AioRpcError as err:
+            raise error_from_rpc(err) from None
+        finally:
+            call.cancel()
 
 
 class CredentialCache:

@@ -127,3 +127,24 @@ class GatewayMetrics:
             "pggateway_tls_handshake_failures_total", "TLS handshakes that failed.", registry=r
         )
         self.leases = Gauge("pggateway_leases", "Database leases held.", registry=r)
+        # Handoffs (freeze → switch): how long clients' checkouts were held, and how many.
+        self.freeze_window_seconds = Histogram(
+            "pggateway_freeze_window_seconds",
+            "From the first checkout held by a handoff's freeze to its release.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10),
+            registry=r,
+        )
+        self.checkouts_held = Gauge(
+            "pggateway_checkouts_held", "Checkouts waiting for a handoff's freeze to lift now.", registry=r
+        )
+        self.checkouts_held_total = Counter(
+            "pggateway_held_checkouts_released_total",
+            "Checkouts a handoff's freeze held (released, not failed).",
+            registry=r,
+        )
+        self.freezes_total = Counter(
+            "pggateway_freezes_total", "Freezes applied, by how they arrived.", ["source"], registry=r
+        )
+        self.control_stream_up = Gauge(
+            "pggateway_control_stream_up", "1 while the control stream from databases is open.", registry=r
+        )

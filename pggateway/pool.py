@@ -7,7 +7,9 @@ back or the deadline passes. A returned backend goes straight to the longest wai
 `generation` is how the pool forgets a writer: `drop()` (compute lost, writer moved) closes the
 idle backends and bumps it, and any backend of an older generation is closed when it comes back
 instead of being reused. `frozen` (a handoff's freeze_new_checkouts) stops checkouts without
-failing them: waiters keep waiting, and in-flight transactions drain normally.
+failing them: waiters keep waiting, and in-flight transactions drain normally; `busy` is what
+the drain waits for, and the time from the first held checkout to the release is the freeze
+window (pggateway_freeze_window_seconds).
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ class Pool:
         self._members: set[Backend] = set()
         self._connecting = 0
         self._waiters: deque[Waiter] = deque()
+        # Loop time of the first checkout a freeze held (the freeze window's start), and the
+        # checkouts that queued because the pool was full (the autoscaler's signal; a counter).
+        self._held_since: float | None = None
+        self._held = 0
+        self.queued_total = 0
 
     @property
     def open_count(self) -> int:
@@ -70,6 +77,20 @@ class Pool:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    @property
+    def busy(self) -> int:
+        """Backends checked out (or being opened): in-flight transactions and pinned sessions."""
+        return len(self._members) - len(self._idle) + self._connecting
+
+    def _note_wait(self) -> None:
+        if self.frozen:
+            if self._held_since is None:
+                self._held_since = asyncio.get_running_loop().time()
+            self._held += 1
+            self._metrics.checkouts_held.inc()
+        else:
+            self.queued_total += 1
+
     def set_target(self, target: BackendTarget) -> None:
         """Route new backends to `target`; a different writer address forgets the old one."""
         old = self.target
@@ -81,6 +102,14 @@ class Pool:
     def set_frozen(self, frozen: bool) -> None:
         if self.frozen and not frozen:
             self.frozen = False
+            if self._held_since is not None:
+                self._metrics.freeze_window_seconds.observe(
+                    asyncio.get_running_loop().time() - self._held_since
+                )
+                self._held_since = None
+            self._metrics.checkouts_held.dec(self._held)
+            self._metrics.checkouts_held_total.inc(self._held)
+            self._held = 0
             self._wake_all()
         self.frozen = frozen
 
@@ -91,6 +120,7 @@ class Pool:
     def enqueue(self, waiter: Waiter) -> None:
         """Queue a checkout; the relay's waiter is called synchronously on hand-over, so a
         returned backend goes to the next client within the same callback."""
+        self._note_wait()
         self._waiters.append(waiter)
 
     def dequeue(self, waiter: Waiter) -> None:
@@ -140,6 +170,7 @@ class Pool:
                 fut.set_result(b)
                 return True
 
+            self._note_wait()
             self._waiters.append(waiter)
             try:
                 async with asyncio.timeout(remaining):

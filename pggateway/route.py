@@ -9,6 +9,12 @@ connect-per-request client does not release and re-acquire the lease every time)
 - while clients are attached a timer renews the lease with the number of connections; a stale
   epoch (FAILED_PRECONDITION) or an expired lease (NOT_FOUND) is re-acquired, a freeze stops new
   checkouts until it clears, then the writer is re-resolved;
+- a handoff arrives first on the control stream (`apply_control`): FREEZE holds new checkouts
+  at once (they wait; in-flight transactions and pinned sessions go on) and the renewals then
+  report the drain (frozen, busy backends, pinned sessions) every time it changes;
+  WRITER_SWITCHED routes to the new writer and releases the held checkouts to it; UNFREEZE
+  (a failed handoff) releases them to the same writer. A lease answer to a request sent before
+  the last pushed event is not applied (it may predate it);
 - a backend the compute closed is dropped alone if the writer still answers (a client's
   `pg_terminate_backend`, an idle timeout): a bounded login probe tells that from a compute that
   went away, in which case the pool is dropped and the next checkout re-resolves the writer
@@ -23,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from opentelemetry import trace
@@ -32,7 +38,15 @@ from libs.telemetry import ATTR_DATABASE, ATTR_PG_COLD_START, ATTR_PG_OUTCOME, A
 from pggateway import backend as backends
 from pggateway import errors
 from pggateway.backend import Backend, BackendConnectError, BackendLoginError, BackendTarget
-from pggateway.controlplane import WAITING_STATES, ControlPlane, ControlPlaneError, Credentials, LeaseInfo
+from pggateway.controlplane import (
+    WAITING_STATES,
+    ControlMessage,
+    ControlPlane,
+    ControlPlaneError,
+    Credentials,
+    LeaseInfo,
+    LeaseReport,
+)
 from pggateway.metrics import GatewayMetrics
 from pggateway.pool import CheckoutTimeout, Pool, PoolClosed
 
@@ -43,8 +57,12 @@ tracer = trace.get_tracer("ctrlmesh.pggateway")
 WAKE_POLL_SECONDS = 0.015
 # Between acquires that failed with a retryable status.
 TRANSIENT_RETRY_SECONDS = 0.25
-# While frozen, renew this often, to notice the end of a handoff quickly.
+# While frozen, renew at least this often (the fallback when the control stream is down), and
+# look at the drain state this often, reporting it at once when it changed.
 FROZEN_RENEW_SECONDS = 0.1
+REPORT_POLL_SECONDS = 0.005
+# Between attempts to release a lease while the control plane is unreachable.
+RELEASE_RETRY_SECONDS = 0.25
 # Between attempts to reach a writer the control plane still calls ready after a crash.
 RECONNECT_PAUSE_SECONDS = 0.05
 BACKEND_CONNECT_TIMEOUT = 5.0
@@ -93,6 +111,11 @@ class Route:
         self._release_task: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self.pool = Pool(config.pool_size, self._connect, metrics, on_lost=self._backend_lost)
+        # Client sessions pinned to a backend (they cannot move in a handoff).
+        self.pinned = 0
+        # Loop time of the last pushed control event applied.
+        self._control_mark = 0.0
+        self._renew_wake = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"Route({self.tenant_id}/{self.database}, clients={self.clients})"
@@ -225,16 +248,46 @@ class Route:
             )
         self.pool.set_frozen(lease.freeze_new_checkouts)
 
+    def report(self) -> LeaseReport:
+        return LeaseReport(
+            frozen=self.pool.frozen,
+            busy_backends=self.pool.busy,
+            pinned_sessions=self.pinned,
+            checkout_waits=self.pool.queued_total,
+        )
+
+    async def _nap(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._renew_wake.wait(), seconds)
+        except TimeoutError:
+            pass
+        self._renew_wake.clear()
+
+    def resync(self) -> None:
+        """Renew now (the control stream reconnected: events may have been missed)."""
+        self._renew_wake.set()
+
     async def _renew_loop(self) -> None:
         ttl = self._config.lease_ttl
+        loop = asyncio.get_running_loop()
+        sent: LeaseReport | None = None
+        sent_at = 0.0
         while not self.closing and self.lease is not None:
-            frozen = self.lease.freeze_new_checkouts
-            await asyncio.sleep(FROZEN_RENEW_SECONDS if frozen else ttl / 3)
+            frozen = self.pool.frozen
+            if frozen:
+                await self._nap(REPORT_POLL_SECONDS)
+                if self.report() == sent and loop.time() - sent_at < FROZEN_RENEW_SECONDS:
+                    continue
+            else:
+                await self._nap(ttl / 3)
             lease = self.lease
             if self.closing or lease is None:
                 return
+            frozen = self.pool.frozen
+            sent, sent_at = self.report(), loop.time()
+            asked = sent_at
             try:
-                fresh = await self._cp.renew_lease(lease.lease_id, lease.epoch, ttl, self.clients)
+                fresh = await self._cp.renew_lease(lease.lease_id, lease.epoch, ttl, self.clients, sent)
             except ControlPlaneError as err:
                 if err.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
                     log.warning("renewing the lease of %s failed: %s", self, err)
@@ -249,19 +302,57 @@ class Route:
                     continue
             if self.closing:
                 return
-            if frozen and not fresh.freeze_new_checkouts:
-                # The handoff finished: re-resolve the writer before checkouts resume.
-                self.pool.set_frozen(True)
+            if asked < self._control_mark:
+                continue  # a pushed event came after this was asked: the answer may predate it
+            if frozen and self.pool.frozen and not fresh.freeze_new_checkouts:
+                # The handoff finished (learned from the lease): re-resolve the writer before
+                # checkouts resume.
                 self._writer_suspect = True
-                loop = asyncio.get_running_loop()
                 try:
                     await self.ensure_ready(loop.time() + self._config.wake_timeout)
                 except errors.PgError as err3:
                     log.warning("re-resolving the writer of %s after a freeze failed: %s", self, err3)
                 continue
+            if fresh.freeze_new_checkouts and not self.pool.frozen:
+                self._metrics.freezes_total.labels("lease").inc()
             self._apply_lease(fresh)
             if not fresh.ready and fresh.state in WAITING_STATES:
                 self._writer_suspect = True
+
+    def apply_control(self, ev: ControlMessage) -> None:
+        """A control event pushed by the databases service (see the module docstring)."""
+        lease = self.lease
+        if lease is None or self.closing:
+            return
+        self._control_mark = asyncio.get_running_loop().time()
+        if ev.kind == "FREEZE":
+            if not self.pool.frozen:
+                self._metrics.freezes_total.labels("push").inc()
+            self.lease = replace(lease, freeze_new_checkouts=True)
+            self.pool.set_frozen(True)
+        elif ev.kind == "WRITER_SWITCHED":
+            if ev.epoch < lease.epoch or not ev.writer_host:
+                return
+            self.pool.drop()
+            self._writer_suspect = False
+            self._apply_lease(
+                replace(
+                    lease,
+                    state="ready",
+                    writer_host=ev.writer_host,
+                    writer_port=ev.writer_port,
+                    freeze_new_checkouts=False,
+                )
+            )
+        elif ev.kind == "UNFREEZE":
+            if ev.epoch == lease.epoch:
+                self.lease = replace(lease, freeze_new_checkouts=False)
+                self.pool.set_frozen(False)
+            elif ev.epoch > lease.epoch:
+                self._writer_suspect = True  # a switch this route missed: the renewal re-resolves
+        elif ev.kind == "STOPPED":
+            self._writer_suspect = True
+        self._renew_wake.set()  # report (or re-acquire) at once
 
     # -- backends -----------------------------------------------------------------------------
     async def _connect(self, target: BackendTarget, on_lost: Callable[[Backend], None]) -> Backend:
@@ -307,7 +398,7 @@ class Route:
             self._on_closed(self)
             self._release_task = asyncio.get_running_loop().create_task(self._release())
 
-    async def _release(self) -> None:
+    async def _release(self, retry: bool = True) -> None:
         if self._probe_task is not None:
             self._probe_task.cancel()
         if self._renew_task is not None:
@@ -323,11 +414,21 @@ class Route:
         if lease is None:
             return
         self._metrics.leases.dec()
-        try:
-            await self._cp.release_lease(lease.lease_id, lease.epoch)
-        except ControlPlaneError as err:
-            # The lease expires by itself after its TTL; nothing else to do.
-            log.warning("releasing the lease of %s failed: %s", self, err)
+        loop = asyncio.get_running_loop()
+        # A lease left behind keeps its database from idling and a handoff waiting for this
+        # holder's freeze until it expires: while the control plane is restarting, try again.
+        give_up = loop.time() + (self._config.lease_ttl if retry else 0.0)
+        while True:
+            try:
+                await self._cp.release_lease(lease.lease_id, lease.epoch)
+                return
+            except ControlPlaneError as err:
+                transient = err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not transient or loop.time() >= give_up:
+                    # The lease expires by itself after its TTL; nothing else to do.
+                    log.warning("releasing the lease of %s failed: %s", self, err)
+                    return
+            await asyncio.sleep(RELEASE_RETRY_SECONDS)
 
     async def close(self) -> None:
         """Release now (gateway shutdown)."""
@@ -337,7 +438,7 @@ class Route:
         if not self.closing:
             self.closing = True
             self._on_closed(self)
-            self._release_task = asyncio.get_running_loop().create_task(self._release())
+            self._release_task = asyncio.get_running_loop().create_task(self._release(retry=False))
         if self._release_task is not None:
             await self._release_task
 

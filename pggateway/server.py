@@ -27,6 +27,7 @@ from pggateway import errors, keys
 from pggateway import protocol as pq
 from pggateway.backend import CANCEL_TIMEOUT, send_cancel
 from pggateway.config import GatewayConfig
+from pggateway.control import ControlFollower
 from pggateway.controlplane import ControlPlane, ControlPlaneError, CredentialCache, Credentials
 from pggateway.metrics import GatewayMetrics
 from pggateway.prepared import StatementRegistry
@@ -153,6 +154,7 @@ class GatewayServer:
         self._channel_binding = channel_binding_data(tls.cert_path)
         self._credentials = CredentialCache(control_plane, config.credentials_ttl)
         self.router = Router(control_plane, config.route_config(), self.metrics)
+        self._control_plane = control_plane
         self.prepared = StatementRegistry(config.max_prepared_statements)
         self.metrics.registry.register(self.prepared)
         self._decoy_secret = secrets.token_bytes(32)
@@ -177,6 +179,9 @@ class GatewayServer:
             # Workers share the port; the kernel spreads connections across them.
             reuse_port=bool(self.config.peers),
             backlog=1024,
+        )
+        self.spawn(
+            ControlFollower(self._control_plane, self.router, self.config.holder_id, self.metrics).run()
         )
         if self.config.peers:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -259,6 +259,7 @@ class ClientSession(asyncio.Protocol):
         if reason is None:
             return
         self.pin_reason = reason
+        self.route.pinned += 1
         self.server.metrics.pinned_sessions.inc()
         self.server.metrics.pinned_total.labels(reason).inc()
         self.span.set_attribute(ATTR_PG_PIN_REASON, reason)
@@ -532,6 +533,7 @@ class ClientSession(asyncio.Protocol):
             else:
                 self.server.spawn(self._reset_and_release(b))
         if self.pin_reason is not None:
+            self.route.pinned -= 1
             self.server.metrics.pinned_sessions.dec()
         self.server.session_finished(self)
         self.route.detach()

@@ -14,13 +14,14 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import uvloop
 from prometheus_client import start_http_server
 
-from pggateway.controlplane import ControlPlaneError, Credentials, LeaseInfo
+from pggateway.controlplane import ControlMessage, ControlPlaneError, Credentials, LeaseInfo, LeaseReport
 from pggateway.metrics import GatewayMetrics
 from pggateway.scram import Verifier
 from pggateway.server import GatewayConfig, GatewayServer
@@ -59,11 +60,23 @@ class StaticControlPlane:
     ) -> LeaseInfo:
         return self._lease
 
-    async def renew_lease(self, lease_id: str, epoch: int, ttl: float, active_connections: int) -> LeaseInfo:
+    async def renew_lease(
+        self,
+        lease_id: str,
+        epoch: int,
+        ttl: float,
+        active_connections: int,
+        report: LeaseReport | None = None,
+    ) -> LeaseInfo:
         return self._lease
 
     async def release_lease(self, lease_id: str, epoch: int) -> None:
         return None
+
+    async def watch_control(self, holder_id: str) -> AsyncIterator[ControlMessage]:
+        """No control plane, so no handoff: HELLO, then silence."""
+        yield ControlMessage("HELLO")
+        await asyncio.Event().wait()
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -37,7 +37,7 @@ from services.databases.actions.common import spec_of
 from services.databases.lifecycle import Lifecycle
 from services.databases.peers import Accounts, TenantRef
 from services.databases.repository import Db, LeaseRow
-from services.databases.state import RUNNING, WAKEABLE, State
+from services.databases.state import HANDOFF_ACTIVE, RUNNING, WAKEABLE, ScaleState, State
 
 # Names that exist in every PostgreSQL cluster: a tenant database cannot take them.
 RESERVED_NAMES = frozenset({"postgres", "template0", "template1"})
@@ -260,6 +260,7 @@ class LeaseDomain:
         if (
             peek is not None
             and peek.state == State.READY
+            and ScaleState(peek.scale_state) not in HANDOFF_ACTIVE  # a handoff stops it on purpose
             and not await self.lifecycle.driver.is_alive(spec_of(peek))
         ):
             # A writer that died a moment ago: record it now rather than route to a dead port.
@@ -309,7 +310,13 @@ class LeaseDomain:
         return await repo.get_lease(s, lease_id, lock=True), db
 
     async def renew(
-        self, p: Principal, lease_id: str, epoch: int, ttl: timedelta | None, active: int
+        self,
+        p: Principal,
+        lease_id: str,
+        epoch: int,
+        ttl: timedelta | None,
+        active: int,
+        report: repo.DrainReport | None = None,
     ) -> tuple[LeaseRow, Db]:
         _require_system(p)
         async with self.db.session() as s:
@@ -325,13 +332,15 @@ class LeaseDomain:
                     details={"epoch": db.lease_control_epoch},
                 )
             ttl = ttl or timedelta(seconds=lease.ttl_seconds)
-            await repo.renew_lease(s, lease_id, ttl=ttl, active=active, now=t)
+            await repo.renew_lease(s, lease_id, ttl=ttl, active=active, now=t, report=report)
             values: dict[str, Any] = {"active_connections": await repo.active_connections(s, db, t)}
             if active > 0:
                 values["last_used_at"] = t
             updated = await repo.update_database(s, db.tenant_id, db.id, values)
             renewed = await repo.get_lease(s, lease_id)
         assert updated is not None and renewed is not None
+        if updated.freeze_new_checkouts:
+            self.lifecycle.notify(updated.id)  # a draining handoff looks at the reports at once
         return renewed, updated
 
     async def release(self, p: Principal, lease_id: str, epoch: int) -> None:

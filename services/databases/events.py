@@ -1,7 +1,8 @@
 """The databases service's events, written to its outbox in the transaction of the change.
 
 Types: `database.created`, `database.state_changed` (with `previous_state`),
-`database.compute_lost` (a writer died while `ready`), `database.deleted`. The payload is the
+`database.compute_lost` (a writer died while `ready`), `database.deleted`,
+`database.scale_state_changed` (a handoff phase, with `previous_scale_state`). The payload is the
 database as the API shows it (snake_case, RFC 3339 timestamps), minus the tenant's name, which
 accounts owns and may change.
 """
@@ -20,6 +21,8 @@ CREATED = "database.created"
 STATE_CHANGED = "database.state_changed"
 COMPUTE_LOST = "database.compute_lost"
 DELETED = "database.deleted"
+# A handoff phase began (with `previous_scale_state`; SPG99 §6.2).
+SCALE_STATE_CHANGED = "database.scale_state_changed"
 
 _TIMESTAMPS = (
     "last_used_at",

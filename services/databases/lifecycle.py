@@ -35,10 +35,12 @@ from services.databases import events
 from services.databases import repository as repo
 from services.databases.actions import ACTIONS
 from services.databases.actions.common import STOPPED_WRITER, spec_of
+from services.databases.actions.handoff import INTERRUPTED, NO_CANDIDATE, HandoffConfig, scale_transition
 from services.databases.compute.base import ComputeDriver, ComputeError, ComputeSpec
+from services.databases.control import ControlBus
 from services.databases.peers import Accounts
 from services.databases.repository import Db
-from services.databases.state import Action, State, can_transition, next_action
+from services.databases.state import HANDOFF_ACTIVE, Action, ScaleState, State, can_transition, next_action
 
 log = logging.getLogger("ctrlmesh.databases.lifecycle")
 
@@ -62,6 +64,8 @@ class Lifecycle:
         monitor_interval: float = 0.25,
         reconcile_interval: float = 2.0,
         storage_interval: float = 60.0,
+        handoff: HandoffConfig | None = None,
+        bus: ControlBus | None = None,
     ):
         self.db = db
         self.driver = driver
@@ -71,6 +75,8 @@ class Lifecycle:
         self.monitor_interval = monitor_interval
         self.reconcile_interval = reconcile_interval
         self.storage_interval = storage_interval
+        self.handoff = handoff or HandoffConfig()
+        self.bus = bus or ControlBus()
         self.runner: KeyedRunner[DbKey] = KeyedRunner("database drive", self._drive)
         self._changed: dict[str, asyncio.Event] = {}
         # Fire-and-forget work, referenced so it is not garbage-collected mid-flight.
@@ -94,9 +100,11 @@ class Lifecycle:
         if db is None:
             return False
         alive = None
-        if db.state in (State.READY, State.STOPPED, State.ERROR):
+        if db.state in (State.STOPPED, State.ERROR) or (
+            db.state == State.READY and ScaleState(db.scale_state) not in HANDOFF_ACTIVE
+        ):
             alive = await self.driver.is_alive(spec_of(db))
-        action = next_action(db.state, db.target_scale, alive)
+        action = next_action(db.state, db.target_scale, alive, db.scale_state)
         if action is Action.NONE:
             return False
         log.debug("database %s: %s (%s)", db.id, action, db.state)
@@ -120,6 +128,15 @@ class Lifecycle:
         ev = self._changed.pop(db_id, None)
         if ev is not None:
             ev.set()
+
+    async def wait_change(self, db_id: str, seconds: float) -> None:
+        """Until this database's row may have changed here (a commit, a gateway's report), or
+        `seconds` pass."""
+        changed = self._changed.setdefault(db_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(changed.wait(), seconds)
+        except TimeoutError:
+            pass
 
     async def wait_settled(self, tenant_id: str, db_id: str, deadline: float) -> Db | None:
         """The database once it is `ready`, failed (`error`), no longer wanted or gone — or as it
@@ -249,6 +266,7 @@ class Lifecycle:
     async def _kick_unfinished(self) -> None:
         async with self.db.session() as s:
             keys = await repo.keys_in_states(s, UNFINISHED)
+            keys += await repo.keys_in_handoff(s)
         for key in keys:
             if not self.runner.busy(key):
                 self.runner.kick(key)
@@ -331,6 +349,20 @@ class Lifecycle:
                     return
                 await self.driver.stop(spec_of(db))
                 await repo.close_runs(s, db.id, now())
+                if ScaleState(db.scale_state) in HANDOFF_ACTIVE:
+                    db = await scale_transition(
+                        self,
+                        s,
+                        db,
+                        ScaleState.FAILED,
+                        {
+                            "freeze_new_checkouts": False,
+                            "target_profile": db.current_profile,
+                            "scale_failure_reason": INTERRUPTED,
+                            **NO_CANDIDATE,
+                        },
+                        result=INTERRUPTED,
+                    )
                 if db.state == State.READY:
                     db = await self.transition(s, db, State.STOPPING, {"target_scale": 0}, reason="shutdown")
                 await self.transition(

@@ -1,9 +1,10 @@
 """The databases service process: `python -m services.databases.main`.
 
 Serves DatabaseService (the /v2 database routes, ResolveDatabase), its EventStreamService,
-LeaseService (the PG Gateway's leases) and the internal TenantResourcesService, and runs the
-reconciler's loops: resume/reconcile, the compute monitor, idle stop, storage measurement and
-the credentials-rotation follower.
+LeaseService (the PG Gateway's leases), AutoscalerService (RequestHandoff, the gateways' control
+stream) and the internal TenantResourcesService, and runs the reconciler's loops:
+resume/reconcile, the compute monitor, idle stop, storage measurement, the credentials-rotation
+follower and the autoscaler's policy.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from libs.outbox import Outbox
 from libs.service_main import Runtime, remote_audit_sink, run
 from libs.tenant_resources import Count, Spec, register_resources
 from services.databases import servicer
+from services.databases.actions.handoff import HandoffConfig
+from services.databases.autoscaler import Autoscaler, HandoffDomain, PolicyConfig
 from services.databases.compute import make_driver
 from services.databases.compute.profiles import PROFILES
+from services.databases.control import ControlBus
 from services.databases.domain import DatabasesDomain, LeaseDomain
 from services.databases.lifecycle import Lifecycle
 from services.databases.models import SCHEMA, compute_runs, databases, leases, outbox
@@ -77,13 +81,42 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     accounts = Accounts(rt.channels, rt.signer)
     events = Outbox(outbox, rt.db)
     driver = make_driver(rt.settings)
-    lifecycle = Lifecycle(rt.db, driver, accounts, events, idle_timeout=rt.settings.idle_timeout)
+    st = rt.settings
+    bus = ControlBus()
+    lifecycle = Lifecycle(
+        rt.db,
+        driver,
+        accounts,
+        events,
+        idle_timeout=st.idle_timeout,
+        handoff=HandoffConfig(
+            freeze_timeout=st.handoff_freeze_timeout,
+            drain_timeout=st.handoff_drain_timeout,
+            start_timeout=st.handoff_start_timeout,
+            cooldown=st.autoscale_cooldown,
+        ),
+        bus=bus,
+    )
     dbs = DatabasesDomain(rt.db, accounts, events, lifecycle)
     lease_domain = LeaseDomain(rt.db, accounts, lifecycle)
+    handoffs = HandoffDomain(rt.db, accounts, lifecycle, st.autoscale_max_profile)
+    autoscaler = Autoscaler(
+        lifecycle,
+        handoffs,
+        PolicyConfig(
+            interval=st.autoscale_interval,
+            window=st.autoscale_window,
+            cpu_up=st.autoscale_cpu_up,
+            cpu_down=st.autoscale_cpu_down,
+            waits_up=st.autoscale_waits_up,
+            max_profile=st.autoscale_max_profile,
+            enabled=st.autoscale_enabled,
+        ),
+    )
 
     def register(server: grpc.aio.Server) -> list[str]:
         return [
-            *servicer.register(server, dbs, lease_domain),
+            *servicer.register(server, dbs, lease_domain, handoffs, bus),
             *register_resources(server, rt.db, spec(dbs.purge_tenant)),
         ]
 
@@ -98,6 +131,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
             lifecycle.idle_loop,
             lifecycle.storage_loop,
             lifecycle.credentials_loop,
+            autoscaler.loop,
         ],
     )
     return service, remote_audit_sink(rt)

@@ -1,7 +1,8 @@
 """The databases schema: serverless databases, the leases the PG Gateway holds on them, and the
 compute run intervals that feed CU·h billing. Rows never leave the service: the servicer maps
 them to protos. The migrations (frozen once written) build these tables: 0001 the original
-`databases` and the outbox, 0002 the runtime columns, leases and compute runs.
+`databases` and the outbox, 0002 the runtime columns, leases and compute runs, 0003 the
+gateways' drain reports on their leases.
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ leases = Table(
     Column("created_at", TS, nullable=False),
     Column("renewed_at", TS, nullable=False),
     Column("expires_at", TS, nullable=False),
+    # 0003: the holder's drain report during a handoff (see RenewLeaseRequest).
+    Column("frozen", Boolean, nullable=False, server_default="false"),
+    Column("busy_backends", Integer, nullable=False, server_default="0"),
+    Column("pinned_sessions", Integer, nullable=False, server_default="0"),
+    Column("checkout_waits", BigInteger, nullable=False, server_default="0"),
     UniqueConstraint("db_id", "holder_id", name="uq_leases_db_holder"),
     Index("ix_leases_db_expires", "db_id", "expires_at"),
 )

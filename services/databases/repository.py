@@ -11,13 +11,16 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import and_, delete, exists, func, insert, select, update
+from sqlalchemy import Integer, and_, delete, exists, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.db import xact_lock
 from services.databases.models import compute_runs, databases, leases
+from services.databases.state import HANDOFF_ACTIVE
+
+HANDOFF_PHASES = tuple(sorted(p.value for p in HANDOFF_ACTIVE))
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,16 @@ async def tenant_database_ids(s: AsyncSession, tenant_id: str) -> list[str]:
 # -- system scans for the reconciler -----------------------------------------------------------
 
 
+async def keys_in_handoff(s: AsyncSession, phases: tuple[str, ...] = HANDOFF_PHASES) -> list[tuple[str, str]]:
+    """(tenant_id, db_id) of every `ready` database in one of these handoff phases."""
+    rows = await s.execute(
+        select(databases.c.tenant_id, databases.c.id).where(
+            databases.c.state == "ready", databases.c.scale_state.in_(phases)
+        )
+    )
+    return [(t, i) for t, i in rows.all()]
+
+
 async def keys_in_states(s: AsyncSession, states: tuple[str, ...]) -> list[tuple[str, str]]:
     """(tenant_id, db_id) of every database in one of these states."""
     rows = await s.execute(select(databases.c.tenant_id, databases.c.id).where(databases.c.state.in_(states)))
@@ -192,7 +205,11 @@ async def idle_candidates(
         func.coalesce(databases.c.last_used_at, databases.c.updated_at), databases.c.updated_at, last_expiry
     )
     q = select(databases.c.tenant_id, databases.c.id).where(
-        databases.c.state == "ready", ~exists().where(_live(now)), idle_since < now - idle
+        databases.c.state == "ready",
+        # A handoff in flight owns the writer; the database is idle-stopped after it.
+        databases.c.scale_state.notin_(HANDOFF_PHASES),
+        ~exists().where(_live(now)),
+        idle_since < now - idle,
     )
     if db_id is not None:
         q = q.where(databases.c.id == db_id)
@@ -249,17 +266,58 @@ async def get_lease(s: AsyncSession, lease_id: str, *, lock: bool = False) -> Le
     return _lease((await s.execute(q)).mappings().first())
 
 
-async def renew_lease(s: AsyncSession, lease_id: str, *, ttl: timedelta, active: int, now: datetime) -> None:
-    await s.execute(
-        update(leases)
-        .where(leases.c.id == lease_id)
-        .values(
-            ttl_seconds=int(ttl.total_seconds()),
-            active_connections=active,
-            renewed_at=now,
-            expires_at=now + ttl,
+@dataclass(frozen=True)
+class DrainReport:
+    """What the gateways holding live leases on a database last reported (handoff)."""
+
+    holders: int = 0
+    frozen: int = 0
+    busy: int = 0
+    pinned: int = 0
+    waits: int = 0
+
+
+async def renew_lease(
+    s: AsyncSession,
+    lease_id: str,
+    *,
+    ttl: timedelta,
+    active: int,
+    now: datetime,
+    report: DrainReport | None = None,
+) -> None:
+    values: dict[str, Any] = {
+        "ttl_seconds": int(ttl.total_seconds()),
+        "active_connections": active,
+        "renewed_at": now,
+        "expires_at": now + ttl,
+    }
+    if report is not None:
+        values.update(
+            frozen=bool(report.frozen),
+            busy_backends=report.busy,
+            pinned_sessions=report.pinned,
+            checkout_waits=report.waits,
         )
-    )
+    await s.execute(update(leases).where(leases.c.id == lease_id).values(**values))
+
+
+async def reset_drain_reports(s: AsyncSession, db_id: str) -> None:
+    """At a freeze: no holder counts as frozen until it reports so afterwards."""
+    await s.execute(update(leases).where(leases.c.db_id == db_id).values(frozen=False))
+
+
+async def drain_report(s: AsyncSession, db: Db, now: datetime) -> DrainReport:
+    """The sum over the live leases of the current generation."""
+    q = select(
+        func.count(),
+        func.coalesce(func.sum(func.cast(leases.c.frozen, Integer)), 0),
+        func.coalesce(func.sum(leases.c.busy_backends), 0),
+        func.coalesce(func.sum(leases.c.pinned_sessions), 0),
+        func.coalesce(func.sum(leases.c.checkout_waits), 0),
+    ).where(leases.c.db_id == db.id, leases.c.epoch == db.lease_control_epoch, leases.c.expires_at > now)
+    row = (await s.execute(q)).one()
+    return DrainReport(*(int(x) for x in row))
 
 
 async def delete_lease(s: AsyncSession, lease_id: str) -> None:

@@ -54,6 +54,59 @@ def can_transition(src: str, dst: str) -> bool:
     return State(dst) in TRANSITIONS[State(src)]
 
 
+class ScaleState(StrEnum):
+    """The profile handoff (SPG99 §6.2), an axis independent of `state` (which stays `ready`
+    throughout; see actions/handoff.py for the phases and the decisions where SPG99 is silent)."""
+
+    STEADY = "STEADY"
+    PREPARING = "PREPARING"
+    FREEZING = "FREEZING"
+    DRAINING = "DRAINING"
+    STOPPING_OLD = "STOPPING_OLD"
+    STARTING_NEW = "STARTING_NEW"
+    SWITCHING = "SWITCHING"
+    COOLDOWN = "COOLDOWN"
+    FAILED = "FAILED"
+
+
+# Phases in which a handoff runs (the reconciler drives them; nothing else touches the writer).
+HANDOFF_ACTIVE = frozenset(
+    {
+        ScaleState.PREPARING,
+        ScaleState.FREEZING,
+        ScaleState.DRAINING,
+        ScaleState.STOPPING_OLD,
+        ScaleState.STARTING_NEW,
+        ScaleState.SWITCHING,
+    }
+)
+HANDOFF_ORDER = (
+    ScaleState.STEADY,
+    ScaleState.PREPARING,
+    ScaleState.FREEZING,
+    ScaleState.DRAINING,
+    ScaleState.STOPPING_OLD,
+    ScaleState.STARTING_NEW,
+    ScaleState.SWITCHING,
+    ScaleState.COOLDOWN,
+)
+SCALE_TRANSITIONS: dict[ScaleState, frozenset[ScaleState]] = {
+    ScaleState.STEADY: frozenset({ScaleState.PREPARING}),
+    ScaleState.PREPARING: frozenset({ScaleState.FREEZING, ScaleState.FAILED}),
+    ScaleState.FREEZING: frozenset({ScaleState.DRAINING, ScaleState.FAILED}),
+    ScaleState.DRAINING: frozenset({ScaleState.STOPPING_OLD, ScaleState.FAILED}),
+    ScaleState.STOPPING_OLD: frozenset({ScaleState.STARTING_NEW, ScaleState.FAILED}),
+    ScaleState.STARTING_NEW: frozenset({ScaleState.SWITCHING, ScaleState.FAILED}),
+    ScaleState.SWITCHING: frozenset({ScaleState.COOLDOWN, ScaleState.FAILED}),
+    ScaleState.COOLDOWN: frozenset({ScaleState.STEADY, ScaleState.PREPARING}),
+    ScaleState.FAILED: frozenset({ScaleState.STEADY, ScaleState.PREPARING}),
+}
+
+
+def can_scale(src: str, dst: str) -> bool:
+    return ScaleState(dst) in SCALE_TRANSITIONS[ScaleState(src)]
+
+
 class Action(StrEnum):
     NONE = "none"
     PREPARE = "prepare"  # make the storage, then `stopped`
@@ -62,12 +115,16 @@ class Action(StrEnum):
     DELETE = "delete"  # stop, destroy the storage, remove the row
     LOST = "lost"  # the writer died while `ready`: record it, then `stopped`
     REAP = "reap"  # a writer runs though none should (e.g. left by a crash of this service)
+    HANDOFF = "handoff"  # one phase of a profile handoff (actions/handoff.py)
 
 
-def next_action(state: str, target_scale: int, alive: bool | None) -> Action:
+def next_action(state: str, target_scale: int, alive: bool | None, scale_state: str = "STEADY") -> Action:
     """What the reconciler does for a database in `state` wanting `target_scale` writers, given
-    whether its compute runs (`alive`; None when not checked)."""
+    whether its compute runs (`alive`; None when not checked). A `ready` database in a handoff
+    phase is the handoff's: its writer is stopped and started by it, never seen as lost."""
     s = State(state)
+    if s is State.READY and ScaleState(scale_state) in HANDOFF_ACTIVE:
+        return Action.HANDOFF
     if s is State.CREATING:
         return Action.PREPARE
     if s is State.DELETING:

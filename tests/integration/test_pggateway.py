@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import uvloop
 from libs.embedded_pg import EmbeddedPostgres
 from pggateway import keys
 from pggateway import protocol as pq
-from pggateway.controlplane import ControlPlaneError, Credentials, LeaseInfo
+from pggateway.controlplane import ControlMessage, ControlPlaneError, Credentials, LeaseInfo
 from pggateway.metrics import GatewayMetrics
 from pggateway.scram import Verifier
 from pggateway.server import GatewayConfig, GatewayServer
@@ -122,7 +122,9 @@ class FakeControlPlane:
             state = self._state(db)
         return self._lease(tenant_id, database, db, state)
 
-    async def renew_lease(self, lease_id: str, epoch: int, ttl: float, active_connections: int) -> LeaseInfo:
+    async def renew_lease(
+        self, lease_id: str, epoch: int, ttl: float, active_connections: int, report: Any = None
+    ) -> LeaseInfo:
         self.calls.append(("renew", lease_id, active_connections))
         for (tenant_id, name), db in self.databases.items():
             if lease_id == f"lease-{tenant_id}-{name}":
@@ -131,6 +133,11 @@ class FakeControlPlane:
 
     async def release_lease(self, lease_id: str, epoch: int) -> None:
         self.calls.append(("release", lease_id))
+
+    async def watch_control(self, holder_id: str) -> AsyncIterator[ControlMessage]:
+        """The control stream: HELLO, then nothing (these tests freeze through the lease)."""
+        yield ControlMessage("HELLO")
+        await asyncio.Event().wait()
 
     def count(self, kind: str, key: str | None = None) -> int:
         return sum(1 for c in self.calls if c[0] == kind and (key is None or c[1] == key))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from services.databases.actions.boot import boot
 from services.databases.actions.delete import delete
+from services.databases.actions.handoff import handoff
 from services.databases.actions.lost import lost, reap
 from services.databases.actions.prepare import prepare
 from services.databases.actions.stop import stop
@@ -28,4 +29,5 @@ ACTIONS: dict[Action, ActionFn] = {
     Action.DELETE: delete,
     Action.LOST: lost,
     Action.REAP: reap,
+    Action.HANDOFF: handoff,
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.databases.compute.cgroups import Limits
 from services.databases.compute.profiles import Profile
 
 
@@ -75,3 +76,16 @@ class ComputeDriver(Protocol):
 
     async def storage_bytes(self, spec: ComputeSpec) -> int:
         """Bytes the database's storage uses now."""
+
+    async def checkpoint(self, spec: ComputeSpec) -> None:
+        """Run a CHECKPOINT on the running writer (before a handoff: a short shutdown)."""
+
+    async def prepare_candidate(self, spec: ComputeSpec, profile: Profile) -> None:
+        """Make what a new writer generation with this profile needs before it starts (its
+        cgroup); the writer runs on until the handoff stops it."""
+
+    def limits(self) -> Limits:
+        """Whether (and how) profiles' CPU and memory limits are enforced."""
+
+    async def cpu_seconds(self, spec: ComputeSpec) -> float | None:
+        """CPU time the writer generation used so far; None when unknown (the autoscaler)."""

@@ -33,6 +33,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -46,8 +47,10 @@ from libs.embedded_pg import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
     _ensure_os_user,
+    _pid_alive,
 )
 from services.databases.compute.base import ComputeError, ComputeSpec, Endpoint
+from services.databases.compute.cgroups import Cgroups, Limits
 from services.databases.compute.profiles import PROFILES, Profile
 
 log = logging.getLogger("ctrlmesh.databases.local")
@@ -111,6 +114,8 @@ class _Server(EmbeddedPostgres):
         super().__init__(cluster, port=port, user=SUPERUSER, settings=settings)
         self._cluster_dir = cluster
         self._ids = ids
+        # Wraps the server's command (its cgroup); identity when limits are not enforced.
+        self.wrap: Callable[[list[str]], list[str]] = lambda cmd: cmd
 
     def initialize(self) -> None:
         """A fresh cluster: whatever a previous attempt left is removed first."""
@@ -159,7 +164,7 @@ class _Server(EmbeddedPostgres):
         log_fd = self._private_file(self.log_path, os.O_APPEND)
         try:
             self._proc = subprocess.Popen(
-                _as_user(cmd, self._ids),
+                self.wrap(_as_user(cmd, self._ids)),
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
@@ -200,6 +205,19 @@ class _Server(EmbeddedPostgres):
     def tail(self) -> str:
         return self._log_tail()
 
+    def _wait_exit(self, pid: int, timeout: float) -> bool:
+        """As EmbeddedPostgres's, at READY_POLL instead of 50 ms: a handoff's clients wait on it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc is not None and self._proc.pid == pid:
+                if self._proc.poll() is not None:
+                    return True
+            elif not _pid_alive(pid):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(READY_POLL)
+
 
 class LocalDriver:
     """The `local` ComputeDriver (see compute/base.py)."""
@@ -207,9 +225,18 @@ class LocalDriver:
     name = "local"
     stop_on_shutdown = True
 
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        data_dir: Path,
+        host: str = "127.0.0.1",
+        *,
+        extra_settings: dict[str, dict[str, str]] | None = None,
+        cgroups: Cgroups | None = None,
+    ):
         self._data_dir = Path(data_dir).absolute()
         self._host = host
+        self._extra = extra_settings or {}
+        self.cgroups = cgroups or Cgroups()
         self._root: Path | None = None
         self._ids: tuple[int, int] | None = None
         self._servers: dict[str, _Server] = {}
@@ -238,7 +265,9 @@ class LocalDriver:
         return self.root() / spec.db_id
 
     def _server(self, spec: ComputeSpec, port: int = 0, profile: Profile | None = None) -> _Server:
-        settings = (profile or PROFILES["L1"]).settings()
+        prof = profile or PROFILES["L1"]
+        settings = prof.settings()
+        settings.update(self._extra.get(prof.name, {}))
         settings["listen_addresses"] = self._host
         return _Server(self.data_path(spec), port, self._ids, settings)
 
@@ -277,6 +306,7 @@ class LocalDriver:
             finally:
                 await asyncio.to_thread(server.stop, "fast", STOP_TIMEOUT)
                 self._servers.pop(spec.db_id, None)
+                await asyncio.to_thread(self._remove_groups, spec.db_id)
 
     async def start(self, spec: ComputeSpec, profile: Profile) -> Endpoint:
         async with self._lock(spec.db_id):
@@ -304,10 +334,45 @@ class LocalDriver:
     async def stop(self, spec: ComputeSpec) -> None:
         async with self._lock(spec.db_id):
             server = self._servers.pop(spec.db_id, None) or self._server(spec)
+            if server.live() is None and not server.alive():
+                # Nothing runs: only the cgroups of earlier generations may be left.
+                await asyncio.to_thread(self._remove_groups, spec.db_id)
+                return
             try:
                 await asyncio.to_thread(server.stop, "fast", STOP_TIMEOUT)
             except EmbeddedPostgresError as err:
                 raise ComputeError(f"could not stop the compute of {spec.db_id}: {err}") from err
+            await asyncio.to_thread(self._remove_groups, spec.db_id)
+
+    async def checkpoint(self, spec: ComputeSpec) -> None:
+        server = self._servers.get(spec.db_id)
+        if server is None or not server.alive():
+            live = await asyncio.to_thread(self._server(spec).live)
+            if live is None:
+                raise ComputeError(f"the compute of {spec.db_id} is not running")
+            server = self._server(spec, live[1])
+        conn = await self._admin(server)
+        try:
+            await conn.execute("CHECKPOINT")
+        finally:
+            await conn.close()
+
+    async def prepare_candidate(self, spec: ComputeSpec, profile: Profile) -> None:
+        await asyncio.to_thread(self.cgroups.make, self.group(spec), profile)
+
+    def limits(self) -> Limits:
+        return self.cgroups.status()
+
+    def group(self, spec: ComputeSpec) -> str:
+        """The cgroup of a writer generation."""
+        return f"{spec.db_id}-g{spec.generation}"
+
+    async def cpu_seconds(self, spec: ComputeSpec) -> float | None:
+        return await asyncio.to_thread(self.cgroups.cpu_seconds, self.group(spec))
+
+    def _remove_groups(self, db_id: str) -> None:
+        for group in self.cgroups.groups(db_id):
+            self.cgroups.remove(group)
 
     async def is_alive(self, spec: ComputeSpec) -> bool:
         server = self._servers.get(spec.db_id)
@@ -338,6 +403,7 @@ class LocalDriver:
             await asyncio.to_thread(self.root)
             server = self._servers.pop(spec.db_id, None) or self._server(spec)
             await asyncio.to_thread(server.stop, "immediate", 10)
+            await asyncio.to_thread(self._remove_groups, spec.db_id)
             await asyncio.to_thread(shutil.rmtree, self.data_path(spec), True)
         self._locks.pop(spec.db_id, None)
 
@@ -373,8 +439,14 @@ class LocalDriver:
         """Spawn on a fresh port and wait for `ready`; retry on a taken port or on the shared
         memory a SIGKILLed predecessor's backends still hold for a moment."""
         deadline = time.monotonic() + START_TIMEOUT
+        group = self.group(spec)
+        try:
+            await asyncio.to_thread(self.cgroups.make, group, profile)
+        except OSError as err:
+            raise ComputeError(f"could not make the cgroup of {spec.db_id}: {err}") from err
         while True:
             server = self._server(spec, _free_port(self._host), profile)
+            server.wrap = lambda cmd: self.cgroups.wrap(group, cmd)
             await asyncio.to_thread(server.spawn)
             self._servers[spec.db_id] = server
             try:

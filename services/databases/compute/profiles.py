@@ -5,8 +5,9 @@ memory class, and its compute units (CU) for billing. The README's profile table
 shared_buffers is a quarter of the memory class and effective_cache_size three quarters (the
 usual PostgreSQL sizing). shared_buffers is also what a cold start pays for: the postmaster
 sets its shared memory up before it accepts a connection (~13 ms at 128MB, ~25 ms at 512MB,
-~45 ms at 2GB on our test machine), which is one more reason to keep 1 CU small. The `local` driver applies the PostgreSQL settings and records the
-class; enforcing CPU and memory is a container or Kubernetes driver's job (cgroups).
+~45 ms at 2GB on our test machine), which is one more reason to keep 1 CU small. The `local`
+driver applies the PostgreSQL settings and enforces the CPU and memory class with a cgroup per
+writer (compute/cgroups.py): a CPU quota of `vcpu` cores and a memory limit of `memory_mb`.
 """
 
 from __future__ import annotations
