@@ -201,7 +201,8 @@ def _stable(v: Any) -> Any:
 @pytest.fixture(scope="module")
 def victim(imesh: Mesh, docker_host: str) -> Iterator[Victim]:
     """Tenant A with one of everything that exists: an SPG99 database and key, a Ctrl Plane
-    tenant, an instance with two releases from a deployment, and a health check."""
+    tenant, an instance with two releases from a deployment, a health check, a secret, a domain
+    and a route, and a Zectre managed database."""
     a = make_tenant(imesh)
     c = a.client()
     # A Zectre managed database: A's serverless database `appdb`, under the same UUID.
@@ -222,6 +223,12 @@ def victim(imesh: Mesh, docker_host: str) -> Iterator[Victim]:
     assert chk.status_code == 201, chk.text
     sec = c.post(f"/v1/instances/{inst['id']}/secrets", json={"key": "A_SECRET", "value": "of-tenant-a"})
     assert sec.status_code == 201, sec.text
+    dom = c.post(
+        f"/v1/instances/{inst['id']}/domains", json={"hostname": f"a-{uuid.uuid4().hex[:12]}.example.com"}
+    )
+    assert dom.status_code == 201, dom.text
+    rte = c.post(f"/v1/instances/{inst['id']}/routes", json={"path": "/a", "port": 8080})
+    assert rte.status_code == 201, rte.text
     key_id = c.get("/v2/api-keys/me").json()["id"]
     ids: dict[str, str | None] = {
         "tenant_name": a.name,
@@ -234,10 +241,9 @@ def victim(imesh: Mesh, docker_host: str) -> Iterator[Victim]:
         "release": releases[-1]["id"],
         "health_check": chk.json()["id"],
         "secret_key": "A_SECRET",
-        # Not built yet: the network service's domains and routes; Zectre's platform kinds are
-        # no tenant's (PLATFORM_KINDS).
-        "domain": None,
-        "route": None,
+        "domain": dom.json()["id"],
+        "route": rte.json()["id"],
+        # Zectre's platform kinds are no tenant's (PLATFORM_KINDS).
         "cluster": None,
         "node": None,
         "template": None,
@@ -258,6 +264,8 @@ def victim(imesh: Mesh, docker_host: str) -> Iterator[Victim]:
         ("own", f"/v1/instances/{i}/releases"),
         ("own", f"/v1/instances/{i}/health/checks"),
         ("own", f"/v1/instances/{i}/secrets"),
+        ("own", f"/v1/instances/{i}/domains"),
+        ("own", f"/v1/instances/{i}/routes"),
         ("own", f"/v1/deployments/{ids['deployment']}"),
     ]
     # The database settles (creating → stopped) before the first snapshot.
