@@ -27,9 +27,9 @@ ROUNDS = int(os.environ.get("CTRLMESH_CHAOS_ROUNDS", "5"))
 
 
 @pytest.fixture(scope="module")
-def chaos_mesh(mesh_builder: Any, docker_host: str) -> Mesh:
+def chaos_mesh(module_mesh_builder: Any, docker_host: str) -> Mesh:
     """A private mesh (its services get killed) on the test engine, restarting at once."""
-    return mesh_builder(DOCKER_HOST=docker_host, **MESH_ENV, **CHAOS_ENV)  # type: ignore[no-any-return]
+    return module_mesh_builder(DOCKER_HOST=docker_host, **MESH_ENV, **CHAOS_ENV)  # type: ignore[no-any-return]
 
 
 @pytest.mark.timeout(300)

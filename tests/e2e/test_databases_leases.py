@@ -49,9 +49,9 @@ async def _connect(td: TenantDb, lease: dpb.Lease) -> asyncpg.Connection:
 
 
 @pytest.fixture(scope="module")
-def idle_mesh(mesh_builder) -> Mesh:  # type: ignore[no-untyped-def]
+def idle_mesh(module_mesh_builder) -> Mesh:  # type: ignore[no-untyped-def]
     """A private mesh whose databases stop after 2 s without a live lease."""
-    return mesh_builder(CTRLMESH_IDLE_TIMEOUT="2s")  # type: ignore[no-any-return]
+    return module_mesh_builder(CTRLMESH_IDLE_TIMEOUT="2s")  # type: ignore[no-any-return]
 
 
 def test_ten_concurrent_first_leases_start_exactly_one_compute(mesh):

@@ -52,7 +52,7 @@ class Stand:
 
 @pytest.fixture(scope="module")
 def stand(
-    mesh_builder: Callable[..., Mesh],
+    module_mesh_builder: Callable[..., Mesh],
     docker_host: str,
     pebble_factory: Callable[[int], Pebble],
     dns_server: DnsServer,
@@ -60,7 +60,7 @@ def stand(
 ) -> Stand:
     http, https = free_port(), free_port()
     pebble = pebble_factory(http)
-    mesh = mesh_builder(
+    mesh = module_mesh_builder(
         DOCKER_HOST=docker_host,
         **MESH_ENV,
         CTRLMESH_INGRESS_HTTP_PORT=str(http),

@@ -39,10 +39,10 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def fmesh(mesh_builder: Any, docker_host: str) -> Mesh:
+def fmesh(module_mesh_builder: Any, docker_host: str) -> Mesh:
     """A private mesh on the test engine (every service has its real dependencies, so a 503 is a
     finding): the fuzzer creates and deletes at random, which no other test should see."""
-    return mesh_builder(DOCKER_HOST=docker_host, **MESH_ENV)
+    return module_mesh_builder(DOCKER_HOST=docker_host, **MESH_ENV)
 
 
 def tenant_key(m: Mesh) -> str:

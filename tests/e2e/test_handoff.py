@@ -48,8 +48,8 @@ MEMORY_MB = {"L1": 1024, "L2": 2048, "L3": 3072}
 
 
 @pytest.fixture(scope="module")
-def hmesh(mesh_builder: Callable[..., Mesh]) -> Mesh:
-    return mesh_builder(**HANDOFF_ENV)
+def hmesh(module_mesh_builder: Callable[..., Mesh]) -> Mesh:
+    return module_mesh_builder(**HANDOFF_ENV)
 
 
 def dsn(mesh: Mesh, t: TenantDb) -> str:
@@ -478,8 +478,8 @@ def test_sigkill_of_databases_mid_handoff_converges(hmesh: Mesh, db: TenantDb) -
 
 
 @pytest.fixture(scope="module")
-def policy_mesh(mesh_builder: Callable[..., Mesh]) -> Mesh:
-    return mesh_builder(
+def policy_mesh(module_mesh_builder: Callable[..., Mesh]) -> Mesh:
+    return module_mesh_builder(
         **SLOW_START,
         CTRLMESH_AUTOSCALE_INTERVAL="0.25s",
         CTRLMESH_AUTOSCALE_WINDOW="1.5s",

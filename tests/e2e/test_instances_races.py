@@ -28,8 +28,10 @@ STOP = 4
 
 
 @pytest.fixture(scope="module")
-def slow_stop(mesh_builder, docker_host):
-    return mesh_builder(DOCKER_HOST=docker_host, **{**MESH_ENV, "CTRLMESH_INSTANCE_STOP_TIMEOUT": f"{STOP}s"})
+def slow_stop(module_mesh_builder, docker_host):
+    return module_mesh_builder(
+        DOCKER_HOST=docker_host, **{**MESH_ENV, "CTRLMESH_INSTANCE_STOP_TIMEOUT": f"{STOP}s"}
+    )
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ def test_swarm_instances_scale_deploy_and_delete(imesh, docker_host):
     wait_for(lambda: engine_containers(docker_host, iid), lambda names: names == [], 30)
 
 
-def test_a_restarted_mesh_resumes_the_deployment_in_flight(mesh_builder, docker_host):
+def test_a_restarted_mesh_resumes_the_deployment_in_flight(module_mesh_builder, docker_host):
     """Stop the mesh in the middle of a rolling deploy; a new mesh on the same data directory
     picks the deployment up and finishes it: v2 on every replica, no v1 container left."""
     data = Path(tempfile.mkdtemp(prefix="ctrlmesh-resume-"))
@@ -65,7 +65,7 @@ def test_a_restarted_mesh_resumes_the_deployment_in_flight(mesh_builder, docker_
         "CTRLMESH_DATA_DIR": str(data),
         "CTRLMESH_DEPLOY_SETTLE": "2s",
     }
-    first = mesh_builder(**env)
+    first = module_mesh_builder(**env)
     key = (data / "admin-api-key").read_text().strip()
     c = first.client(key)
     tenant = c.post("/v1/admin/tenants", json={"name": "resume"}).json()["id"]
@@ -76,7 +76,7 @@ def test_a_restarted_mesh_resumes_the_deployment_in_flight(mesh_builder, docker_
     time.sleep(1.0)
     assert c.get(f"/v1/deployments/{dep['id']}").json()["state"] == "running"  # mid-rollout
     first.stop()
-    second = mesh_builder(**env)
+    second = module_mesh_builder(**env)
     c2 = second.client(key)
     done = wait_deployment(c2, dep["id"], ("succeeded", "failed"), timeout=60)
     assert done["state"] == "succeeded", done

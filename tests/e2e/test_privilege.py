@@ -107,10 +107,10 @@ def test_a_key_created_without_a_name_gets_one(mesh):
 
 
 @pytest.fixture(scope="module")
-def private(mesh_builder):
+def private(module_mesh_builder):
     """A mesh of its own (these tests revoke global keys, its admin key among them), and the one
     global key the tests leave working, in `survivor`."""
-    m = mesh_builder()
+    m = module_mesh_builder()
     return m, {"survivor": m.admin_key}
 
 

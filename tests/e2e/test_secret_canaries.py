@@ -55,11 +55,13 @@ class Canaries:
 
 
 @pytest.fixture(scope="module")
-def canary_mesh(mesh_builder: Callable[..., Mesh], docker_host: str) -> Iterator[tuple[Mesh, Collector]]:
+def canary_mesh(
+    module_mesh_builder: Callable[..., Mesh], docker_host: str
+) -> Iterator[tuple[Mesh, Collector]]:
     """A private mesh at DEBUG log level, exporting traces to an in-test OTLP receiver, with the
     instances service on the test engine (secret values go through a real rollout)."""
     collector = Collector()
-    m = mesh_builder(
+    m = module_mesh_builder(
         CTRLMESH_LOG_LEVEL="DEBUG",
         CTRLMESH_IDLE_TIMEOUT="60s",
         DOCKER_HOST=docker_host,

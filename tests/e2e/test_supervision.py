@@ -19,9 +19,9 @@ LIMIT = 2
 
 
 @pytest.fixture(scope="module")
-def sup(mesh_builder):
+def sup(module_mesh_builder):
     """A private mesh with a short backoff and a small restart budget, so the tests are quick."""
-    return mesh_builder(
+    return module_mesh_builder(
         CTRLMESH_RESTART_BACKOFF="0.2s", CTRLMESH_RESTART_LIMIT=str(LIMIT), CTRLMESH_RESTART_WINDOW="60s"
     )
 

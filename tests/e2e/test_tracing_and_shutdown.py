@@ -13,10 +13,10 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def traced(mesh_builder):
+def traced(module_mesh_builder):
     """A private mesh exporting traces to an in-test OTLP collector."""
     collector = Collector()
-    m = mesh_builder(**collector.start())
+    m = module_mesh_builder(**collector.start())
     yield m, collector
     collector.stop()
 
