@@ -10,6 +10,7 @@ line's `level`/`severity` field, else the first level word in the line, else `in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -27,6 +28,9 @@ from services.instances.otlp.queries import Point, Red, Sample, TraceGroup
 from services.instances.providers import Registry
 from services.instances.providers.base import LogLine, ProviderError, Usage
 from services.instances.repository import Instance, Scope, now
+
+# Instances whose engine usage one sampling pass reads at the same time.
+SAMPLE_CONCURRENCY = 16
 
 LEVELS = {"debug": 0, "info": 1, "warn": 2, "error": 3}
 _WORD = re.compile(r"\b(DEBUG|TRACE|INFO|WARN|WARNING|ERROR|ERR|FATAL|CRITICAL|PANIC)\b", re.IGNORECASE)
@@ -142,28 +146,34 @@ class TelemetryDomain:
         return inst, groups
 
     async def sample_usage(self) -> list[tuple[object, ...]]:
-        """The engine's usage of every running instance now, as rows of the resource history."""
-        out: list[tuple[object, ...]] = []
+        """The engine's usage of every running instance now, as rows of the resource history.
+        An engine's stats call takes a second or more (it waits for a second reading), so the
+        instances are sampled side by side, a bounded number at a time: one pass costs about one
+        call, not one call per instance."""
         t = now()
-        for instance_id, tenant_id, provider_name in await self.otlp.queries.running():
-            try:
-                u = await self.registry.get(provider_name).usage(instance_id)
-            except (CtrlmeshError, ProviderError):
-                continue  # its engine is away: a gap in the history, not a failed pass
-            if u.containers:
-                out.append(
-                    (
-                        tenant_id,
-                        instance_id,
-                        t,
-                        u.cpu_percent,
-                        u.memory_used_mb,
-                        u.memory_limit_mb,
-                        u.network_in_mb,
-                        u.network_out_mb,
-                    )
-                )
-        return out
+        gate = asyncio.Semaphore(SAMPLE_CONCURRENCY)
+
+        async def one(instance_id: str, tenant_id: str, provider_name: str) -> tuple[object, ...] | None:
+            async with gate:
+                try:
+                    u = await self.registry.get(provider_name).usage(instance_id)
+                except (CtrlmeshError, ProviderError):
+                    return None  # its engine is away: a gap in the history, not a failed pass
+            if not u.containers:
+                return None
+            return (
+                tenant_id,
+                instance_id,
+                t,
+                u.cpu_percent,
+                u.memory_used_mb,
+                u.memory_limit_mb,
+                u.network_in_mb,
+                u.network_out_mb,
+            )
+
+        rows = await asyncio.gather(*(one(*r) for r in await self.otlp.queries.running()))
+        return [r for r in rows if r is not None]
 
     async def history(self, p: Principal, instance_id: str, since: datetime) -> list[Sample]:
         await self.instances.get(p, instance_id)

@@ -23,7 +23,7 @@ from tests.fixtures.mesh import Mesh
 pytestmark = [pytest.mark.e2e]
 
 # Rounds per operation in the suite (bench/chaos.py runs 20).
-ROUNDS = int(os.environ.get("CTRLMESH_CHAOS_ROUNDS", "5"))
+ROUNDS = int(os.environ.get("CTRLMESH_CHAOS_ROUNDS", "3"))
 
 
 @pytest.fixture(scope="module")

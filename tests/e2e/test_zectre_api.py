@@ -299,7 +299,11 @@ def test_stats_and_platform_config(imesh: Mesh, tenants: Any) -> None:
         "port": int(imesh.env["CTRLMESH_PG_PORT"]),
         "sslmode": "require",
     }
-    assert cfg["ingress"] == {"domain": "localhost", "http_port": 8880, "https_port": 8443}
+    assert cfg["ingress"] == {
+        "domain": "localhost",
+        "http_port": int(imesh.env["CTRLMESH_INGRESS_HTTP_PORT"]),
+        "https_port": int(imesh.env["CTRLMESH_INGRESS_HTTPS_PORT"]),
+    }
     assert cfg["features"]["templates"] is True and cfg["features"]["managed_clusters"] is False
     destroy(c, inst["id"])
 
