@@ -19,11 +19,13 @@ principal), and a deadline on every call. A failed call is translated once, here
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
@@ -143,3 +145,41 @@ class Peer:
             )
         except grpc.aio.AioRpcError as err:
             raise to_ctrlmesh(err, self.service, kind=kind, ident=ident) from None
+
+
+class AccountsPeer(Peer):
+    """The accounts service as the other services ask it about a tenant: the tenant as the
+    caller may see it (NOT_FOUND when it may not) and its status, plan and quota. Each service
+    keeps from the answers the few fields it needs."""
+
+    service = "accounts"
+
+    def tenants_stub(self) -> accounts_pb2_grpc.TenantServiceStub:
+        return accounts_pb2_grpc.TenantServiceStub(self.channel)
+
+    async def resolve_tenant(self, caller: Principal | None, tenant: str) -> accounts_pb2.Tenant:
+        """The tenant by name or id; `caller` None: this service's system principal."""
+        return await self.call(
+            self.tenants_stub().ResolveTenant,
+            accounts_pb2.ResolveTenantRequest(tenant=tenant),
+            caller=caller,
+            kind="tenant",
+            ident=tenant,
+        )
+
+    async def tenant_limits(self, caller: Principal | None, tenant_id: str) -> accounts_pb2.TenantLimits:
+        return await self.call(
+            self.tenants_stub().GetTenantLimits,
+            accounts_pb2.GetTenantLimitsRequest(tenant_id=tenant_id),
+            caller=caller,
+            kind="tenant",
+            ident=tenant_id,
+        )
+
+    async def tenant_and_limits(
+        self, caller: Principal | None, tenant_id: str
+    ) -> tuple[accounts_pb2.Tenant, accounts_pb2.TenantLimits]:
+        """Both at once (one round trip's time): the visibility check and the quota."""
+        return await asyncio.gather(
+            self.resolve_tenant(caller, tenant_id), self.tenant_limits(caller, tenant_id)
+        )

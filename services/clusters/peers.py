@@ -9,36 +9,22 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from ctrlmesh.accounts.v1 import accounts_pb2
 from ctrlmesh.common.v1 import internal_pb2, internal_pb2_grpc
 from ctrlmesh.databases.v1 import databases_pb2, databases_pb2_grpc
 from ctrlmesh.instances.v1 import instances_pb2, instances_pb2_grpc
 
 from libs import events
-from libs.peers import Peer
+from libs.peers import AccountsPeer, Peer
 from libs.principal import Principal
 
 
-class Accounts(Peer):
-    service = "accounts"
-
-    def _tenants(self) -> accounts_pb2_grpc.TenantServiceStub:
-        return accounts_pb2_grpc.TenantServiceStub(self.channel)
-
-    async def resolve_tenant(self, caller: Principal, tenant: str) -> accounts_pb2.Tenant:
-        return await self.call(
-            self._tenants().ResolveTenant,
-            accounts_pb2.ResolveTenantRequest(tenant=tenant),
-            caller=caller,
-            kind="tenant",
-            ident=tenant,
-        )
-
+class Accounts(AccountsPeer):
     async def tenants(self, caller: Principal) -> list[accounts_pb2.Tenant]:
         out: list[accounts_pb2.Tenant] = []
         while True:
             page = await self.call(
-                self._tenants().ListTenants,
+                self.tenants_stub().ListTenants,
                 accounts_pb2.ListTenantsRequest(limit=1000, offset=len(out)),
                 caller=caller,
             )
@@ -54,7 +40,7 @@ class Accounts(Peer):
     async def credentials(self, tenant_id: str) -> accounts_pb2.TenantCredentials:
         """The tenant's PostgreSQL credentials (system principal: only a bind asks)."""
         return await self.call(
-            self._tenants().GetTenantCredentials,
+            self.tenants_stub().GetTenantCredentials,
             accounts_pb2.GetTenantCredentialsRequest(tenant=tenant_id),
             kind="tenant",
             ident=tenant_id,

@@ -6,16 +6,13 @@ applies the caller's visibility: another tenant answers NOT_FOUND, exactly like 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-
-from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 
 from libs import events
 from libs import principal as principals
 from libs.errors import NotFound
-from libs.peers import Peer
+from libs.peers import AccountsPeer
 from libs.reconcile import every
 
 
@@ -34,31 +31,10 @@ class Limits:
         return self.status == "suspended"
 
 
-class Tenants(Peer):
-    service = "accounts"
-
-    def _stub(self) -> accounts_pb2_grpc.TenantServiceStub:
-        return accounts_pb2_grpc.TenantServiceStub(self.channel)
-
+class Tenants(AccountsPeer):
     async def limits(self, p: principals.Principal, tenant_id: str) -> Limits:
         """The tenant's status, quota and account, as visible to `p` (NotFound otherwise)."""
-        stub = self._stub()
-        tenant, lim = await asyncio.gather(
-            self.call(
-                stub.ResolveTenant,
-                accounts_pb2.ResolveTenantRequest(tenant=tenant_id),
-                caller=p,
-                kind="tenant",
-                ident=tenant_id,
-            ),
-            self.call(
-                stub.GetTenantLimits,
-                accounts_pb2.GetTenantLimitsRequest(tenant_id=tenant_id),
-                caller=p,
-                kind="tenant",
-                ident=tenant_id,
-            ),
-        )
+        tenant, lim = await self.tenant_and_limits(p, tenant_id)
         q = lim.quota
         return Limits(
             tenant_id=tenant.id,

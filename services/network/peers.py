@@ -8,12 +8,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from ctrlmesh.common.v1 import internal_pb2
 from ctrlmesh.instances.v1 import instances_pb2, instances_pb2_grpc
 
 from libs import events
-from libs.peers import Peer
+from libs.peers import AccountsPeer, Peer
 from libs.principal import Principal
 
 # The instances service's events that can change where an instance answers.
@@ -135,14 +134,7 @@ class Instances(Peer):
         return events.remote_source(self._channels, self._signer, "instances", types=INSTANCE_EVENTS)(after)
 
 
-class Accounts(Peer):
-    service = "accounts"
-
+class Accounts(AccountsPeer):
     async def tenant(self, tenant_id: str) -> TenantRef:
-        t = await self.call(
-            accounts_pb2_grpc.TenantServiceStub(self.channel).ResolveTenant,
-            accounts_pb2.ResolveTenantRequest(tenant=tenant_id),
-            kind="tenant",
-            ident=tenant_id,
-        )
+        t = await self.resolve_tenant(None, tenant_id)
         return TenantRef(t.id, t.slug, t.account_id)

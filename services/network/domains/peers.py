@@ -4,13 +4,11 @@ another tenant's instance answers NOT_FOUND exactly like a missing one."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
-from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from ctrlmesh.instances.v1 import instances_pb2, instances_pb2_grpc
 
-from libs.peers import Peer
+from libs.peers import AccountsPeer, Peer
 from libs.principal import Principal
 
 
@@ -44,26 +42,8 @@ class Instances(Peer):
         return InstanceRef(inst.id, inst.tenant_id, inst.name)
 
 
-class Accounts(Peer):
-    service = "accounts"
-
+class Accounts(AccountsPeer):
     async def limits(self, p: Principal | None, tenant_id: str) -> TenantLimits:
         """As visible to `p` (None: this service's system principal)."""
-        stub = accounts_pb2_grpc.TenantServiceStub(self.channel)
-        tenant, lim = await asyncio.gather(
-            self.call(
-                stub.ResolveTenant,
-                accounts_pb2.ResolveTenantRequest(tenant=tenant_id),
-                caller=p,
-                kind="tenant",
-                ident=tenant_id,
-            ),
-            self.call(
-                stub.GetTenantLimits,
-                accounts_pb2.GetTenantLimitsRequest(tenant_id=tenant_id),
-                caller=p,
-                kind="tenant",
-                ident=tenant_id,
-            ),
-        )
+        tenant, lim = await self.tenant_and_limits(p, tenant_id)
         return TenantLimits(tenant.id, tenant.account_id, lim.status, lim.quota.max_domains)

@@ -4,17 +4,15 @@ the tenant's quota and account (accounts), and the rolling deploy `?rollout=true
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from ctrlmesh.common.v1 import internal_pb2
 from ctrlmesh.instances.v1 import instances_pb2, instances_pb2_grpc
 
 from libs import events
 from libs.errors import NotFound
-from libs.peers import Peer
+from libs.peers import AccountsPeer, Peer
 from libs.principal import Principal
 
 
@@ -73,28 +71,10 @@ class Instances(Peer):
         )
 
 
-class Accounts(Peer):
-    service = "accounts"
-
+class Accounts(AccountsPeer):
     async def tenant(self, caller: Principal, tenant_id: str) -> tuple[str, str, int]:
         """(account id, status, max_secrets) of the tenant, as visible to the caller."""
-        stub = accounts_pb2_grpc.TenantServiceStub(self.channel)
-        tenant, lim = await asyncio.gather(
-            self.call(
-                stub.ResolveTenant,
-                accounts_pb2.ResolveTenantRequest(tenant=tenant_id),
-                caller=caller,
-                kind="tenant",
-                ident=tenant_id,
-            ),
-            self.call(
-                stub.GetTenantLimits,
-                accounts_pb2.GetTenantLimitsRequest(tenant_id=tenant_id),
-                caller=caller,
-                kind="tenant",
-                ident=tenant_id,
-            ),
-        )
+        tenant, lim = await self.tenant_and_limits(caller, tenant_id)
         return tenant.account_id, lim.status, lim.quota.max_secrets
 
 
