@@ -17,7 +17,12 @@ class CaddyError(Exception):
 class CaddyAdmin:
     def __init__(self, base_url: str, timeout: float = 10.0):
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+        # No kept-alive connections: a /load that touches the admin section makes Caddy restart
+        # its admin server, which closes idle connections, and the next request would go out on
+        # a dead one (ReadError). A fresh loopback connection per call costs nothing here.
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, limits=httpx.Limits(max_keepalive_connections=0)
+        )
 
     @property
     def listen(self) -> str:
@@ -27,7 +32,10 @@ class CaddyAdmin:
 
     async def config(self) -> Any:
         try:
-            r = await self._client.get("/config/")
+            try:
+                r = await self._client.get("/config/")
+            except httpx.TransportError:  # the admin server restarting under a load: ask again
+                r = await self._client.get("/config/")
         except httpx.HTTPError as err:
             raise CaddyError(
                 f"Caddy's admin API at {self.base_url} does not answer ({type(err).__name__})"
