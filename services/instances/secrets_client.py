@@ -22,6 +22,7 @@ import json
 import logging
 from typing import Any
 
+import grpc
 from ctrlmesh.network.v1 import network_pb2, network_pb2_grpc
 from sqlalchemy import select, update
 
@@ -33,6 +34,8 @@ from services.instances.models import releases
 from services.instances.providers.base import Injection, ProviderError
 
 log = logging.getLogger("ctrlmesh.instances.secrets")
+
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def registry_credentials(key: str, value: str) -> list[dict[str, str]]:
@@ -94,6 +97,10 @@ class SecretsClient(Peer):
         try:
             got = await self.call(network_pb2_grpc.SecretServiceStub(self.channel).ResolveSecrets, req)
         except CtrlmeshError as err:
+            if err.code in TRANSIENT:
+                # The network service is down or slow (starting, restarting): the step fails and the
+                # reconcile engine runs it again; the rollout waits instead of failing.
+                raise
             # A rollout that cannot have its secrets must not start without them.
             raise ProviderError(f"the instance's secrets could not be resolved: {err.message}") from None
         return list(got.secrets), list(got.missing)

@@ -391,13 +391,18 @@ async def asyncpg_driver(a: argparse.Namespace) -> None:
     await conn.close()
 
 
-def main() -> None:
+def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("driver", choices=["psycopg-sync", "psycopg-async", "asyncpg", "sqlalchemy"])
     ap.add_argument("phase", choices=["main", "wake"])
     for arg in ("host", "port", "user", "password", "database", "ca"):
         ap.add_argument(arg)
-    a = ap.parse_args()
+    # "--" first: a generated password may begin with "-", which argparse would take for an option.
+    return ap.parse_args(["--", *argv])
+
+
+def main() -> None:
+    a = parse(sys.argv[1:])
     if a.driver == "psycopg-sync":
         psycopg_sync(a)
     elif a.driver == "psycopg-async":

@@ -79,7 +79,7 @@ def test_a_restarted_mesh_resumes_the_deployment_in_flight(module_mesh_builder, 
     second = module_mesh_builder(**env)
     c2 = second.client(key)
     done = wait_deployment(c2, dep["id"], ("succeeded", "failed"), timeout=60)
-    assert done["state"] == "succeeded", done
+    assert done["state"] == "succeeded", (done["error"], done["progress"])
     inst = c2.get(f"/v1/instances/{iid}").json()
     assert inst["current_release"] == done["release_id"] != v1
     assert {page(e["url"]) for e in inst["endpoints"]} == {"ctrlmesh-test v2"} and len(inst["endpoints"]) == 3

@@ -4,16 +4,19 @@ never values), and a re-wrap that keeps the data ciphertext."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+from typing import Any
 
 import pytest
 from ctrlmesh.network.v1 import network_pb2
 
 from libs.crypto import Keyring, parse_previous
-from services.instances.providers.base import Injection
+from libs.errors import CtrlmeshError, DeadlineExceeded, NotFound, PermissionDenied, Unavailable
+from services.instances.providers.base import Injection, ProviderError
 from services.instances.providers.docker import container_env
-from services.instances.secrets_client import injection, registry_credentials
+from services.instances.secrets_client import SecretsClient, injection, registry_credentials
 
 
 def _sec(
@@ -82,3 +85,35 @@ def test_rewrap_moves_a_blob_to_the_primary_kek_without_touching_its_data():
     assert parse_previous(f"k0:{base64.b64encode(b'c' * 32).decode()}, ") == {"k0": b"c" * 32}
     with pytest.raises(ValueError, match="id:base64"):
         parse_previous("just-a-key")
+
+
+class _Refusing(SecretsClient):
+    """A client whose network service answers every call with `err`."""
+
+    def __init__(self, err: CtrlmeshError):
+        self.err = err
+
+    @property
+    def channel(self) -> Any:
+        class Channel:  # what the stub's constructor asks of a channel; `call` never uses it
+            def unary_unary(self, *a: Any, **kw: Any) -> None:
+                return None
+
+        return Channel()
+
+    async def call(self, rpc: Any, request: Any, **kw: Any) -> Any:
+        raise self.err
+
+
+@pytest.mark.parametrize("err", [Unavailable("network is down"), DeadlineExceeded("slow")])
+def test_a_network_service_that_is_down_is_retried_not_a_failed_rollout(err: CtrlmeshError):
+    """Down or slow (a restart of the mesh starts network after instances resumes a deployment, as
+    CI saw): the error is left for the reconcile engine to retry; it is not the rollout's failure."""
+    with pytest.raises(type(err)):
+        asyncio.run(_Refusing(err).resolve("ten_1", "inst_1", None))
+
+
+@pytest.mark.parametrize("err", [NotFound("no such instance"), PermissionDenied("system only")])
+def test_a_refusal_of_the_secrets_fails_the_rollout(err: CtrlmeshError):
+    with pytest.raises(ProviderError, match="secrets could not be resolved"):
+        asyncio.run(_Refusing(err).resolve("ten_1", "inst_1", None))
