@@ -143,6 +143,9 @@ class Settings(BaseSettings):
     deploy_health_timeout: Duration = timedelta(seconds=120)
     # Without health checks, a new replica passes the gate after running this long.
     deploy_settle: Duration = timedelta(seconds=2)
+    # Before a rollout stops old replicas, they leave the ingress's upstreams and get this long to
+    # finish what they are serving (the ingress re-reads a deploying instance every 150 ms).
+    deploy_drain: Duration = timedelta(seconds=1)
     provider_probe_interval: Duration = timedelta(seconds=10)
     # The ingress (network service): a Caddy configured only through its admin API. The launcher
     # starts one (Debian's `caddy`) with its admin endpoint on 127.0.0.1:ingress_admin_port,

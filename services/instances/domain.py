@@ -233,14 +233,18 @@ class InstancesDomain:
 
     async def live_replicas(self, p: Principal, instance_id: str) -> tuple[Instance, list[Replica]]:
         """Internal (the ingress): the instance and its running replicas as the engine reports
-        them now, of every release (none while its engine is away)."""
+        them now, of every release (none while its engine is away), less those a rollout is
+        draining before it stops them."""
         if not is_system(p):
             raise PermissionDenied("internal RPC")
         row = await self.get(p, instance_id)
         if not self.registry.has(row.provider_name):
             return row, []
+        async with self.db.session() as s:
+            dep = await repo.in_flight_deployment(s, Scope.system(), instance_id)
+        leaving = set(dep.progress.get("leaving") or ()) if dep is not None else set()
         reps = await self.registry.get(row.provider_name).replicas(instance_id)
-        return row, [r for r in reps if r.running]
+        return row, [r for r in reps if r.running and r.slot not in leaving]
 
     async def find(
         self, p: Principal, *, state: str, label: str, provider: str, tenant_id: str, cursor: str, limit: int

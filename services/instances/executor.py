@@ -71,6 +71,7 @@ class Executor:
         *,
         gate_timeout: float,
         settle: float,
+        drain: float = 0.0,
         poll: float = 0.3,
         secrets: SecretsClient | None = None,
         rollout_env: RolloutEnv | None = None,
@@ -80,6 +81,7 @@ class Executor:
         self.outbox = outbox
         self.gate_timeout = gate_timeout
         self.settle = settle
+        self.drain = drain
         self.poll = poll
         self.secrets = secrets
 
@@ -336,7 +338,15 @@ class _Rollout:
         await self._provider.scale_group(self._new, count)
 
     async def scale_old(self, count: int) -> None:
+        """Scale the previous release down to `count`; the replicas about to stop first leave the
+        ingress (`progress.leaving`, which ListReplicaEndpoints leaves out) and drain."""
+        leaving = [r for r in await self._ex.group_replicas(self._provider, self._old) if r.index >= count]
+        if leaving and self._ex.drain > 0:
+            await self._run.progress_to(leaving=[r.slot for r in leaving])
+            await asyncio.sleep(self._ex.drain)
         await self._provider.scale_group(self._old, count)
+        if self._run.row.progress.get("leaving"):
+            await self._run.progress_to(leaving=[])
 
     async def gate(self, count: int) -> None:
         await self._ex.gate(self._run, self._provider, self._new, count, self._checks)

@@ -88,6 +88,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         box,
         gate_timeout=s.deploy_health_timeout.total_seconds(),
         settle=s.deploy_settle.total_seconds(),
+        drain=s.deploy_drain.total_seconds(),
         secrets=SecretsClient(rt.channels, rt.signer, rt.db),
         rollout_env=otlp.rollout_env,
     )

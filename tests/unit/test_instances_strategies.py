@@ -4,10 +4,16 @@ registry the executor dispatches on."""
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from services.instances.executor import Executor, Run, _Rollout
+from services.instances.providers.base import GroupSpec, Replica
+from services.instances.repository import Deployment
 from services.instances.strategies import DEFAULT, STRATEGIES, Rollout
 
 pytestmark = pytest.mark.timeout(10)
@@ -96,3 +102,76 @@ def test_canary_gates_one_replica_before_the_rest_of_the_new_set():
         ("step",), ("new", 1), ("gate", 1), ("ready", 1, 0),
         ("step",), ("new", 3), ("gate", 3), ("ready", 3, 0), ("old", 0), ("ready", 3, 3),
     ]  # fmt: skip
+
+
+# -- the drain before old replicas stop -----------------------------------------------------------
+
+
+class _MemoryRun(Run):
+    """A deployment run kept in memory (the executor's Run saves to the database)."""
+
+    def __init__(self, row: Deployment):
+        self.row = row
+
+    async def save(self, **values: Any) -> None:
+        self.row = replace(self.row, **values)
+
+
+class _Engine:
+    """An engine with one group of old replicas that writes down what the ingress would see at
+    each scale: the slots ListReplicaEndpoints leaves out (the run's `progress.leaving`)."""
+
+    def __init__(self, run: _MemoryRun, old: GroupSpec, count: int):
+        self.run, self.old = run, old
+        self.reps = [Replica(f"c{i}", "web", old.release_id, i, "running") for i in range(count)]
+        self.seen: list[tuple[int, list[str], float]] = []
+
+    async def replicas(self, instance_id: str) -> list[Replica]:
+        return list(self.reps)
+
+    async def scale_group(self, group: GroupSpec, count: int) -> None:
+        self.seen.append((count, list(self.run.row.progress.get("leaving") or []), time.monotonic()))
+        self.reps = [r for r in self.reps if r.index < count]
+
+
+def _deployment() -> Deployment:
+    at = datetime.now(UTC)
+    return Deployment(
+        "dep_1",
+        "ten_1",
+        "inst_1",
+        "rel_2",
+        "rel_1",
+        "running",
+        "rolling",
+        False,
+        [],
+        {},
+        "",
+        "",
+        "",
+        "",
+        False,
+        at,
+        None,
+        at,
+        at,
+    )
+
+
+def test_old_replicas_leave_the_ingress_and_drain_before_they_stop():
+    """Scaling the previous release down first names the replicas about to stop in the run's
+    progress (the ingress drops them), waits the drain time, then stops them and clears it."""
+    run = _MemoryRun(_deployment())
+    old = GroupSpec("inst_1", "ten_1", "rel_1", {"name": "web"})
+    engine = _Engine(run, old, 3)
+    ex = Executor(None, None, gate_timeout=5, settle=0, drain=0.2)  # type: ignore[arg-type]
+    rollout = _Rollout(ex, run, engine, old, old, 3, [])  # type: ignore[arg-type]
+    start = time.monotonic()
+    asyncio.run(rollout.scale_old(1))
+    [(count, leaving, at)] = engine.seen
+    assert count == 1 and sorted(leaving) == ["web/rel_1/1", "web/rel_1/2"]
+    assert at - start >= 0.2  # stopped only after the drain
+    assert run.row.progress["leaving"] == []
+    asyncio.run(rollout.scale_old(1))  # nothing leaves: no drain, no mark
+    assert engine.seen[-1][1] == [] and time.monotonic() - engine.seen[-1][2] < 0.1

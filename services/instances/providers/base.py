@@ -107,6 +107,12 @@ class Replica:
     def running(self) -> bool:
         return self.state == "running"
 
+    @property
+    def slot(self) -> str:
+        """The replica's place in its group, whatever container fills it (a draining rollout
+        names the replicas it is about to stop by it, in its deployment's `progress.leaving`)."""
+        return f"{self.service}/{self.release_id}/{self.index}"
+
 
 @dataclass
 class Usage:
