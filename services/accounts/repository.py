@@ -16,19 +16,9 @@ from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.pagination import keyset_page, page_limit
+from libs.visibility import EVERYTHING as EVERYTHING
+from libs.visibility import Scope as Scope
 from services.accounts.models import SCHEMA, Account, ApiKey, AuditEntry, Base, Tenant
-
-
-@dataclass(frozen=True)
-class Scope:
-    """What a caller may see: everything (both empty, a global or system key), one account, or
-    one tenant of one account."""
-
-    account_id: str = ""
-    tenant_id: str = ""
-
-
-EVERYTHING = Scope()
 
 
 @dataclass(frozen=True)
@@ -247,6 +237,21 @@ async def find_tenant(s: AsyncSession, scope: Scope, ref: str, *, lock: bool = F
     if lock:
         q = q.with_for_update()
     return _tenant(await s.scalar(q))
+
+
+async def tenant_with_plan(s: AsyncSession, scope: Scope, ref: str) -> tuple[TenantRow, str] | None:
+    """A tenant the scope may see, by name or id, with its account's plan: one statement."""
+    q = (
+        select(_TENANTS, _ACCOUNTS.c.plan.label("account_plan"))
+        .join(_ACCOUNTS, _ACCOUNTS.c.id == _TENANTS.c.account_id)
+        .where(or_(_TENANTS.c.name == ref, _TENANTS.c.id == ref))
+    )
+    if scope.tenant_id:
+        q = q.where(_TENANTS.c.id == scope.tenant_id)
+    if scope.account_id:
+        q = q.where(_TENANTS.c.account_id == scope.account_id)
+    m = (await s.execute(q)).mappings().first()
+    return None if m is None else (_from_mapping(TenantRow, m), str(m["account_plan"]))
 
 
 async def find_tenant_by_name(s: AsyncSession, scope: Scope, name: str) -> TenantRow | None:
