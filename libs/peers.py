@@ -224,6 +224,7 @@ class TenantCache:
         if self.live and generation == self._generation:
             if len(self._limits) >= self.MAX_ENTRIES:
                 self._limits.clear()
+            # Keyed as asked (an id or a name); invalidated by the tenant id the answer names.
             self._limits[tenant_id] = (self._clock() + self.ttl, lim)
         return lim
 
@@ -232,7 +233,7 @@ class TenantCache:
         self._generation += 1
         if tenant_id:
             self._tenants = {k: v for k, v in self._tenants.items() if v[1].id != tenant_id}
-            self._limits.pop(tenant_id, None)
+            self._limits = {k: v for k, v in self._limits.items() if v[1].tenant_id != tenant_id}
         elif account_id:
             self._tenants = {k: v for k, v in self._tenants.items() if v[1].account_id != account_id}
             self._limits.clear()  # the plan is the account's; limits do not name their account

@@ -110,6 +110,13 @@ async def test_ttl_bounds_staleness_and_a_dropped_stream_stops_caching():
     await cache.limits("ten_1", fetch)
     await cache.limits("ten_1", fetch)
     assert calls == 2
+    await cache.limits("one", fetch)  # asked by name: kept by name, dropped by the id it names
+    await stream.queue.put(internal_pb2.Event(id="11", type="quota.updated", tenant_id="ten_1"))
+    await settle()
+    await cache.limits("one", fetch)
+    await cache.limits("ten_1", fetch)
+    assert calls == 5
+    calls = 2
     clock.now += 5.1
     await cache.limits("ten_1", fetch)
     assert calls == 3
