@@ -67,6 +67,13 @@ class Database:
             engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
         )
 
+    async def single(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """`fn`, one write statement, on an autocommit connection: it commits by itself (no
+        BEGIN/COMMIT round trips). Not retried: a statement that reached the server may have
+        committed before its connection died."""
+        async with self._reads() as s:
+            return await fn(s)
+
     async def read(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """`fn` on an autocommit connection: each statement alone (no BEGIN/COMMIT), for reads
         that need no snapshot across statements. Retried once when its connection proves dead

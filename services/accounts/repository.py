@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, or_, select, update
+from sqlalchemy import Select, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.pagination import keyset_page, page_limit
@@ -358,7 +358,9 @@ async def platform_counts(s: AsyncSession) -> tuple[dict[str, int], int, int]:
 
 
 async def insert_audit(s: AsyncSession, values: dict[str, Any]) -> None:
-    s.add(AuditEntry(**values))
+    # Core, not the ORM's unit of work: the one INSERT runs now (an autocommit caller has no
+    # commit that would flush it).
+    await s.execute(insert(AuditEntry).values(**values))
 
 
 async def audit_page(

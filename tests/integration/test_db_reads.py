@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs import budget
-from libs.db import Database, make_engine
+from libs.db import PREPARED_STATEMENT_CACHE, Database, make_engine
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -40,6 +40,17 @@ async def test_read_is_one_round_trip_and_a_session_three(db: Database):
         async with db.session() as s:
             await _one(s)
     assert t.sql == 3
+
+
+async def test_statements_are_prepared_once_per_connection(db: Database):
+    """asyncpg's prepared statement cache is on: the same SELECT is prepared once, then reused."""
+    for _ in range(3):
+        await db.read(_one)
+    async with db.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        cache = raw.dbapi_connection._prepared_statement_cache  # type: ignore[union-attr]
+        assert cache is not None and cache.capacity == PREPARED_STATEMENT_CACHE
+        assert any("SELECT 1" in str(k) for k in cache)
 
 
 async def test_a_connection_closed_by_the_server_is_replaced_at_checkout(db: Database, database_url: str):
