@@ -54,12 +54,12 @@ BUDGETS = {
     "list_dbs": Budget("GET /v2/tenants/{t}/dbs", "databases", "ListDatabases", 2, 0),
     # db_count comes from the databases service: one CountTenantResources.
     "get_tenant": Budget("GET /v2/tenants/{t}", "accounts", "GetTenant", 1, 1),
-    "contact": Budget("POST /v2/account/contact", "accounts", "UpdateContact", 7, 0),
+    "contact": Budget("POST /v2/account/contact", "accounts", "UpdateContact", 5, 0),
     "get_instance": Budget("GET /v1/instances/{id}", "instances", "GetInstance", 1, 0),
     "list_instances": Budget("GET /v1/instances", "instances", "ListInstances", 2, 0),
     # Storage is prepared while the create is served (initdb and the role: no SQL of ours).
-    "create_db": Budget("POST /v2/tenants/{t}/dbs", "databases", "CreateDatabase", 16, 1),
-    "delete_db": Budget("DELETE /v2/tenants/{t}/dbs/{name}", "databases", "DeleteDatabase", 9, 1),
+    "create_db": Budget("POST /v2/tenants/{t}/dbs", "databases", "CreateDatabase", 20, 4),
+    "delete_db": Budget("DELETE /v2/tenants/{t}/dbs/{name}", "databases", "DeleteDatabase", 8, 1),
 }
 
 
@@ -93,9 +93,9 @@ def auth_calls(mesh: Mesh) -> float:
     return 0.0
 
 
-def worst(before: dict[str, float], after: dict[str, float], n: int) -> int:
-    """The most any one of the `n` new observations cost (from the buckets' deltas)."""
-    assert after["count"] - before["count"] == n, (before, after)
+def worst(before: dict[str, float], after: dict[str, float]) -> int:
+    """The most any one of the new observations cost (from the buckets' deltas)."""
+    n = after["count"] - before["count"]
     for le in sorted((k for k in after if k != "count"), key=float):
         if after[le] - before.get(le, 0.0) == n:
             return int(float(le)) if le != "+Inf" else 10**9
@@ -112,7 +112,12 @@ def measure(
         r = request()
         assert r.status_code < 300, r.text
     sql1, peer1 = histogram(mesh, SQL, b.service, b.method), histogram(mesh, PEER, b.service, b.method)
-    return worst(sql0, sql1, n), worst(peer0, peer1, n)
+    # At least ours: a background caller of the same RPC (the ingress lists instances) is held
+    # to the same budget.
+    assert sql1["count"] - sql0["count"] >= n, (
+        f"{b.route}: {sql1['count'] - sql0['count']} calls of {b.method}"
+    )
+    return worst(sql0, sql1), worst(peer0, peer1)
 
 
 def _sql(mesh: Mesh, statement: str, *args: object) -> None:
@@ -121,15 +126,16 @@ def _sql(mesh: Mesh, statement: str, *args: object) -> None:
         conn.execute(statement, args)
 
 
-def _instance_row(mesh: Mesh, tenant_id: str) -> str:
+def _instance_row(mesh: Mesh, account_id: str, tenant_id: str) -> str:
     """An instance row written straight into the instances schema (no engine needed to read it)."""
     iid, at = f"inst_{unique('b')[2:]}", datetime.now(UTC)
     _sql(
         mesh,
-        "INSERT INTO instances.instances (id, tenant_id, name, slug, provider_name, state, cpu_millis, "
-        "memory_mb, disk_mb, replicas, created_at, updated_at) "
-        "VALUES (%s, %s, %s, %s, 'static', 'stopped', 500, 256, 1024, 1, %s, %s)",
+        "INSERT INTO instances.instances (id, account_id, tenant_id, name, slug, provider_name, state, "
+        "cpu_millis, memory_mb, disk_mb, replicas, created_at, updated_at) "
+        "VALUES (%s, %s, %s, %s, %s, 'static', 'stopped', 500, 256, 1024, 1, %s, %s)",
         iid,
+        account_id,
         tenant_id,
         iid,
         iid,
@@ -141,7 +147,7 @@ def _instance_row(mesh: Mesh, tenant_id: str) -> str:
 
 def test_every_route_family_stays_within_its_budget(mesh):
     """Each family's worst request costs at most its SQL and peer-call budget; Authenticate is cached."""
-    _, key = create_account(mesh)
+    account_id, key = create_account(mesh)
     c = mesh.client(key)
     tenant = unique("bud")
     t = c.post("/v2/tenants", json={"name": tenant})
@@ -150,7 +156,7 @@ def test_every_route_family_stays_within_its_budget(mesh):
     db = c.post(f"/v2/tenants/{tenant}/dbs", json={"name": "app", "size": "L1"})
     assert db.status_code == 201, db.text
     db_id = db.json()["db_id"]
-    iid = _instance_row(mesh, tenant_id)
+    iid = _instance_row(mesh, account_id, tenant_id)
 
     names = iter(range(1000))
 
@@ -184,7 +190,7 @@ def test_every_route_family_stays_within_its_budget(mesh):
         for n, (sql, peer) in costs.items()
         if sql > BUDGETS[n].sql or peer > BUDGETS[n].peer
     }
-    assert not over, over
+    assert not over, "over budget:\n" + "\n".join(f"{route}: {cost}" for route, cost in over.items())
     # The edge's principal cache: Authenticate once per key per TTL, never once per request.
     ttl = Settings().auth_cache_ttl.total_seconds()
     assert auth_calls(mesh) - auth0 <= elapsed / ttl + 1, (auth_calls(mesh) - auth0, elapsed)
