@@ -44,7 +44,7 @@ from libs.errors import (
     not_found,
 )
 from libs.events import STREAM_HEAD
-from libs.principal import Principal
+from libs.principal import Principal, is_system
 from libs.visibility import sees
 
 log = logging.getLogger("ctrlmesh.peers")
@@ -197,10 +197,11 @@ class TenantCache:
             self._task = asyncio.get_running_loop().create_task(self._follow(), name="tenant-cache")
 
     async def tenant(
-        self, ref: str, fetch: Callable[[], Awaitable[accounts_pb2.Tenant]]
+        self, ref: str, fetch: Callable[[], Awaitable[accounts_pb2.Tenant]], *, fresh: bool = False
     ) -> accounts_pb2.Tenant:
+        """The cached tenant, else `fetch()`ed (and kept); `fresh`: fetched (and kept) anyway."""
         self._start()
-        hit = self._tenants.get(ref)
+        hit = None if fresh else self._tenants.get(ref)
         if hit is not None and self.live and hit[0] > self._clock():
             return hit[1]
         generation = self._generation
@@ -213,10 +214,14 @@ class TenantCache:
         return t
 
     async def limits(
-        self, tenant_id: str, fetch: Callable[[], Awaitable[accounts_pb2.TenantLimits]]
+        self,
+        tenant_id: str,
+        fetch: Callable[[], Awaitable[accounts_pb2.TenantLimits]],
+        *,
+        fresh: bool = False,
     ) -> accounts_pb2.TenantLimits:
         self._start()
-        hit = self._limits.get(tenant_id)
+        hit = None if fresh else self._limits.get(tenant_id)
         if hit is not None and self.live and hit[0] > self._clock():
             return hit[1]
         generation = self._generation
@@ -273,9 +278,13 @@ class AccountsPeer(Peer):
     caller may see it (NOT_FOUND when it may not) and its status, plan and quota. Each service
     keeps from the answers the few fields it needs.
 
-    Answers come from the process's `TenantCache` (one per process, shared by every
-    AccountsPeer on the same Channels), so the hot path of a request makes no call to accounts;
-    the visibility of a cached tenant is `libs.visibility.sees`, the rule accounts applies."""
+    Every answer is fetched with this service's system principal, and whether the caller may see
+    the tenant is decided here by `libs.visibility.sees`, the rule accounts applies. A read on
+    the hot path passes `cached=True`: the answer then comes from the process's `TenantCache`
+    (one per process, shared by every AccountsPeer on the same Channels), so it makes no call to
+    accounts and is at most the cache's bound stale. Without it (writes, quota decisions) the
+    answer is fresh, so a suspension or a deletion refuses the next write at once; it refreshes
+    the cache too."""
 
     service = "accounts"
 
@@ -292,7 +301,7 @@ class AccountsPeer(Peer):
     def tenants_stub(self) -> accounts_pb2_grpc.TenantServiceStub:
         return accounts_pb2_grpc.TenantServiceStub(self.channel)
 
-    async def _tenant(self, ref: str) -> accounts_pb2.Tenant:
+    async def _tenant(self, ref: str, cached: bool) -> accounts_pb2.Tenant:
         return await self.cache.tenant(
             ref,
             lambda: self.call(
@@ -301,9 +310,10 @@ class AccountsPeer(Peer):
                 kind="tenant",
                 ident=ref,
             ),
+            fresh=not cached,
         )
 
-    async def _limits(self, tenant_id: str) -> accounts_pb2.TenantLimits:
+    async def _limits(self, tenant_id: str, cached: bool) -> accounts_pb2.TenantLimits:
         return await self.cache.limits(
             tenant_id,
             lambda: self.call(
@@ -312,6 +322,7 @@ class AccountsPeer(Peer):
                 kind="tenant",
                 ident=tenant_id,
             ),
+            fresh=not cached,
         )
 
     @staticmethod
@@ -319,21 +330,27 @@ class AccountsPeer(Peer):
         if caller is not None and not sees(caller, t.account_id, t.id):
             raise not_found("tenant", ref)
 
-    async def resolve_tenant(self, caller: Principal | None, tenant: str) -> accounts_pb2.Tenant:
+    async def resolve_tenant(
+        self, caller: Principal | None, tenant: str, *, cached: bool = False
+    ) -> accounts_pb2.Tenant:
         """The tenant by name or id; `caller` None: this service's system principal."""
-        t = await self._tenant(tenant)
+        t = await self._tenant(tenant, cached)
         self._visible(caller, t, tenant)
         return t
 
-    async def tenant_limits(self, caller: Principal | None, tenant_id: str) -> accounts_pb2.TenantLimits:
-        return (await self.tenant_and_limits(caller, tenant_id))[1]
+    async def tenant_limits(
+        self, caller: Principal | None, tenant_id: str, *, cached: bool = False
+    ) -> accounts_pb2.TenantLimits:
+        if caller is None or is_system(caller):
+            return await self._limits(tenant_id, cached)  # sees every tenant: nothing to check
+        return (await self.tenant_and_limits(caller, tenant_id, cached=cached))[1]
 
     async def tenant_and_limits(
-        self, caller: Principal | None, tenant_id: str
+        self, caller: Principal | None, tenant_id: str, *, cached: bool = False
     ) -> tuple[accounts_pb2.Tenant, accounts_pb2.TenantLimits]:
-        """Both at once (one round trip's time when not cached): the visibility check and the
+        """Both at once (one round trip's time when fetched): the visibility check and the
         quota."""
-        t, lim = await asyncio.gather(self._tenant(tenant_id), self._limits(tenant_id))
+        t, lim = await asyncio.gather(self._tenant(tenant_id, cached), self._limits(tenant_id, cached))
         self._visible(caller, t, tenant_id)
         return t, lim
 

@@ -142,7 +142,7 @@ class DatabasesDomain:
     async def list(
         self, p: Principal, tenant: str, *, state: str, name_prefix: str, limit: int, offset: int
     ) -> tuple[list[Db], int, TenantRef]:
-        t = await self.accounts.tenant_ref(p, tenant)
+        t = await self.accounts.tenant_ref(p, tenant, cached=True)
         rows, total = await self.db.read(
             lambda s: repo.list_databases(
                 s, t.id, state=state, name_prefix=name_prefix, limit=page_limit(limit, 100), offset=offset
@@ -151,7 +151,7 @@ class DatabasesDomain:
         return rows, total, t
 
     async def get(self, p: Principal, tenant: str, name: str) -> tuple[Db, TenantRef]:
-        t = await self.accounts.tenant_ref(p, tenant)
+        t = await self.accounts.tenant_ref(p, tenant, cached=True)
         row = await self.db.read(lambda s: repo.get_by_name(s, t.id, name))
         if row is None:
             raise not_found("database", name)
@@ -162,7 +162,7 @@ class DatabasesDomain:
         return await by_id(
             lambda: self.db.read(lambda s: repo.get_by_id(s, scope, db_id)),
             lambda row: row.tenant_id,
-            lambda tenant_id: self.accounts.tenant_ref(p, tenant_id),
+            lambda tenant_id: self.accounts.tenant_ref(p, tenant_id, cached=True),
             kind="database",
             ident=db_id,
         )

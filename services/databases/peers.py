@@ -35,9 +35,10 @@ class Limits:
 
 
 class Accounts(AccountsPeer):
-    async def tenant_ref(self, caller: Principal, tenant: str) -> TenantRef:
-        """The tenant by name or id as the caller may see it; NOT_FOUND when it may not."""
-        t = await self.resolve_tenant(caller, tenant)
+    async def tenant_ref(self, caller: Principal, tenant: str, *, cached: bool = False) -> TenantRef:
+        """The tenant by name or id as the caller may see it; NOT_FOUND when it may not.
+        `cached`: from the tenant cache (reads), else fresh from accounts (writes)."""
+        t = await self.resolve_tenant(caller, tenant, cached=cached)
         return TenantRef(t.id, t.name, t.account_id, t.status, t.pg_user)
 
     async def limits(self, tenant_id: str) -> Limits:

@@ -90,6 +90,8 @@ async def test_cache_hits_while_live_and_events_invalidate_at_once():
     await settle()
     await cache.tenant("ten_1", fetch)
     assert len(fetched) == 4
+    await cache.tenant("ten_1", fetch, fresh=True)  # a write's lookup: asked anyway
+    assert len(fetched) == 5
     await cache.aclose()
 
 
