@@ -20,6 +20,7 @@ principal), and a deadline on every call. A failed call is translated once, here
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -194,7 +195,11 @@ class TenantCache:
 
     def _start(self) -> None:
         if self._task is None and self.ttl > 0:
-            self._task = asyncio.get_running_loop().create_task(self._follow(), name="tenant-cache")
+            # A context of its own: not the RPC that happened to start it (its principal, its
+            # budget tally).
+            self._task = asyncio.get_running_loop().create_task(
+                self._follow(), name="tenant-cache", context=contextvars.Context()
+            )
 
     async def tenant(
         self, ref: str, fetch: Callable[[], Awaitable[accounts_pb2.Tenant]], *, fresh: bool = False
