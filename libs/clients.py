@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+from libs import budget
 from libs import principal as principals
 from libs.settings import SERVICES, Settings
 
@@ -34,12 +38,25 @@ RECONNECT_OPTIONS = (
 )
 
 
+T = TypeVar("T")
+
+
 class Channels:
-    """Lazily opened channels to the five services, shared by a process."""
+    """Lazily opened channels to the five services, shared by a process, and what the clients
+    on them share (`shared`: the tenant cache every AccountsPeer of the process reads)."""
 
     def __init__(self, settings: Settings):
-        self._settings = settings
+        self.settings = settings
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._shared: dict[str, Any] = {}
+
+    def shared(self, key: str, make: Callable[[], T]) -> T:
+        """The one object under `key` for this process, made on first use; closed (its
+        `aclose()`, when it has one) with the channels."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        value: T = self._shared[key]
+        return value
 
     def get(self, service: str) -> grpc.aio.Channel:
         if service not in SERVICES:
@@ -47,14 +64,19 @@ class Channels:
         ch = self._channels.get(service)
         if ch is None:
             ch = grpc.aio.insecure_channel(
-                self._settings.service_target(service),
+                self.settings.service_target(service),
                 options=RECONNECT_OPTIONS,
-                interceptors=aio_client_interceptors(),
+                interceptors=[*aio_client_interceptors(), *budget.client_interceptors()],
             )
             self._channels[service] = ch
         return ch
 
     async def close(self) -> None:
+        for value in self._shared.values():
+            aclose = getattr(value, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        self._shared.clear()
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()

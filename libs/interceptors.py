@@ -2,6 +2,7 @@
 
     tracing (OpenTelemetry's own interceptor, outside this chain)
       → Metrics     every call counted with its final code and timed, refused ones included
+                    (and a unary call's SQL round trips and peer calls tallied: libs/budget.py)
       → Context     the method name for logs and the audit
       → Auth        the signed principal verified (refusal: UNAUTHENTICATED) and made current
       → Errors      domain errors become google.rpc.Status with ErrorInfo; anything unexpected is
@@ -33,6 +34,7 @@ from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
+from libs import budget
 from libs import principal as principals
 from libs.errors import ERROR_DOMAIN, STATUS_DETAILS_KEY, CtrlmeshError, InvalidArgument
 
@@ -150,7 +152,8 @@ class Metrics(Stage):
     async def unary(self, call: Call, nxt: Unary) -> Message:
         started = time.perf_counter()
         try:
-            return await nxt(call)
+            with budget.tally(call.info.service, call.info.name):
+                return await nxt(call)
         finally:
             self._observe(call, started)
 

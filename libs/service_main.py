@@ -12,7 +12,7 @@ from typing import Any
 
 from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 
-from libs import keys
+from libs import budget, keys
 from libs.clients import Channels, Signer
 from libs.db import Database, make_engine, migrate
 from libs.grpc_server import AuditSink, Service, serve
@@ -54,6 +54,7 @@ async def _main(name: str, schema: str, migrations: Path, build: Build) -> None:
         raise SystemExit("CTRLMESH_DATABASE_URL is not set (make run / the launcher sets it)")
     engine = make_engine(settings.database_url)
     instrument_engine(engine)
+    budget.instrument_engine(engine)
     await migrate(engine, schema, migrations)
     secret = keys.internal_secret(settings)
     rt = Runtime(name, settings, Database(engine), Channels(settings), Signer(secret, name), secret)

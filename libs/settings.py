@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     # overrides of the profile table; the tests inject a bad one to make a candidate fail).
     profile_settings: str = ""
     auth_cache_ttl: Duration = timedelta(seconds=5)
+    # How long a service's hot reads reuse what accounts said about a tenant (status, account,
+    # name) without asking again (writes always ask); accounts' events invalidate it at once
+    # (libs/peers.py TenantCache), so this bounds staleness only while that stream stalls. 0: off.
+    tenant_cache_ttl: Duration = timedelta(seconds=5)
     # The edge: the largest request body it reads (413 beyond), and the deadline of a call that
     # sends no `Grpc-Timeout` (GET reads, other methods writes), so a frozen service costs seconds.
     max_body_bytes: int = 1024 * 1024

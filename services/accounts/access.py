@@ -4,17 +4,9 @@ from __future__ import annotations
 
 from libs.errors import PermissionDenied
 from libs.principal import Principal, is_global, is_system
-from services.accounts.repository import EVERYTHING, Scope
+from libs.visibility import scope_of
 
-
-def scope_of(p: Principal) -> Scope:
-    """What `p` may see: a global (or system) key everything, an account key its account, a
-    tenant key its own tenant."""
-    if is_global(p):
-        return EVERYTHING
-    if p.scope == "account":
-        return Scope(account_id=p.account_id)
-    return Scope(account_id=p.account_id, tenant_id=p.tenant_id)
+__all__ = ["require_global", "require_system", "scope_of"]
 
 
 def require_global(p: Principal) -> None:

@@ -102,12 +102,12 @@ class Accounts:
         if p.scope == "tenant":
             raise PermissionDenied("a tenant-scoped key cannot change the account profile")
         async with self.outbox.session() as s:
-            if await repo.get_account(s, p.account_id, lock=True) is None:
-                raise not_found("account", p.account_id)
+            # The UPDATE takes the row lock itself: no SELECT ... FOR UPDATE before it.
             acct = await repo.update_account(
                 s, p.account_id, {"email": email, "name": name, "company": company, "updated_at": now()}
             )
-            assert acct is not None
+            if acct is None:
+                raise not_found("account", p.account_id)
             await self.outbox.publish(
                 s,
                 "account.updated",

@@ -19,9 +19,10 @@ class Audit:
         self.db = db
 
     async def record(self, entry: dict[str, Any]) -> None:
-        """Store one entry (from this process's own interceptor: trusted)."""
-        async with self.db.session() as s:
-            await repo.insert_audit(s, {**entry, "id": ids.new_id("aud"), "created_at": now()})
+        """Store one entry (from this process's own interceptor: trusted): one INSERT that
+        commits by itself."""
+        values = {**entry, "id": ids.new_id("aud"), "created_at": now()}
+        await self.db.single(lambda s: repo.insert_audit(s, values))
 
     async def record_from(self, p: Principal, entry: dict[str, Any]) -> None:
         """Store an entry another service sent (RecordAudit: a system caller only)."""

@@ -34,12 +34,14 @@ class Peers:
         owner = self._owners[service]
         return await owner.call(getattr(owner.stub(), method), request)
 
-    async def count(self, tenant_ids: list[str]) -> dict[str, dict[str, int]]:
-        """Per tenant, the merged counts of every owning service."""
+    async def count(
+        self, tenant_ids: list[str], owners: tuple[str, ...] = OWNERS
+    ) -> dict[str, dict[str, int]]:
+        """Per tenant, the merged counts of the owning services (every one unless named)."""
         if not tenant_ids:
             return {}
         req = internal_pb2.CountTenantResourcesRequest(tenant_ids=tenant_ids)
-        answers = await asyncio.gather(*(self._call(s, "CountTenantResources", req) for s in OWNERS))
+        answers = await asyncio.gather(*(self._call(s, "CountTenantResources", req) for s in owners))
         merged: dict[str, dict[str, int]] = defaultdict(dict)
         for answer in answers:
             for tid, rc in answer.tenants.items():

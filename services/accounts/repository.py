@@ -12,23 +12,13 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, or_, select, update
+from sqlalchemy import Select, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.pagination import keyset_page, page_limit
+from libs.visibility import EVERYTHING as EVERYTHING
+from libs.visibility import Scope as Scope
 from services.accounts.models import SCHEMA, Account, ApiKey, AuditEntry, Base, Tenant
-
-
-@dataclass(frozen=True)
-class Scope:
-    """What a caller may see: everything (both empty, a global or system key), one account, or
-    one tenant of one account."""
-
-    account_id: str = ""
-    tenant_id: str = ""
-
-
-EVERYTHING = Scope()
 
 
 @dataclass(frozen=True)
@@ -249,6 +239,21 @@ async def find_tenant(s: AsyncSession, scope: Scope, ref: str, *, lock: bool = F
     return _tenant(await s.scalar(q))
 
 
+async def tenant_with_plan(s: AsyncSession, scope: Scope, ref: str) -> tuple[TenantRow, str] | None:
+    """A tenant the scope may see, by name or id, with its account's plan: one statement."""
+    q = (
+        select(_TENANTS, _ACCOUNTS.c.plan.label("account_plan"))
+        .join(_ACCOUNTS, _ACCOUNTS.c.id == _TENANTS.c.account_id)
+        .where(or_(_TENANTS.c.name == ref, _TENANTS.c.id == ref))
+    )
+    if scope.tenant_id:
+        q = q.where(_TENANTS.c.id == scope.tenant_id)
+    if scope.account_id:
+        q = q.where(_TENANTS.c.account_id == scope.account_id)
+    m = (await s.execute(q)).mappings().first()
+    return None if m is None else (_from_mapping(TenantRow, m), str(m["account_plan"]))
+
+
 async def find_tenant_by_name(s: AsyncSession, scope: Scope, name: str) -> TenantRow | None:
     return _tenant(await s.scalar(_tenants(scope).where(Tenant.name == name)))
 
@@ -353,7 +358,9 @@ async def platform_counts(s: AsyncSession) -> tuple[dict[str, int], int, int]:
 
 
 async def insert_audit(s: AsyncSession, values: dict[str, Any]) -> None:
-    s.add(AuditEntry(**values))
+    # Core, not the ORM's unit of work: the one INSERT runs now (an autocommit caller has no
+    # commit that would flush it).
+    await s.execute(insert(AuditEntry).values(**values))
 
 
 async def audit_page(

@@ -27,6 +27,7 @@ from libs.errors import (
 from libs.outbox import Outbox
 from libs.principal import Principal, is_global
 from libs.timeutil import now
+from libs.visibility import sees
 from services.accounts import repository as repo
 from services.accounts.access import require_global, require_system, scope_of
 from services.accounts.billing import Plan, plan_of
@@ -50,7 +51,9 @@ OWNED = ("databases", "instances", "domains", "secrets", "managed_databases")
 class Owners(Protocol):
     """The services that own tenant resources, as accounts sees them (services/accounts/peers.py)."""
 
-    async def count(self, tenant_ids: list[str]) -> dict[str, dict[str, int]]: ...
+    async def count(
+        self, tenant_ids: list[str], owners: tuple[str, ...] = ...
+    ) -> dict[str, dict[str, int]]: ...
 
     async def purge(self, tenant_id: str) -> bool: ...
 
@@ -100,7 +103,8 @@ class Tenants:
         return t
 
     async def _db_counts(self, tenants: list[TenantRow]) -> dict[str, int]:
-        counts = await self.peers.count([t.id for t in tenants])
+        # Only the databases service holds databases: one call, not one per owner.
+        counts = await self.peers.count([t.id for t in tenants], owners=("databases",))
         return {tid: c.get("databases", 0) for tid, c in counts.items()}
 
     def _credentials(self, t: TenantRow, password: str) -> Credentials:
@@ -192,19 +196,16 @@ class Tenants:
         return self._credentials(tenant, password)
 
     async def list_tenants(self, p: Principal, limit: int, offset: int) -> tuple[list[TenantView], int]:
-        async with self.db.session() as s:
-            rows, total = await repo.list_tenants(s, scope_of(p), limit, offset)
+        rows, total = await self.db.read(lambda s: repo.list_tenants(s, scope_of(p), limit, offset))
         counts = await self._db_counts(rows)
         return [TenantView(t, counts.get(t.id, 0)) for t in rows], total
 
     async def get_tenant(self, p: Principal, ref: str) -> TenantView:
-        async with self.db.session() as s:
-            t = await self._find(s, scope_of(p), ref)
+        t = await self.db.read(lambda s: self._find(s, scope_of(p), ref))
         return TenantView(t, (await self._db_counts([t])).get(t.id, 0))
 
     async def credentials(self, p: Principal, ref: str) -> Credentials:
-        async with self.db.session() as s:
-            t = await self._find(s, scope_of(p), ref)
+        t = await self.db.read(lambda s: self._find(s, scope_of(p), ref))
         return self._credentials(t, self._password(t))
 
     async def rotate_credentials(self, p: Principal, ref: str) -> Credentials:
@@ -276,24 +277,30 @@ class Tenants:
         return finished
 
     async def resolve(self, p: Principal, ref: str) -> TenantView:
-        async with self.db.session() as s:
-            return TenantView(await self._find(s, scope_of(p), ref))
+        """The tenant as `p` may see it: the rule of libs/visibility.py, the same function the
+        callers apply to the tenants they cache."""
+        t = await self.db.read(lambda s: repo.find_tenant(s, EVERYTHING, ref))
+        if t is None or not sees(p, t.account_id, t.id):
+            raise not_found("tenant", ref)
+        return TenantView(t)
 
     async def pg_credentials(self, p: Principal, pg_user: str) -> Credentials:
         """The PG Gateway's login lookup (a system caller)."""
         require_system(p)
-        async with self.db.session() as s:
-            t = await repo.tenant_by_pg_user(s, pg_user)
+        t = await self.db.read(lambda s: repo.tenant_by_pg_user(s, pg_user))
         if t is None:
             raise not_found("pg_user", pg_user)
         return self._credentials(t, self._password(t))
 
     async def limits(self, p: Principal, tenant_id: str) -> TenantLimits:
-        async with self.db.session() as s:
-            t = await self._find(s, scope_of(p), tenant_id)
-            acct = await repo.get_account(s, t.account_id)
-        assert acct is not None
-        return TenantLimits(t, acct.plan, plan_of(acct.plan))
+        t, plan = await self.db.read(lambda s: self._limits(s, scope_of(p), tenant_id))
+        return TenantLimits(t, plan, plan_of(plan))
+
+    async def _limits(self, s: AsyncSession, scope: Scope, tenant_id: str) -> tuple[TenantRow, str]:
+        found = await repo.tenant_with_plan(s, scope, tenant_id)
+        if found is None:
+            raise not_found("tenant", tenant_id)
+        return found
 
     # -- Ctrl Plane admin -------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Databases domain logic: the /v2 database routes, the internal resolve and purge, and leases.
 
-Plain Python over the repository; no gRPC here. A tenant is always resolved through accounts
-with the caller's own principal first, so a tenant the key may not see — and every database in
-it — is NOT_FOUND exactly like a missing one.
+Plain Python over the repository; no gRPC here. A tenant is always resolved as the caller may
+see it first (libs.peers.AccountsPeer: accounts' answer, cached, and the visibility rule of
+libs/visibility.py), so a tenant the key may not see — and every database in it — is NOT_FOUND
+exactly like a missing one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from libs.errors import (
     InvalidArgument,
     InvalidState,
     LimitExceeded,
-    NotFound,
     OperationDisabled,
     PermissionDenied,
     Unavailable,
@@ -29,8 +29,10 @@ from libs.errors import (
 )
 from libs.outbox import Outbox
 from libs.pagination import page_limit
+from libs.peers import by_id
 from libs.principal import Principal, is_global, is_system
 from libs.timeutil import now
+from libs.visibility import scope_of
 from services.databases import events
 from services.databases import repository as repo
 from services.databases.actions.common import spec_of
@@ -77,7 +79,7 @@ class DatabasesDomain:
             raise PermissionDenied("this key lacks can_create_db")
         if name in RESERVED_NAMES:
             raise InvalidArgument(f"{name!r} is reserved", fields={"name": "reserved by PostgreSQL"})
-        t = await self.accounts.resolve_tenant(p, tenant)
+        t = await self.accounts.tenant_ref(p, tenant)
         _writable(t)
         limits = await self.accounts.limits(t.id)
         if limits.sizes and size not in limits.sizes:
@@ -140,40 +142,35 @@ class DatabasesDomain:
     async def list(
         self, p: Principal, tenant: str, *, state: str, name_prefix: str, limit: int, offset: int
     ) -> tuple[list[Db], int, TenantRef]:
-        t = await self.accounts.resolve_tenant(p, tenant)
-        async with self.db.session() as s:
-            rows, total = await repo.list_databases(
+        t = await self.accounts.tenant_ref(p, tenant, cached=True)
+        rows, total = await self.db.read(
+            lambda s: repo.list_databases(
                 s, t.id, state=state, name_prefix=name_prefix, limit=page_limit(limit, 100), offset=offset
             )
+        )
         return rows, total, t
 
     async def get(self, p: Principal, tenant: str, name: str) -> tuple[Db, TenantRef]:
-        t = await self.accounts.resolve_tenant(p, tenant)
-        async with self.db.session() as s:
-            row = await repo.get_by_name(s, t.id, name)
+        t = await self.accounts.tenant_ref(p, tenant, cached=True)
+        row = await self.db.read(lambda s: repo.get_by_name(s, t.id, name))
         if row is None:
             raise not_found("database", name)
         return row, t
 
     async def get_by_id(self, p: Principal, db_id: str) -> tuple[Db, TenantRef]:
-        async with self.db.session() as s:
-            owner = await repo.owner_of(s, db_id)
-        if owner is None:
-            raise not_found("database", db_id)
-        try:
-            t = await self.accounts.resolve_tenant(p, owner)
-        except NotFound:
-            raise not_found("database", db_id) from None
-        async with self.db.session() as s:
-            row = await repo.get(s, t.id, db_id)
-        if row is None:
-            raise not_found("database", db_id)
-        return row, t
+        scope = scope_of(p)
+        return await by_id(
+            lambda: self.db.read(lambda s: repo.get_by_id(s, scope, db_id)),
+            lambda row: row.tenant_id,
+            lambda tenant_id: self.accounts.tenant_ref(p, tenant_id, cached=True),
+            kind="database",
+            ident=db_id,
+        )
 
     async def delete(self, p: Principal, tenant: str, name: str, *, force: bool) -> tuple[Db, TenantRef]:
         if not is_global(p) and not p.permissions.can_delete:
             raise PermissionDenied("this key lacks can_delete")
-        t = await self.accounts.resolve_tenant(p, tenant)
+        t = await self.accounts.tenant_ref(p, tenant)
         _writable(t)
         async with self.db.session() as s:
             row = await repo.get_by_name(s, t.id, name, lock=True)
@@ -202,8 +199,7 @@ class DatabasesDomain:
 
     async def resolve(self, p: Principal, tenant_id: str, name: str) -> Db:
         _require_system(p)
-        async with self.db.session() as s:
-            row = await repo.get_by_name(s, tenant_id, name)
+        row = await self.db.read(lambda s: repo.get_by_name(s, tenant_id, name))
         if row is None or row.state == State.DELETING:
             raise not_found("database", name)
         return row

@@ -1,17 +1,17 @@
-"""The databases service's view of accounts: tenants (resolved with the caller's own principal, so
-visibility rules stay in accounts), plan limits, the tenant's SCRAM verifier, and the events
-that say a tenant's credentials were rotated."""
+"""The databases service's view of accounts: tenants as the caller may see them and their plan
+limits (libs.peers.AccountsPeer: cached, the visibility rule of libs/visibility.py), the
+tenant's SCRAM verifier, and the events that say a tenant's credentials were rotated."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from ctrlmesh.accounts.v1 import accounts_pb2
 from ctrlmesh.common.v1 import internal_pb2
 
 from libs import events
-from libs.peers import Peer
+from libs.peers import AccountsPeer
 from libs.principal import Principal
 
 
@@ -34,30 +34,15 @@ class Limits:
     sizes: tuple[str, ...]
 
 
-class Accounts(Peer):
-    service = "accounts"
-
-    def _tenants(self) -> accounts_pb2_grpc.TenantServiceStub:
-        return accounts_pb2_grpc.TenantServiceStub(self.channel)
-
-    async def resolve_tenant(self, caller: Principal, tenant: str) -> TenantRef:
-        """The tenant by name or id as the caller may see it; NOT_FOUND when it may not."""
-        t = await self.call(
-            self._tenants().ResolveTenant,
-            accounts_pb2.ResolveTenantRequest(tenant=tenant),
-            caller=caller,
-            kind="tenant",
-            ident=tenant,
-        )
+class Accounts(AccountsPeer):
+    async def tenant_ref(self, caller: Principal, tenant: str, *, cached: bool = False) -> TenantRef:
+        """The tenant by name or id as the caller may see it; NOT_FOUND when it may not.
+        `cached`: from the tenant cache (reads), else fresh from accounts (writes)."""
+        t = await self.resolve_tenant(caller, tenant, cached=cached)
         return TenantRef(t.id, t.name, t.account_id, t.status, t.pg_user)
 
     async def limits(self, tenant_id: str) -> Limits:
-        lim = await self.call(
-            self._tenants().GetTenantLimits,
-            accounts_pb2.GetTenantLimitsRequest(tenant_id=tenant_id),
-            kind="tenant",
-            ident=tenant_id,
-        )
+        lim = await self.tenant_limits(None, tenant_id)
         return Limits(
             lim.status, lim.account_plan, lim.plan_limits.max_databases, tuple(lim.plan_limits.sizes)
         )
@@ -65,7 +50,7 @@ class Accounts(Peer):
     async def role_verifier(self, pg_user: str) -> str:
         """The tenant's current SCRAM verifier: the password of its role inside every compute."""
         c = await self.call(
-            self._tenants().LookupPgCredentials,
+            self.tenants_stub().LookupPgCredentials,
             accounts_pb2.LookupPgCredentialsRequest(pg_user=pg_user),
             kind="pg_user",
             ident=pg_user,

@@ -17,6 +17,7 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.db import xact_lock
+from libs.visibility import Scope
 from services.databases.models import compute_runs, databases, leases
 from services.databases.state import HANDOFF_ACTIVE
 
@@ -107,6 +108,17 @@ async def get_by_name(s: AsyncSession, tenant_id: str, name: str, *, lock: bool 
     q = select(databases).where(databases.c.tenant_id == tenant_id, databases.c.name == name)
     if lock:
         q = q.with_for_update()
+    return _db((await s.execute(q)).mappings().first())
+
+
+async def get_by_id(s: AsyncSession, scope: Scope, db_id: str) -> Db | None:
+    """A database by bare id within what the caller may see (libs/visibility.py: its account,
+    its tenant or everything): the one statement of GET /v2/dbs/{id}."""
+    q = select(databases).where(databases.c.id == db_id)
+    if scope.account_id:
+        q = q.where(databases.c.account_id == scope.account_id)
+    if scope.tenant_id:
+        q = q.where(databases.c.tenant_id == scope.tenant_id)
     return _db((await s.execute(q)).mappings().first())
 
 

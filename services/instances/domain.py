@@ -228,8 +228,7 @@ class InstancesDomain:
         return row
 
     async def get(self, p: Principal, instance_id: str) -> Instance:
-        async with self.db.session() as s:
-            return await self.load(s, p, instance_id)
+        return await self.db.read(lambda s: self.load(s, p, instance_id))
 
     async def live_replicas(self, p: Principal, instance_id: str) -> tuple[Instance, list[Replica]]:
         """Internal (the ingress): the instance and its running replicas as the engine reports
@@ -255,8 +254,8 @@ class InstancesDomain:
         if label:
             k, _, v = label.partition("=")
             pair = (k, v)
-        async with self.db.session() as s:
-            rows, total = await repo.list_instances(
+        rows, total = await self.db.read(
+            lambda s: repo.list_instances(
                 s,
                 Scope.of(p),
                 state=state,
@@ -266,6 +265,7 @@ class InstancesDomain:
                 after=after,
                 limit=n,
             )
+        )
         return Page(*next_page(rows, n, lambda r: r.id), total)
 
     # -- changes -----------------------------------------------------------------------------

@@ -24,13 +24,13 @@ from libs.db import Database
 from libs.errors import (
     AlreadyExists,
     InvalidState,
-    NotFound,
     PermissionDenied,
     QuotaExceeded,
     VerificationFailed,
     not_found,
 )
 from libs.outbox import Outbox
+from libs.peers import by_id
 from libs.principal import Principal
 from libs.timeutil import now
 from services.network.domains import audit, events, hostnames
@@ -150,18 +150,13 @@ class Domains:
 
     async def resolve(self, p: Principal, domain_id: str) -> tuple[TenantLimits, DomainRow]:
         """The domain and its tenant as `p` sees them; NotFound for a missing or invisible one."""
-        async with self.db.session() as s:
-            owner = await repo.owner_of(s, domain_id)
-        if owner is None:
-            raise not_found("domain", domain_id)
-        try:
-            t = await self.accounts.limits(p, owner)
-        except NotFound:
-            raise not_found("domain", domain_id) from None
-        async with self.db.session() as s:
-            row = await repo.get_domain(s, t.tenant_id, domain_id)
-        if row is None:
-            raise not_found("domain", domain_id)
+        row, t = await by_id(
+            lambda: self.db.read(lambda s: repo.domain_by_id(s, domain_id)),
+            lambda d: d.tenant_id,
+            lambda tenant_id: self.accounts.limits(p, tenant_id),
+            kind="domain",
+            ident=domain_id,
+        )
         return t, row
 
     async def verify(self, p: Principal, domain_id: str) -> DomainView:

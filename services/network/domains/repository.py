@@ -1,8 +1,8 @@
 """SQL for domains, certificates and ACME state (SQLAlchemy Core over one AsyncSession).
 
 Every read of a tenant's data takes the tenant; another tenant's row is simply not found. The
-background scans (re-check, issuance, renewal) return only keys; the owners' name (`owner_of`)
-is the one lookup by bare id, and it answers nothing but the tenant.
+background scans (re-check, issuance, renewal) return only keys; `domain_by_id` is the one lookup by
+bare id, and its caller checks the tenant's visibility before showing any of it.
 """
 
 from __future__ import annotations
@@ -118,10 +118,10 @@ async def list_domains(s: AsyncSession, tenant_id: str, instance_id: str) -> lis
     return [d for d in map(_domain, (await s.execute(q)).mappings().all()) if d is not None]
 
 
-async def owner_of(s: AsyncSession, domain_id: str) -> str | None:
-    """The tenant of a domain, for resolving the caller's visibility first."""
-    value = await s.scalar(select(domains.c.tenant_id).where(domains.c.id == domain_id))
-    return None if value is None else str(value)
+async def domain_by_id(s: AsyncSession, domain_id: str) -> DomainRow | None:
+    """A domain by bare id, whatever its tenant: the caller resolves that tenant's visibility
+    before anything of the row is shown (libs.peers.by_id)."""
+    return _domain((await s.execute(select(domains).where(domains.c.id == domain_id))).mappings().first())
 
 
 async def update_domain(s: AsyncSession, tenant_id: str, domain_id: str, values: dict[str, Any]) -> None:
