@@ -880,7 +880,11 @@ def routes_main(args: argparse.Namespace) -> None:
         dirty = subprocess.run(
             ["git", "-C", str(ROOT), "status", "--porcelain", "-uno"], capture_output=True, text=True
         ).stdout
-        subjects.append(Subject(f"this tree {head}{'+' if dirty.strip() else ''}", ROOT, start_mesh(env)))
+        here = f"this tree {head}{'+' if dirty.strip() else ''}"
+        subjects.append(Subject(here, ROOT, start_mesh(env)))
+        for variant in args.variant or ():
+            key, _, value = variant.partition("=")
+            subjects.append(Subject(f"{here} {key}={value}", ROOT, start_mesh({**env, key: value})))
         for s in subjects:
             prepare(s)
         load_before = os.getloadavg()[0]
@@ -934,6 +938,12 @@ def main() -> None:
     ap.add_argument("--no-docker", action="store_true")
     ap.add_argument("--routes", action="store_true", help="the request path per route family under wrk")
     ap.add_argument("--baseline", help="--routes: also measure a mesh of this git revision, alternating")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        metavar="KEY=VALUE",
+        help="--routes: also measure this tree with one setting changed (e.g. CTRLMESH_EVENT_LOOP=asyncio)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--profile", action="store_true", help="--routes: py-spy every process afterwards")

@@ -1,12 +1,13 @@
-"""gRPC clients between processes: one traced channel per target, signed principals per call."""
+"""gRPC clients between processes: one traced channel per target (`libs.telemetry.TracedChannel`),
+signed principals per call."""
 
 from __future__ import annotations
 
 import grpc
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from libs import principal as principals
 from libs.settings import SERVICES, Settings
+from libs.telemetry import TracedChannel
 
 
 class Signer:
@@ -46,10 +47,8 @@ class Channels:
             raise KeyError(service)
         ch = self._channels.get(service)
         if ch is None:
-            ch = grpc.aio.insecure_channel(
-                self._settings.service_target(service),
-                options=RECONNECT_OPTIONS,
-                interceptors=aio_client_interceptors(),
+            ch = TracedChannel(
+                grpc.aio.insecure_channel(self._settings.service_target(service), options=RECONNECT_OPTIONS)
             )
             self._channels[service] = ch
         return ch
