@@ -4,6 +4,17 @@ called directly over gRPC with a signed principal, at the same concurrency).
 
     .venv/bin/python bench/api.py [--duration 120] [--clients 16] [--ratio-seconds 15]
 
+`--routes` measures the request path instead, one route family at a time under `wrk` (its own
+CPU is small beside the mesh's): GET by id, a list, a cheap mutation and /health, each at 1 and
+16 connections (req/s, p50, p99, and each process's CPU per request), and GET by id directly
+over gRPC under `h2load` (HTTP/2, a signed principal, the same connections) for the edge ÷
+direct ratio. `--baseline REV` runs the same measurements against a mesh of that revision (a
+temporary git worktree on this virtualenv, its stubs generated) started beside this one, the two
+alternating for `--rounds` rounds; the figures are the medians. `--profile` then samples every
+process with py-spy under the 16-connection GET and keeps each one's top frames.
+
+    .venv/bin/python bench/api.py --routes [--baseline 9e9bbb5] [--rounds 3] [--seconds 8] [--profile]
+
 The mesh is what `make run` starts (embedded PostgreSQL, every service, the edge), through the
 launcher; with a Docker engine (`scripts/docker-up.sh`) Ctrl Plane instances join the mix.
 Zectre's `/api/v1` answers 501 today and is left out (noted in the table). Afterwards every
@@ -490,13 +501,463 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+# -- --routes: the request path, one route family at a time, side by side with a baseline -------
+
+WRK_LUA = ROOT / "bench" / "wrk.lua"
+CONNECTIONS = (1, 16)
+# The processes whose CPU is read around each run ("postgres" is the embedded server and its
+# backends); the services' gRPC ports and pid files are named after them.
+PROCESSES = ("edge", "accounts", "databases", "instances", "network", "clusters", "postgres")
+LIST_SIZE = 20
+CONTACT = {"email": "bench@example.com", "name": "Bench", "company": "Bench Co"}
+
+
+def install(component: str) -> None:
+    """The project's own idempotent installer (scripts/install-system-deps.sh)."""
+    subprocess.run(["bash", str(ROOT / "scripts" / "install-system-deps.sh"), component], check=True)
+
+
+@dataclass
+class Subject:
+    """One mesh under test and what the routes need in it."""
+
+    name: str
+    root: Path
+    mesh: Mesh
+    key: str = ""
+    tenant: str = ""
+    db_id: str = ""
+    principal: Any = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    def routes(self) -> dict[str, tuple[str, str, str]]:
+        """family → (method, path, JSON body)."""
+        return {
+            "get": ("GET", f"/v2/dbs/{self.db_id}", ""),
+            "list": ("GET", f"/v2/tenants/{self.tenant}/dbs?limit={LIST_SIZE}", ""),
+            "mutation": ("POST", "/v2/account/contact", json.dumps(CONTACT)),
+            "health": ("GET", "/health", ""),
+        }
+
+
+FAMILY_LABELS = {
+    "get": "`GET /v2/dbs/{id}`",
+    "list": f"`GET /v2/tenants/{{t}}/dbs?limit={LIST_SIZE}`",
+    "mutation": "`POST /v2/account/contact`",
+    "health": "`GET /health`",
+    "direct": "`GetDatabaseById` directly over gRPC",
+}
+
+
+def prepare(s: Subject) -> None:
+    """An account of its own with one tenant of LIST_SIZE databases (a full list page)."""
+    m = s.mesh
+    sys_md = principals.sign(principals.system_principal("bench"), m.internal_secret)
+
+    async def account() -> tuple[str, Any]:
+        async with grpc.aio.insecure_channel(m.grpc_target("accounts")) as ch:
+            resp = await accounts_pb2_grpc.AccountServiceStub(ch).CreateAccount(
+                accounts_pb2.CreateAccountRequest(
+                    email=f"bench{time.time_ns()}@example.com", name="Bench", plan="standard_payg"
+                ),
+                metadata=sys_md,
+            )
+            key = str(resp.api_key.key)
+            p = await accounts_pb2_grpc.ApiKeyServiceStub(ch).Authenticate(
+                accounts_pb2.AuthenticateRequest(token=key), metadata=sys_md
+            )
+        return key, p
+
+    s.key, s.principal = asyncio.run(account())
+    s.tenant = f"benchroutes{int(time.time())}"
+    with m.client(s.key, timeout=120) as c:
+        r = c.post("/v2/tenants", json={"name": s.tenant})
+        assert r.status_code == 201, r.text
+        for i in range(LIST_SIZE):
+            r = c.post(f"/v2/tenants/{s.tenant}/dbs", json={"name": f"db{i}", "size": "L1"})
+            assert r.status_code == 201, r.text
+            s.db_id = s.db_id or r.json()["db_id"]
+        for _, (method, path, body) in s.routes().items():
+            r = c.request(method, path, content=body or None, headers={"Content-Type": "application/json"})
+            assert r.status_code == 200, (method, path, r.status_code, r.text)
+        assert len(c.get(s.routes()["list"][1]).json()["items"]) == LIST_SIZE
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (FileNotFoundError, IndexError, ValueError):
+                continue
+    return out
+
+
+def process_pids(m: Mesh) -> dict[str, list[int]]:
+    pids: dict[str, list[int]] = {}
+    for name in PROCESSES[:-1]:
+        pid = m.pid(name)
+        pids[name] = [pid] if pid else []
+    named = {p for ps in pids.values() for p in ps} | {m.pid(n) for n in ("caddy", "pggateway")}
+    pg = [p for p in m.pids() if p not in named]
+    pids["postgres"] = pg + [c for p in pg for c in _children(p)]
+    return pids
+
+
+def cpu_snapshot(m: Mesh) -> dict[str, dict[int, float]]:
+    return {name: {p: _cpu_seconds(p) for p in ps} for name, ps in process_pids(m).items()}
+
+
+def cpu_per_request(before: dict[str, dict[int, float]], m: Mesh, requests: int) -> dict[str, float]:
+    """ms of CPU per request of each process over a run, pid by pid (PostgreSQL's backends come
+    and go; one that exited during the run is missed, one that started counts whole)."""
+    after = cpu_snapshot(m)
+    return {
+        name: round(
+            sum(t - before.get(name, {}).get(p, 0.0) for p, t in pids.items()) * 1e3 / max(requests, 1), 3
+        )
+        for name, pids in after.items()
+    }
+
+
+def run_wrk(url: str, method: str, key: str, body: str, connections: int, seconds: float) -> dict[str, Any]:
+    env = dict(os.environ, BENCH_METHOD=method, BENCH_KEY=key, BENCH_BODY=body)
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(WRK_LUA), url]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("BENCH-RESULT "))
+    raw = json.loads(line.split(" ", 1)[1])
+    errors = sum(raw[k] for k in raw if k.endswith("_errors") or k == "timeouts")
+    return {
+        "requests": raw["requests"],
+        "rps": raw["requests"] / (raw["duration_us"] / 1e6),
+        "p50_ms": raw["p50_us"] / 1e3,
+        "p99_ms": raw["p99_us"] / 1e3,
+        "errors": errors,
+    }
+
+
+def _grpc_ok_count(m: Mesh, method: str) -> float:
+    """The databases service's own count of `method` answered OK (its Prometheus page)."""
+    port = int(m.env["CTRLMESH_DATABASES_PORT"]) + int(m.env["CTRLMESH_METRICS_PORT_OFFSET"])
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("ctrlmesh_grpc_server_requests_total{") and f'method="{method}"' in line:
+            if 'code="OK"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def run_direct(s: Subject, concurrency: int, seconds: float) -> dict[str, Any]:
+    """GetDatabaseById straight to the databases service under h2load, with the principal the
+    edge would sign for the same key, `concurrency` calls at once on one HTTP/2 connection (as
+    the edge's one channel carries them); the service's own OK count must grow by every request."""
+    import base64
+    import re
+    import tempfile
+
+    m = s.mesh
+    md = principals.sign(s.principal, m.internal_secret)
+    headers = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    for k, v in md:
+        value = base64.b64encode(v).decode() if isinstance(v, bytes) else v
+        headers += ["-H", f"{k}: {value}"]
+    msg = databases_pb2.GetDatabaseByIdRequest(db_id=s.db_id).SerializeToString()
+    with tempfile.NamedTemporaryFile(suffix=".grpc") as body:
+        body.write(b"\0" + len(msg).to_bytes(4, "big") + msg)
+        body.flush()
+        url = f"http://{m.grpc_target('databases')}/ctrlmesh.databases.v1.DatabaseService/GetDatabaseById"
+        before = _grpc_ok_count(m, "GetDatabaseById")
+        cmd = ["h2load", "-t1", "-c1", f"-m{concurrency}", f"-D{seconds:g}", "--warm-up-time=1"]
+        out = subprocess.run(
+            [*cmd, "-d", body.name, *headers, url],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=True,
+        ).stdout
+        ok = _grpc_ok_count(m, "GetDatabaseById") - before
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    rate = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\b", out)
+    if not (done and rate and mean):
+        raise RuntimeError(f"unreadable h2load output:\n{out}")
+    succeeded = int(done.group(2))
+    # Warm-up requests are answered too but not counted by h2load: OK must cover the rest.
+    if ok < succeeded or succeeded == 0:
+        raise RuntimeError(f"h2load: {succeeded} answered, but the service counted {ok:.0f} OK")
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[mean.group(2)]
+    return {
+        "requests": succeeded,
+        "rps": float(rate.group(1)),
+        "mean_ms": float(mean.group(1)) * scale,
+        "errors": 0,
+    }
+
+
+def measure_round(s: Subject, seconds: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for family, (method, path, body) in s.routes().items():
+        for c in CONNECTIONS:
+            before = cpu_snapshot(s.mesh)
+            r = run_wrk(s.mesh.base_url + path, method, s.key, body, c, seconds)
+            r["cpu_ms_per_request"] = cpu_per_request(before, s.mesh, r["requests"])
+            out[f"{family}@{c}"] = r
+    for c in CONNECTIONS:
+        before = cpu_snapshot(s.mesh)
+        r = run_direct(s, c, seconds)
+        r["cpu_ms_per_request"] = cpu_per_request(before, s.mesh, r["requests"])
+        out[f"direct@{c}"] = r
+    for c in CONNECTIONS:
+        out[f"edge_over_direct@{c}"] = {"ratio": out[f"get@{c}"]["rps"] / out[f"direct@{c}"]["rps"]}
+    return out
+
+
+def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    import statistics
+
+    out: dict[str, Any] = {}
+    for cell in rounds[0]:
+        merged: dict[str, Any] = {}
+        for metric, value in rounds[0][cell].items():
+            if isinstance(value, dict):
+                merged[metric] = {k: statistics.median(r[cell][metric][k] for r in rounds) for k in value}
+            else:
+                merged[metric] = statistics.median(r[cell][metric] for r in rounds)
+        out[cell] = merged
+    return out
+
+
+def checkout(rev: str) -> Path:
+    """A temporary worktree of `rev` on this virtualenv, its protobuf stubs generated."""
+    import tempfile
+
+    where = Path(tempfile.mkdtemp(prefix=f"ctrlmesh-bench-{rev[:12]}-"))
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), rev],
+        check=True,
+        capture_output=True,
+    )
+    (where / ".venv").symlink_to((ROOT / ".venv").resolve())
+    subprocess.run([str(where / ".venv" / "bin" / "python"), "scripts/genproto.py"], cwd=where, check=True)
+    return where
+
+
+def remove_checkout(where: Path) -> None:
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)], check=False)
+
+
+def profile(s: Subject, seconds: float) -> dict[str, Any]:
+    """py-spy on every process under the 16-connection GET by id: each process's share of
+    samples per thread and its top frames, by own time and including callees."""
+    import tempfile
+
+    method, path, body = s.routes()["get"]
+    pids = {k: v[0] for k, v in process_pids(s.mesh).items() if v and k != "postgres"}
+    spy = str(Path(sys.executable).parent / "py-spy")
+    tmp = Path(tempfile.mkdtemp(prefix="ctrlmesh-bench-profile-"))
+    procs = {
+        name: subprocess.Popen(
+            [
+                spy,
+                "record",
+                "-p",
+                str(pid),
+                "-d",
+                f"{seconds:g}",
+                "-r",
+                "200",
+                "-f",
+                "raw",
+                "--threads",
+                "--nonblocking",
+                "-o",
+                str(tmp / f"{name}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    }
+    time.sleep(0.5)
+    run_wrk(s.mesh.base_url + path, method, s.key, body, 16, seconds)
+    out: dict[str, Any] = {}
+    for name, p in procs.items():
+        p.wait(timeout=seconds + 60)
+        f = tmp / f"{name}.txt"
+        if f.exists():
+            out[name] = summarize_profile(f.read_text())
+    return out
+
+
+def summarize_profile(raw: str, top: int = 12) -> dict[str, Any]:
+    """py-spy's collapsed stacks (`thread;outer;...;inner count`) → shares of the samples."""
+    threads: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    n = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        frames = stack.split(";")
+        n += k
+        threads[frames[0]] += k
+        calls = [f for f in frames[1:] if f]
+        if calls:
+            own[calls[-1]] += k
+            for f in set(calls):
+                total[f] += k
+
+    def share(c: Counter[str]) -> list[tuple[str, float]]:
+        return [(f, round(100 * v / n, 1)) for f, v in c.most_common(top)]
+
+    return {"samples": n, "threads": share(threads), "own": share(own), "total": share(total)}
+
+
+def routes_table(r: dict[str, Any]) -> str:
+    subjects = r["subjects"]
+    names = list(subjects)
+    head = " | ".join(f"{n} req/s | p50 | p99" for n in names)
+    rows = [
+        f"| Route ({r['seconds']:g} s per run, medians of {r['rounds']} alternating rounds) | clients | {head} |",
+        "|---|---" + "|---" * (3 * len(names)) + "|",
+    ]
+    for family in ("get", "list", "mutation", "health", "direct"):
+        for c in CONNECTIONS:
+            cells = []
+            for n in names:
+                x = subjects[n]["medians"][f"{family}@{c}"]
+                p50 = f"{x['p50_ms']:.1f} ms" if "p50_ms" in x else f"{x['mean_ms']:.1f} ms (mean)"
+                p99 = f"{x['p99_ms']:.1f} ms" if "p99_ms" in x else ""
+                cells.append(f"{x['rps']:,.0f} | {p50} | {p99}")
+            rows.append(f"| {FAMILY_LABELS[family]} | {c} | " + " | ".join(cells) + " |")
+    for c in CONNECTIONS:
+        cells = [f"{subjects[n]['medians'][f'edge_over_direct@{c}']['ratio']:.2f}x | |" for n in names]
+        rows.append(f"| edge ÷ direct (GET by id) | {c} | " + " | ".join(cells) + " |")
+    rows += [
+        "",
+        "CPU per `GET /v2/dbs/{id}` at 16 connections (ms, all processes' user + system time):",
+        "",
+        "| process | " + " | ".join(names) + " |",
+        "|---" + "|---" * len(names) + "|",
+    ]
+    for proc in PROCESSES:
+        cells = [f"{subjects[n]['medians']['get@16']['cpu_ms_per_request'][proc]:.2f}" for n in names]
+        rows.append(f"| {proc} | " + " | ".join(cells) + " |")
+    rows += [
+        "",
+        f"{r['machine']} (load average {r['load_average']}); `wrk` (one thread) and `h2load` share the "
+        "machine with the meshes; each subject is a `make run` mesh with embedded defaults, started "
+        f"side by side. `bench/api.py --routes`, {r['date']}.",
+    ]
+    return "\n".join(rows)
+
+
+def routes_main(args: argparse.Namespace) -> None:
+    install("wrk")
+    install("h2load")
+    env = {"CTRLMESH_LOG_LEVEL": "WARNING"}
+    subjects: list[Subject] = []
+    base_root: Path | None = None
+    try:
+        if args.baseline:
+            rev = subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            base_root = checkout(rev)
+            subjects.append(Subject(f"baseline {rev}", base_root, start_mesh(env, root=base_root)))
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "-uno"], capture_output=True, text=True
+        ).stdout
+        here = f"this tree {head}{'+' if dirty.strip() else ''}"
+        subjects.append(Subject(here, ROOT, start_mesh(env)))
+        for variant in args.variant or ():
+            key, _, value = variant.partition("=")
+            subjects.append(Subject(f"{here} {key}={value}", ROOT, start_mesh({**env, key: value})))
+        for s in subjects:
+            prepare(s)
+        load_before = os.getloadavg()[0]
+        for s in subjects:  # warm caches, connections and the JIT-less interpreters' first calls
+            for method, path, body in s.routes().values():
+                run_wrk(s.mesh.base_url + path, method, s.key, body, 16, 2)
+        for i in range(args.rounds):
+            # Alternate the order so a drift of the machine's load falls on both sides alike.
+            for s in subjects if i % 2 == 0 else reversed(subjects):
+                s.rounds.append(measure_round(s, args.seconds))
+                log_round(s, i)
+        profiles = {s.name: profile(s, args.seconds) for s in subjects} if args.profile else {}
+        load_after = os.getloadavg()[0]
+    finally:
+        for s in subjects:
+            s.mesh.stop()
+            s.mesh.cleanup()
+        if base_root is not None:
+            remove_checkout(base_root)
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "load_average": f"{load_before:.1f} → {load_after:.1f}",
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "subjects": {s.name: {"medians": medians(s.rounds), "rounds": s.rounds} for s in subjects},
+        "profile": profiles,
+    }
+    out = ROOT / "bench" / "results" / "api.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    previous["routes"] = results
+    out.write_text(json.dumps(previous, indent=2) + "\n")
+    write_block("api-routes", routes_table(results))
+    sys.stdout.write(routes_table(results) + "\n")
+    errors = sum(cell.get("errors", 0) for s in subjects for r in s.rounds for cell in r.values())
+    sys.exit(0 if errors == 0 else 1)
+
+
+def log_round(s: Subject, i: int) -> None:
+    r = s.rounds[-1]
+    brief = ", ".join(f"{k} {v['rps']:.0f}/s" for k, v in r.items() if "rps" in v)
+    sys.stderr.write(f"round {i + 1} {s.name}: {brief}\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=float(os.environ.get("CTRLMESH_BENCH_DURATION", 120)))
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--ratio-seconds", type=float, default=15)
     ap.add_argument("--no-docker", action="store_true")
+    ap.add_argument("--routes", action="store_true", help="the request path per route family under wrk")
+    ap.add_argument("--baseline", help="--routes: also measure a mesh of this git revision, alternating")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        metavar="KEY=VALUE",
+        help="--routes: also measure this tree with one setting changed (e.g. CTRLMESH_EVENT_LOOP=asyncio)",
+    )
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=8)
+    ap.add_argument("--profile", action="store_true", help="--routes: py-spy every process afterwards")
     args = ap.parse_args()
+    if args.routes:
+        routes_main(args)
+        return
     host = None if args.no_docker else docker_host()
     env = {"CTRLMESH_LOG_LEVEL": "WARNING"}
     if host:

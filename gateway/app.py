@@ -18,7 +18,6 @@ from urllib.parse import unquote_to_bytes
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -41,7 +40,7 @@ from libs.errors import (
 )
 from libs.grpc_server import STREAM_OPEN_KEY
 from libs.settings import SERVICES, Settings
-from libs.telemetry import ATTR_PRINCIPAL, ATTR_ROUTE, ATTR_TENANT, scrub_server_span
+from libs.telemetry import ATTR_PRINCIPAL, ATTR_ROUTE, ATTR_TENANT, AsgiTracing, name_server_span
 
 log = logging.getLogger("ctrlmesh.edge")
 
@@ -152,23 +151,30 @@ class Edge:
         self.openapi = build_openapi(self.router.routes, settings.version)
         # The edge's own handlers by (method, path), set by create_app.
         self.own: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {}
+        self._own_methods: dict[str, list[str]] = {}
+        for m, p in PUBLIC_ROUTES:
+            self._own_methods.setdefault(p, []).append(m)
+        for methods in self._own_methods.values():
+            methods.sort()
+        # The callable of each route, made once per channel (grpc_path → (channel, callable)).
+        self._callables: dict[str, tuple[Any, Any]] = {}
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def _callable(self, route: Route) -> Any:
         ch = self.channels.get(route.service)
+        made = self._callables.get(route.grpc_path)
+        if made is not None and made[0] is ch:
+            return made[1]
         req_cls, resp_cls = route.request_class(), route.response_class()
-        if route.streaming:
-            return ch.unary_stream(
-                route.grpc_path,
-                request_serializer=req_cls.SerializeToString,
-                response_deserializer=resp_cls.FromString,
-            )
-        return ch.unary_unary(
+        make = ch.unary_stream if route.streaming else ch.unary_unary
+        fn = make(
             route.grpc_path,
             request_serializer=req_cls.SerializeToString,
             response_deserializer=resp_cls.FromString,
         )
+        self._callables[route.grpc_path] = (ch, fn)
+        return fn
 
     def _honour_trailers(self, trailers: Any) -> None:
         for key, value in trailers or ():
@@ -191,7 +197,7 @@ class Edge:
         handler = self.own.get((request.method, path))
         if handler is not None:
             return await handler(request)
-        own = sorted(m for m, p in PUBLIC_ROUTES if p == path)
+        own = self._own_methods.get(path)
         route, params, allowed = self.router.match(request.method, path)
         if own:
             allowed = own
@@ -203,9 +209,11 @@ class Edge:
                     headers={"Allow": ", ".join(allowed)},
                 )
             return JSONResponse(errors.body("NotFound", "no such route"), status_code=404)
-        label = f"{route.http_method} {route.template}"
+        label = route.label
         span = trace.get_current_span()
-        span.set_attribute(ATTR_ROUTE, label)
+        if span.is_recording():
+            span.set_attribute(ATTR_ROUTE, label)
+            name_server_span(label)
         with HTTP_LATENCY.labels(label).time():
             try:
                 response = await self._handle(request, route, params)
@@ -431,4 +439,4 @@ def create_app(settings: Settings, channels: Channels, signer: Signer) -> Any:
     # `{path:path}` stops at a newline): a JSON 404 or 405 with `Allow`, never plain text.
     app.router.default = request_response(edge.dispatch)
     app.state.edge = edge
-    return OpenTelemetryMiddleware(app, server_request_hook=scrub_server_span)
+    return AsgiTracing(app)

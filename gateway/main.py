@@ -14,7 +14,7 @@ from libs.telemetry import setup_logging, setup_tracing
 def main() -> None:
     settings = Settings.load()
     setup_logging(settings.log_level)
-    setup_tracing("ctrlmesh-edge")
+    setup_tracing("ctrlmesh-edge", settings.trace_sample_ratio)
     channels = Channels(settings)
     app = create_app(settings, channels, Signer(keys.internal_secret(settings), "edge"))
     uvicorn.run(
@@ -22,6 +22,7 @@ def main() -> None:
         host=settings.http_host,
         port=settings.http_port,
         log_level="warning",
+        loop=settings.event_loop,
         access_log=False,
         timeout_graceful_shutdown=5,
     )

@@ -41,16 +41,21 @@ class Route:
     status: int
     empty_status: int
 
-    @property
+    @cached_property
     def service(self) -> str:
         """The owning process: `ctrlmesh.<service>.v1`."""
-        return self.method.containing_service.full_name.split(".")[1]
+        return str(self.method.containing_service.full_name.split(".")[1])
 
-    @property
+    @cached_property
     def grpc_path(self) -> str:
         return f"/{self.method.containing_service.full_name}/{self.method.name}"
 
-    @property
+    @cached_property
+    def label(self) -> str:
+        """`GET /v2/dbs/{db_id}`: the route in metrics, spans and logs."""
+        return f"{self.http_method} {self.template}"
+
+    @cached_property
     def streaming(self) -> bool:
         return bool(self.method.server_streaming)
 
@@ -81,10 +86,17 @@ class Route:
         return self.method.output_type
 
     def request_class(self) -> type[Message]:
-        return message_factory.GetMessageClass(self.method.input_type)
+        return self._classes[0]
 
     def response_class(self) -> type[Message]:
-        return message_factory.GetMessageClass(self.method.output_type)
+        return self._classes[1]
+
+    @cached_property
+    def _classes(self) -> tuple[type[Message], type[Message]]:
+        return (
+            message_factory.GetMessageClass(self.method.input_type),
+            message_factory.GetMessageClass(self.method.output_type),
+        )
 
 
 def _import_all() -> None:
@@ -142,8 +154,33 @@ def load_routes() -> list[Route]:
 
 
 class Router:
+    """Matches a path against the templates that can match it at all.
+
+    A variable matches one segment (`[^/]+`), so only templates with as many segments as the
+    path, and with its first segment where theirs is literal, are tried: the same first match
+    in the same order as trying every template, without a hundred regexes per request."""
+
     def __init__(self, routes: list[Route]):
         self.routes = routes
+        self._by_shape: dict[tuple[int, str], list[Route]] = {}
+        self._variable_first: dict[int, list[Route]] = {}
+        for r in routes:
+            segments = r.template.split("/")
+            first = segments[1] if len(segments) > 1 else ""
+            if "{" in first:
+                self._variable_first.setdefault(len(segments), []).append(r)
+            else:
+                self._by_shape.setdefault((len(segments), first), []).append(r)
+        order = {id(r): i for i, r in enumerate(routes)}
+        for key, rs in self._by_shape.items():
+            extra = self._variable_first.get(key[0], [])
+            self._by_shape[key] = sorted([*rs, *extra], key=lambda r: order[id(r)])
+
+    def candidates(self, path: str) -> list[Route]:
+        segments = path.split("/")
+        first = segments[1] if len(segments) > 1 else ""
+        found = self._by_shape.get((len(segments), first))
+        return found if found is not None else self._variable_first.get(len(segments), [])
 
     def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], list[str]]:
         """(route, path params, the methods this path is served under: the `Allow` of a 405).
@@ -152,7 +189,7 @@ class Router:
         route that a more literal template of another verb shadows."""
         allowed: set[str] = set()
         found: tuple[Route, dict[str, str]] | None = None
-        for r in self.routes:
+        for r in self.candidates(path):
             m = r.regex.match(path)
             if m is None:
                 continue

@@ -1,7 +1,7 @@
 """What one RPC costs its service: PostgreSQL round trips and calls to other services.
 
 The server chain (libs/interceptors.py, the Metrics stage) opens a `Tally` for every unary call;
-the engine's cursor and transaction events and the client interceptor of libs/clients.py add
+the engine's cursor and transaction events and the channels of libs/clients.py add
 to the tally of the call being served (a contextvar: tasks the handler spawns share it). When
 the call ends the totals go to two histograms labelled by method, on the service's /metrics:
 
@@ -95,26 +95,9 @@ def instrument_engine(engine: AsyncEngine) -> None:
     event.listen(sync, "rollback", _count_transaction)
 
 
-class _CountUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(
-        self, continuation: Callable[..., Awaitable[Any]], client_call_details: Any, request: Any
-    ) -> Any:
-        t = _current.get()
-        if t is not None:
-            t.peer += 1
-        return await continuation(client_call_details, request)
-
-
-class _CountStream(grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(
-        self, continuation: Callable[..., Awaitable[Any]], client_call_details: Any, request: Any
-    ) -> Any:
-        t = _current.get()
-        if t is not None:
-            t.peer += 1
-        return await continuation(client_call_details, request)
-
-
-def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """Count every call on a channel (libs/clients.py) into the tally of the RPC being served."""
-    return [_CountUnary(), _CountStream()]
+def count_peer_call() -> None:
+    """One call to another service (libs/clients.py's channels call it for each), added to the
+    tally of the RPC being served."""
+    t = _current.get()
+    if t is not None:
+        t.peer += 1

@@ -1,4 +1,5 @@
-"""gRPC clients between processes: one traced channel per target, signed principals per call."""
+"""gRPC clients between processes: one traced channel per target (`libs.telemetry.TracedChannel`),
+signed principals per call."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from libs import budget
 from libs import principal as principals
 from libs.settings import SERVICES, Settings
+from libs.telemetry import TracedChannel
 
 
 class Signer:
@@ -63,10 +64,9 @@ class Channels:
             raise KeyError(service)
         ch = self._channels.get(service)
         if ch is None:
-            ch = grpc.aio.insecure_channel(
-                self.settings.service_target(service),
-                options=RECONNECT_OPTIONS,
-                interceptors=[*aio_client_interceptors(), *budget.client_interceptors()],
+            ch = TracedChannel(
+                grpc.aio.insecure_channel(self.settings.service_target(service), options=RECONNECT_OPTIONS),
+                on_call=budget.count_peer_call,
             )
             self._channels[service] = ch
         return ch

@@ -1,8 +1,8 @@
 """How every ctrlmesh service boots.
 
 `serve()` is the only way a service starts: typed settings → dependencies built once by the
-service's `build()` → `grpc.aio.server` with OpenTelemetry's interceptor and the fixed chain of
-`libs/interceptors.py` (metrics → context → auth → errors → audit → validation) → the standard
+service's `build()` → `grpc.aio.server` with the fixed chain of `libs/interceptors.py` (tracing →
+metrics → context → auth → errors → audit → validation) → the standard
 health service and reflection (and the service's EventStreamService when it has an outbox) →
 graceful drain on SIGTERM/SIGINT.
 """
@@ -20,7 +20,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from libs.events import register_event_stream
 from libs.interceptors import STREAM_OPEN_KEY, AuditSink, Chain, open_stream, status_details
@@ -54,7 +53,7 @@ async def serve(
     grace: float = 5.0,
 ) -> None:
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), Chain(service.name, secret, audit_sink)],
+        interceptors=[Chain(service.name, secret, audit_sink)],
         options=[("grpc.so_reuseport", 0)],
     )
     names = service.register(server)

@@ -1,6 +1,7 @@
 """What wraps every ctrlmesh RPC: one stage per concern, in the documented order.
 
-    tracing (OpenTelemetry's own interceptor, outside this chain)
+      Tracing     the server span, current while the call runs (recorded only while its trace is
+                  sampled: libs/telemetry.py)
       → Metrics     every call counted with its final code and timed, refused ones included
                     (and a unary call's SQL round trips and peer calls tallied: libs/budget.py)
       → Context     the method name for logs and the audit
@@ -36,6 +37,7 @@ from prometheus_client import Counter, Histogram
 
 from libs import budget
 from libs import principal as principals
+from libs import telemetry
 from libs.errors import ERROR_DOMAIN, STATUS_DETAILS_KEY, CtrlmeshError, InvalidArgument
 
 log = logging.getLogger("ctrlmesh.grpc")
@@ -146,6 +148,23 @@ def _trace_id() -> str:
 
 
 # -- the stages ----------------------------------------------------------------------------------
+
+
+class Tracing(Stage):
+    async def unary(self, call: Call, nxt: Unary) -> Message:
+        with telemetry.rpc_server_span(call.method, call.metadata) as span:
+            try:
+                return await nxt(call)
+            finally:
+                telemetry.finish_rpc_span(span, call.code)
+
+    async def stream(self, call: Call, nxt: Stream) -> AsyncIterator[Message]:
+        with telemetry.rpc_server_span(call.method, call.metadata) as span:
+            try:
+                async for item in nxt(call):
+                    yield item
+            finally:
+                telemetry.finish_rpc_span(span, call.code)
 
 
 class Metrics(Stage):
@@ -401,6 +420,7 @@ class Chain(grpc.aio.ServerInterceptor):
 
     def __init__(self, service_name: str, secret: bytes, audit_sink: AuditSink | None):
         self.stages: list[Stage] = [
+            Tracing(),
             Metrics(),
             Context(),
             Auth(secret),
@@ -409,6 +429,7 @@ class Chain(grpc.aio.ServerInterceptor):
             Validation(),
         ]
         self._infos: dict[str, MethodInfo] = {}
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def _unary_chain(self, inner: Callable[[Message, Any], Awaitable[Message]]) -> Unary:
         async def servicer(call: Call) -> Message:
@@ -438,15 +459,21 @@ class Chain(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
+        # The wrapped handler of a method is made once: the registered handler does not change.
+        made = self._handlers.get(method)
+        if made is None or made[0] is not handler:
+            made = self._handlers[method] = (handler, self._wrap(method, handler))
+        return made[1]
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         info = self._infos.get(method)
         if info is None:
             info = self._infos[method] = method_info(method)
-        metadata = handler_call_details.invocation_metadata
         if handler.unary_unary:
             run = self._unary_chain(handler.unary_unary)
 
             async def unary(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
-                return await run(Call(method, info, request, context, metadata))
+                return await run(Call(method, info, request, context, context.invocation_metadata() or ()))
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -459,6 +486,7 @@ class Chain(grpc.aio.ServerInterceptor):
             async def stream(
                 request: Message, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Message]:
+                metadata = context.invocation_metadata() or ()
                 async for item in run_stream(Call(method, info, request, context, metadata)):
                     yield item
 

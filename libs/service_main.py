@@ -49,7 +49,7 @@ Build = Callable[[Runtime], Awaitable[tuple[Service, AuditSink | None]]]
 async def _main(name: str, schema: str, migrations: Path, build: Build) -> None:
     settings = Settings.load()
     setup_logging(settings.log_level)
-    setup_tracing(f"ctrlmesh-{name}")
+    setup_tracing(f"ctrlmesh-{name}", settings.trace_sample_ratio)
     if not settings.database_url:
         raise SystemExit("CTRLMESH_DATABASE_URL is not set (make run / the launcher sets it)")
     engine = make_engine(settings.database_url)
@@ -70,6 +70,16 @@ async def _main(name: str, schema: str, migrations: Path, build: Build) -> None:
 
 def run(name: str, schema: str, migrations: Path, build: Build) -> None:
     try:
-        asyncio.run(_main(name, schema, migrations, build))
+        with asyncio.Runner(loop_factory=loop_factory(Settings.load())) as runner:
+            runner.run(_main(name, schema, migrations, build))
     except KeyboardInterrupt:
         pass
+
+
+def loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """`CTRLMESH_EVENT_LOOP`: uvloop's loop, or None for asyncio's own."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None

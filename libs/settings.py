@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -131,6 +131,13 @@ class Settings(BaseSettings):
     # /run/secrets: it must be a tmpfs (memory, never the disk) on the engine's host.
     secrets_runtime_dir: Path = Path("/dev/shm/ctrlmesh-secrets")
     log_level: str = "INFO"
+    # The share of traces recorded when spans are exported (OTEL_EXPORTER_OTLP_ENDPOINT set): the
+    # edge (or a background loop) decides for each new trace; every process downstream follows
+    # that decision (parent-based). Without an exporter nothing is recorded, whatever this says.
+    trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    # The event loop of the services and the edge: uvloop (its transports write and read with
+    # less Python per call) or the standard library's, kept for comparison and as a fallback.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     # Instances: the provider registry keys to register (each only once its engine answers) and
     # the default for creates that name none (the first registered when empty).
     providers: str = "docker"

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         supervisor = Supervisor(worker_count(settings.pg_workers), module_command("pggateway.main"))
         sys.exit(supervisor.run())
     die_with_parent()
-    setup_tracing("ctrlmesh-pggateway")
+    setup_tracing("ctrlmesh-pggateway", settings.trace_sample_ratio)
     uvloop.run(serve(settings, slot))
 
 

@@ -18,6 +18,10 @@
 #               disabled: it would hold the admin port 2019 and :80 with a Caddyfile.
 #   prometheus  Prometheus and promtool, for `make observe` and tests/e2e/test_observe.py
 #               (Debian's own service is kept stopped: `make observe` runs its own, on loopback).
+#   wrk         wrk, the HTTP load generator of bench/api.py (a C client whose own CPU is small
+#               beside the mesh's on a two-core machine).
+#   h2load      nghttp2's h2load, bench/api.py's HTTP/2 load generator for the same RPC called
+#               directly over gRPC (the edge's cost against it, at the same concurrency).
 set -euo pipefail
 
 SUDO=""
@@ -95,8 +99,20 @@ install_prometheus() {
   fi
 }
 
+install_wrk() {
+  if command -v wrk >/dev/null 2>&1; then return 0; fi
+  echo "installing wrk (Debian package)"
+  apt_install wrk
+}
+
+install_h2load() {
+  if command -v h2load >/dev/null 2>&1; then return 0; fi
+  echo "installing h2load (Debian package nghttp2-client)"
+  apt_install nghttp2-client
+}
+
 components=("$@")
-if [ ${#components[@]} -eq 0 ]; then components=(pgbouncer jdbc nodejs caddy pebble prometheus); fi
+if [ ${#components[@]} -eq 0 ]; then components=(pgbouncer jdbc nodejs caddy pebble prometheus wrk h2load); fi
 for c in "${components[@]}"; do
   case "$c" in
     pgbouncer) install_pgbouncer ;;
@@ -105,6 +121,8 @@ for c in "${components[@]}"; do
     pebble) install_pebble ;;
     caddy) install_caddy ;;
     prometheus) install_prometheus ;;
+    wrk) install_wrk ;;
+    h2load) install_h2load ;;
     *) echo "unknown component: $c" >&2; exit 2 ;;
   esac
 done

@@ -1,8 +1,10 @@
-"""Credentials in a query string never reach a span: the edge's server-span hook redacts them."""
+"""Credentials in a query string never reach a span: the edge's server span redacts them."""
 
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from libs.telemetry import redact_query, scrub_server_span
+from libs.telemetry import AsgiTracing, redact_query
 
 
 def test_redact_query_replaces_only_secret_values():
@@ -17,16 +19,32 @@ def test_redact_query_replaces_only_secret_values():
     assert redact_query("/v2/events") == "/v2/events"
 
 
-def test_hook_rewrites_the_url_attributes_of_a_started_span():
-    """The ASGI instrumentation sets http.url at start; the hook leaves no token in it."""
-    tracer = TracerProvider().get_tracer("t")
-    span = tracer.start_span(
-        "GET /v2/events",
-        attributes={"http.url": "http://h/v2/events?token=cmk_secret", "url.query": "token=cmk_secret"},
-    )
-    scrub_server_span(span, {})
-    span.end()
-    assert dict(span.attributes) == {
-        "http.url": "http://h/v2/events?token=REDACTED",
-        "url.query": "token=REDACTED",
+async def test_the_edge_span_never_holds_a_query_credential():
+    """The edge's server span (libs.telemetry.AsgiTracing) records its URL attributes redacted."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        pass
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v2/events",
+        "raw_path": b"/v2/events",
+        "query_string": b"token=cmk_secret&since=5",
+        "headers": [(b"host", b"h")],
+        "scheme": "http",
     }
+    await AsgiTracing(app, provider.get_tracer("t"))(scope, receive, send)
+    (span,) = memory.get_finished_spans()
+    assert span.attributes["http.url"] == "http://h/v2/events?token=REDACTED&since=5"
+    assert span.attributes["http.target"] == "/v2/events?token=REDACTED&since=5"
+    assert "cmk_secret" not in repr(dict(span.attributes))
