@@ -245,7 +245,9 @@ class Settings(BaseSettings):
         """The PG Gateway's socket directory, None when it is turned off."""
         if self.pg_socket_dir.strip().lower() == "off":
             return None
-        return Path(self.pg_socket_dir) if self.pg_socket_dir.strip() else self.data_dir / "pg-socket"
+        where = Path(self.pg_socket_dir) if self.pg_socket_dir.strip() else self.data_dir / "pg-socket"
+        # Absolute: a container's bind mount names it, and the engine knows no working directory.
+        return where.absolute()
 
     def secret_file(self, name: str) -> Path:
         return self.data_dir / "secrets" / name
