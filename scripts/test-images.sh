@@ -51,7 +51,7 @@ trap 'rm -rf "$work"' EXIT
 # loader to the path the binary names.
 add_psql() {
   local root=$1 psql lib
-  psql=$("$ROOT/.venv/bin/python" -c 'import pathlib, pgserver; print(pathlib.Path(pgserver.__file__).parent / "pginstall/bin/psql")')
+  psql=$("$ROOT/.venv/bin/python" -c 'import pathlib, pgserver; print(pathlib.Path(pgserver.__file__).parent / "pginstall/bin/psql")' 2>/dev/null)
   [ -x "$psql" ] || { log "no psql in the pgserver wheel at $psql"; exit 1; }
   mkdir -p "$root/lib/x86_64-linux-gnu" "$root/lib64"
   cp "$psql" "$root/bin/psql"
