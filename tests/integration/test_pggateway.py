@@ -416,11 +416,30 @@ def test_unix_socket_skips_tls_but_keeps_scram_and_every_other_rule(env: Env) ->
     with psycopg.connect(
         host=str(env.sock_dir), port=env.gw.port, user=USER, password=PASSWORD, dbname="app", autocommit=True
     ) as conn:
-        threading.Timer(0.5, conn.cancel).start()
+        # cancel_safe: the legacy PQcancel holds the GIL, and this gateway shares the process.
+        threading.Timer(0.5, conn.cancel_safe).start()
         started = time.monotonic()
         with pytest.raises(psycopg.errors.QueryCanceled):
             conn.execute("select pg_sleep(20)")
         assert time.monotonic() - started < 10
+        assert conn.execute("select 7").fetchone() == (7,)
+    # psql's Ctrl-C: libpq 15's plaintext cancel connection, over the socket.
+    psql = subprocess.Popen(
+        [
+            _pg_tool("psql"),
+            *("-X", "-h", str(env.sock_dir), "-p", str(env.gw.port), "-U", USER, "-d", "app"),
+            *("-c", "select pg_sleep(10)"),
+        ],
+        env={**os.environ, "PGPASSWORD": PASSWORD},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.8)
+    started = time.monotonic()
+    psql.send_signal(signal.SIGINT)
+    _, err = psql.communicate(timeout=10)
+    assert time.monotonic() - started < 5 and "canceling statement due to user request" in err
 
 
 # -- drivers ----------------------------------------------------------------------------------
