@@ -568,7 +568,7 @@ def test_bound_app_connects_through_the_gateway_socket_wakes_its_database_and_fo
             "name": "psql",
             "type": "command",
             "target": "psql \"$DATABASE_URL\" -X -A -t -c 'select 40 + 2'",
-            "interval": "2s",
+            "interval": "10s",
             "timeout": "10s",
         },
     )
