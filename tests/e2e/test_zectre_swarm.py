@@ -5,6 +5,7 @@ self_managed cluster: both nodes listed with the swarm's view, drain as Zectre d
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
@@ -135,7 +136,11 @@ def test_an_instance_placed_on_the_swarm_cluster_waits_for_drained_nodes_to_scal
         for svc in swarm2.docker(
             "service", "ls", "--filter", f"label=ctrlmesh.instance={inst['id']}", "-q"
         ).split():
-            for node, n in tasks_by_node(swarm2, svc).items():
+            try:
+                per_node = tasks_by_node(swarm2, svc)
+            except subprocess.CalledProcessError:
+                continue  # removed between the listing and its tasks
+            for node, n in per_node.items():
                 out[node] = out.get(node, 0) + n
         return out
 
