@@ -39,3 +39,9 @@ def is_uuid(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# The `main` cluster (the configured Docker engine) has a fixed id, so the instances service
+# knows which instances run on the configured engine without asking the clusters service (a
+# restart of either never makes those instances wait for the other).
+MAIN_CLUSTER_ID = str(uuid.uuid5(uuid.UUID("5b0c7a3e-8f61-4a53-9d6e-2f1d9e0b7c41"), "ctrlmesh/cluster/main"))

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     pg_metrics_port: int | None = None
     # Gateway worker processes sharing pg_port (SO_REUSEPORT); the number of CPUs when unset.
     pg_workers: int | None = None
+    # The directory where the PG Gateway also listens on a Unix socket (`.s.PGSQL.<pg_port>`, as
+    # libpq names it): no TLS there, SCRAM as over TCP, the file's permissions are the boundary.
+    # Bound apps on a local Docker engine get it mounted at /run/ctrlmesh/pg. Default
+    # <data_dir>/pg-socket; "off" turns the socket off.
+    pg_socket_dir: str = ""
     grpc_host: str = "127.0.0.1"
     accounts_port: int = 50051
     databases_port: int = 50052
@@ -249,6 +254,14 @@ class Settings(BaseSettings):
     def ingress_admin(self) -> str:
         """The base URL of the Caddy admin API the network service configures."""
         return (self.ingress_admin_url or f"http://127.0.0.1:{self.ingress_admin_port}").rstrip("/")
+
+    def pg_socket_path(self) -> Path | None:
+        """The PG Gateway's socket directory, None when it is turned off."""
+        if self.pg_socket_dir.strip().lower() == "off":
+            return None
+        where = Path(self.pg_socket_dir) if self.pg_socket_dir.strip() else self.data_dir / "pg-socket"
+        # Absolute: a container's bind mount names it, and the engine knows no working directory.
+        return where.absolute()
 
     def secret_file(self, name: str) -> Path:
         return self.data_dir / "secrets" / name

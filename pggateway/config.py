@@ -26,6 +26,11 @@ class GatewayConfig:
     # and every worker's private socket for passed-on cancels, by index (empty: the only one).
     worker_index: int = 0
     peers: tuple[str, ...] = ()
+    # The Unix socket (libpq's `<dir>/.s.PGSQL.<port>`; see libs/pg_socket.py): a listening
+    # socket inherited from the supervisor (its fd), else a directory this process binds in
+    # itself; neither: TCP only.
+    unix_fd: int | None = None
+    unix_dir: str = ""
 
     def route_config(self) -> RouteConfig:
         return RouteConfig(

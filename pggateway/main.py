@@ -23,7 +23,7 @@ import uuid
 import uvloop
 from prometheus_client import start_http_server
 
-from libs import keys
+from libs import keys, pg_socket
 from libs.clients import Channels, Signer
 from libs.settings import Settings
 from libs.telemetry import setup_logging, setup_tracing
@@ -52,7 +52,9 @@ def metrics_port(settings: Settings, slot: WorkerSlot | None = None) -> int:
     return base + (slot.index if slot is not None else 0)
 
 
-def config_from(settings: Settings, slot: WorkerSlot | None = None) -> GatewayConfig:
+def config_from(
+    settings: Settings, slot: WorkerSlot | None = None, unix_fd: int | None = None
+) -> GatewayConfig:
     slot = slot or WorkerSlot()
     return GatewayConfig(
         host=settings.pg_host,
@@ -67,6 +69,7 @@ def config_from(settings: Settings, slot: WorkerSlot | None = None) -> GatewayCo
         max_prepared_statements=settings.pg_max_prepared_statements,
         worker_index=slot.index,
         peers=slot.peers(),
+        unix_fd=unix_fd,
     )
 
 
@@ -76,25 +79,28 @@ def _material(settings: Settings) -> TlsMaterial:
     )
 
 
-async def serve(settings: Settings, slot: WorkerSlot | None = None) -> None:
+async def serve(settings: Settings, slot: WorkerSlot | None = None, unix_fd: int | None = None) -> None:
     material = _material(settings)
     channels = Channels(settings)
     signer = Signer(keys.internal_secret(settings), SERVICE_NAME)
     metrics = GatewayMetrics()
     start_http_server(metrics_port(settings, slot), addr=settings.pg_host, registry=metrics.registry)
-    server = GatewayServer(config_from(settings, slot), GrpcControlPlane(channels, signer), material, metrics)
+    server = GatewayServer(
+        config_from(settings, slot, unix_fd), GrpcControlPlane(channels, signer), material, metrics
+    )
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "PG Gateway worker %d ready on %s:%d (TLS; CA: %s; metrics on :%d)",
+        "PG Gateway worker %d ready on %s:%d (TLS; CA: %s; metrics on :%d)%s",
         slot.index if slot is not None else 0,
         settings.pg_host,
         server.port,
         material.ca_path or material.cert_path,
         metrics_port(settings, slot),
+        f" and on {server.unix_path}" if server.unix_path else "",
     )
     try:
         await stop.wait()
@@ -107,17 +113,34 @@ async def serve(settings: Settings, slot: WorkerSlot | None = None) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pggateway.main", description="The PG Gateway.")
     add_worker_arguments(parser)
+    # The supervisor's listening Unix socket, inherited (not for people).
+    parser.add_argument("--unix-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     settings = Settings.load()
     setup_logging(settings.log_level)
     slot = slot_from_args(args)
     if slot is None:
         _material(settings)
-        supervisor = Supervisor(worker_count(settings.pg_workers), module_command("pggateway.main"))
-        sys.exit(supervisor.run())
+        # One process binds the socket file (AF_UNIX has no SO_REUSEPORT): this one, before
+        # the workers, which all accept on it.
+        where = settings.pg_socket_path()
+        sock = pg_socket.bind(where, settings.pg_port) if where is not None else None
+        extra = ("--unix-fd", str(sock.fileno())) if sock is not None else ()
+        supervisor = Supervisor(
+            worker_count(settings.pg_workers),
+            module_command("pggateway.main", *extra),
+            pass_fds=(sock.fileno(),) if sock is not None else (),
+        )
+        try:
+            code = supervisor.run()
+        finally:
+            if sock is not None and where is not None:
+                sock.close()
+                pg_socket.unlink(where, settings.pg_port)
+        sys.exit(code)
     die_with_parent()
     setup_tracing("ctrlmesh-pggateway", settings.trace_sample_ratio)
-    uvloop.run(serve(settings, slot))
+    uvloop.run(serve(settings, slot, args.unix_fd))
 
 
 if __name__ == "__main__":

@@ -6,22 +6,32 @@ plaintext StartupMessage → 28000 "SSL required"), SCRAM-SHA-256[-PLUS] against
 stored verifier, the tenant's status, the wake-up of its database, a first backend checkout to
 apply the client's settings and learn the server's parameters, and then the hand-over of the
 transport to a `ClientSession`. Every failure leaves through `pggateway.errors`.
+
+The Unix socket (`libs/pg_socket.py`) differs in one step only, as PostgreSQL's own does:
+SSLRequest is answered 'N' and a plaintext StartupMessage is accepted (there is no network to
+protect; the socket file's permissions are the boundary), so SCRAM-SHA-256 is offered without
+the -PLUS variant (no TLS channel to bind). Authentication, the tenant's status, wake-up,
+pooling and cancels are the same code as over TCP.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import secrets
 import socket
 import ssl
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
+from libs import pg_socket
 from libs.telemetry import ATTR_DATABASE, ATTR_PG_OUTCOME, ATTR_PG_USER, ATTR_TENANT
 from pggateway import errors, keys
 from pggateway import protocol as pq
@@ -54,10 +64,12 @@ class _Disconnected(Exception):
 class _StartupConnection(asyncio.Protocol):
     """The client's transport during the startup exchange: buffered, read by a coroutine."""
 
-    def __init__(self, server: GatewayServer) -> None:
+    def __init__(self, server: GatewayServer, *, local: bool = False) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.tls = False
+        # Accepted on the Unix socket: no TLS, by design (see the module's docstring).
+        self.local = local
         self.closed = False
         self._buf = bytearray()
         self._waiter: asyncio.Future[None] | None = None
@@ -159,6 +171,7 @@ class GatewayServer:
         self.metrics.registry.register(self.prepared)
         self._decoy_secret = secrets.token_bytes(32)
         self._server: asyncio.Server | None = None
+        self._unix_server: asyncio.Server | None = None
         self._peer_server: asyncio.Server | None = None
         self._sessions: dict[tuple[int, int], ClientSession] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -180,6 +193,7 @@ class GatewayServer:
             reuse_port=bool(self.config.peers),
             backlog=1024,
         )
+        await self._start_unix()
         self.spawn(
             ControlFollower(self._control_plane, self.router, self.config.holder_id, self.metrics).run()
         )
@@ -191,11 +205,39 @@ class GatewayServer:
             "PG Gateway worker %d listening on %s:%d", self.config.worker_index, self.config.host, self.port
         )
 
+    async def _start_unix(self) -> None:
+        """Accept on the Unix socket too: the supervisor's (every worker accepts on the one
+        socket, the kernel hands each connection to one of them), or one bound here."""
+        if self.config.unix_fd is not None:
+            sock = socket.socket(fileno=self.config.unix_fd)
+        elif self.config.unix_dir:
+            sock = await asyncio.to_thread(pg_socket.bind, Path(self.config.unix_dir), self.port)
+        else:
+            return
+        sock.setblocking(False)
+        self._unix_server = await asyncio.get_running_loop().create_unix_server(
+            lambda: _StartupConnection(self, local=True), sock=sock
+        )
+
+    @property
+    def unix_path(self) -> str:
+        """The Unix socket's path ("" without one)."""
+        if self._unix_server is None:
+            return ""
+        return str(self._unix_server.sockets[0].getsockname())
+
     async def stop(self) -> None:
         """Stop accepting, tell every client, release every lease."""
         self._stopping = True
         if self._server is not None:
             self._server.close()
+        if self._unix_server is not None:
+            path = self.unix_path
+            self._unix_server.close()
+            if self.config.unix_fd is None and path:
+                # Ours alone; an inherited socket is the supervisor's to remove.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         if self._peer_server is not None:
             self._peer_server.close()
         for session in list(self._sessions.values()):
@@ -314,6 +356,9 @@ class GatewayServer:
             if packet.code == pq.SSL_REQUEST:
                 if conn.tls:
                     raise pq.ProtocolError("SSLRequest inside TLS")
+                if conn.local:
+                    conn.write(b"N")  # as PostgreSQL answers on its Unix socket
+                    continue
                 conn.write(b"S")
                 await conn.start_tls(self._ssl)
             elif packet.code == pq.GSSENC_REQUEST:
@@ -324,7 +369,7 @@ class GatewayServer:
                 await self._cancel(packet.pid, packet.secret)
                 conn.close()
                 return None
-            elif not conn.tls:
+            elif not conn.tls and not conn.local:
                 self.metrics.auth_failures_total.labels("ssl_required").inc()
                 raise errors.ssl_required()
             else:
@@ -357,10 +402,12 @@ class GatewayServer:
             except ScramError:
                 log.error("the stored SCRAM verifier of tenant %s is malformed", creds.tenant_id)
                 creds = None
-        conn.write(pq.auth_sasl([SCRAM_SHA_256_PLUS, SCRAM_SHA_256]))
+        # Channel binding needs the TLS channel: none on the Unix socket.
+        binding = self._channel_binding if conn.tls else None
+        conn.write(pq.auth_sasl([SCRAM_SHA_256_PLUS, SCRAM_SHA_256] if binding else [SCRAM_SHA_256]))
         mechanism, first = pq.parse_sasl_initial(await conn.read_message(pq.PASSWORD))
         try:
-            scram = ScramServer(mechanism, verifier, self._channel_binding)
+            scram = ScramServer(mechanism, verifier, binding)
             conn.write(pq.auth_request(pq.AUTH_SASL_CONTINUE, scram.server_first(first)))
             final = scram.server_final(await conn.read_message(pq.PASSWORD))
         except ScramError as exc:

@@ -130,16 +130,22 @@ class Supervisor:
         *,
         cwd: str | None = None,
         env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
+        """`pass_fds`: descriptors every worker inherits (the listening Unix socket, which only
+        one process can bind: the workers accept on it together)."""
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.workers = [_Worker(WorkerSlot(i, count, tag)) for i in range(count)]
         self._command = command
         self._cwd = cwd
         self._env = env
+        self._pass_fds = pass_fds
         self._stop = 0
 
     def _start(self, w: _Worker) -> None:
-        w.proc = subprocess.Popen(list(self._command(w.slot)), cwd=self._cwd, env=self._env)
+        w.proc = subprocess.Popen(
+            list(self._command(w.slot)), cwd=self._cwd, env=self._env, pass_fds=self._pass_fds
+        )
         w.started = time.monotonic()
         w.restart_at = None
 

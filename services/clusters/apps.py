@@ -124,6 +124,8 @@ class TemplatesDomain:
             raise InvalidArgument(
                 "tenant_id is required for this key", fields={"tenant_id": "required for this key"}
             )
+        if p.scope == "tenant" and tenant_id and tenant_id != p.tenant_id:
+            raise not_found("tenant", tenant_id)  # another tenant reads as none at all
         name = name or f"{t.slug}-{pysecrets.token_hex(3)}"
         req = self.create_request(t, values, name, "" if p.scope == "tenant" else tenant_id, deploy)
         undo: list[Callable[[], Awaitable[None]]] = []

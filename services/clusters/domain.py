@@ -23,7 +23,7 @@ from typing import Any
 
 from libs import principal as principals
 from libs.errors import InvalidArgument, NotFound, PermissionDenied, not_found
-from libs.ids import is_uuid, new_uuid
+from libs.ids import MAIN_CLUSTER_ID, is_uuid, new_uuid
 from libs.outbox import Outbox
 from libs.timeutil import now
 from services.clusters import events
@@ -114,7 +114,7 @@ class ClustersDomain:
             if row is None:
                 row = await repo.insert_cluster(
                     s,
-                    id=new_uuid(),
+                    id=MAIN_CLUSTER_ID,
                     name=LOCAL,
                     type="local",
                     description=None,
@@ -206,6 +206,18 @@ class ClustersDomain:
         if row is None:
             raise not_found("cluster", cluster_id)
         return row, await self.refresh(row)
+
+    async def resolve(self, cluster_id: str) -> ClusterRow:
+        """The cluster an instance is placed on: the one named, else `main` (every provider's
+        default). A managed cluster cannot exist (refused at registration)."""
+        async with self.db.session() as s:
+            if not cluster_id:
+                row = await repo.cluster_by_name(s, LOCAL)
+            else:
+                row = await repo.get_cluster(s, cluster_id) if is_uuid(cluster_id) else None
+        if row is None:
+            raise not_found("cluster", cluster_id or LOCAL)
+        return row
 
     # -- nodes -----------------------------------------------------------------------------------
 

@@ -63,7 +63,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
             Secrets(rt.channels, rt.signer),
             None if s.pg_tls_cert else s.data_dir / "pggateway" / "ca.crt",
         ),
-        gateway=Connection(s.public_pg_host, s.pg_port),
+        gateway=Connection(s.public_pg_host, s.pg_port, socket=s.pg_socket_path() is not None),
         versions=server_versions(),
     )
     templates = TemplatesDomain(rt.db, box, instances, managed)

@@ -8,6 +8,15 @@ connection.
   `stopping` → ready (a stopped database wakes on connect); `error` → error; `deleting` (or
   gone) → deleting.
 - `connection_host/port/user` are the PG Gateway's public address and the tenant's role.
+- How a bound app reaches the gateway: an app of the `docker` provider on a local engine (a Unix
+  socket: the containers run on this host) gets the gateway's Unix socket directory mounted at
+  /run/ctrlmesh/pg (libs/pg_socket.py; the docker provider mounts it when PGHOST names it), so
+  `PGHOST=/run/ctrlmesh/pg`, `PGSSLMODE=disable` (no TLS on a Unix socket: libpq never asks
+  for it there, and a client that would gets 'N') and
+  `DATABASE_URL=postgresql://user:pass@/db?host=/run/ctrlmesh/pg&port=<port>`; traffic never
+  leaves the host, and the gateway still authenticates with SCRAM. Every other app (a swarm, a
+  remote engine: its containers run on other hosts) gets TCP with TLS to the gateway's
+  advertised address (`CTRLMESH_PUBLIC_PG_HOST:CTRLMESH_PG_PORT`, `PGSSLMODE=require`).
 - One app per database: binding a database bound elsewhere, or an app that already has one, is
   409. DELETE of a bound database is 409 unless `force`, which unbinds first.
 """
@@ -19,8 +28,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from libs import events as events_lib
+from libs import pg_socket
 from libs import principal as principals
 from libs.errors import AlreadyExists, CtrlmeshError, InvalidArgument, InvalidState, not_found
 from libs.ids import is_uuid
@@ -54,6 +65,9 @@ class Connection:
     host: str
     port: int
     sslmode: str = "require"
+    # The gateway listens on a Unix socket too (CTRLMESH_PG_SOCKET_DIR not "off"): local apps
+    # are given its directory as mounted in their containers.
+    socket: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,9 +145,8 @@ class ManagedDatabases:
         """(tenant id, account id, pg_user) of the tenant the caller creates in."""
         if p.scope == "tenant":
             if tenant_id and tenant_id != p.tenant_id:
-                raise InvalidArgument(
-                    "a tenant key creates in its own tenant", fields={"tenant_id": "not this key's tenant"}
-                )
+                # Another tenant reads as one that does not exist (as the instances service says).
+                raise not_found("tenant", tenant_id)
             tenant_id = p.tenant_id
         elif not tenant_id:
             raise InvalidArgument(
@@ -288,24 +301,41 @@ class ManagedDatabases:
                 await self.secrets.bind(
                     system,
                     row.app_id,
-                    self.connection(row, creds.pg_user, creds.pg_password),
+                    self.connection(row, creds.pg_user, creds.pg_password, socket=await self.on_socket(app)),
                     rollout=app.state == "running",
                 )
             except CtrlmeshError:
                 log.warning("could not give %s the rotated credentials", row.app_id, exc_info=True)
         return len(rows)
 
-    def connection(self, row: ManagedRow, user: str, password: str) -> dict[str, str]:
+    async def on_socket(self, app: Any) -> bool:
+        """Does the app reach the gateway through its Unix socket? Only a `docker` app on a
+        local engine (a unix:// endpoint: its containers share this host's filesystem)."""
+        if not self.gateway.socket or app.provider_name != "docker":
+            return False
+        async with self.db.session() as s:
+            c = await repo.get_cluster(s, app.cluster_id) if is_uuid(app.cluster_id) else None
+            if c is None:
+                c = await repo.cluster_by_name(s, "main")
+        return c is not None and c.type == "local" and c.endpoint.startswith("unix://")
+
+    def connection(self, row: ManagedRow, user: str, password: str, *, socket: bool) -> dict[str, str]:
         g = self.gateway
-        url = f"postgres://{user}:{password}@{g.host}:{g.port}/{row.pg_name}?sslmode={g.sslmode}"
+        cred = f"{quote(user, safe='')}:{quote(password, safe='')}"
+        if socket:
+            host, sslmode = pg_socket.CONTAINER_DIR, "disable"
+            url = f"postgresql://{cred}@/{row.pg_name}?host={host}&port={g.port}"
+        else:
+            host, sslmode = g.host, g.sslmode
+            url = f"postgres://{cred}@{g.host}:{g.port}/{row.pg_name}?sslmode={g.sslmode}"
         return {
             "DATABASE_URL": url,
-            "PGHOST": g.host,
+            "PGHOST": host,
             "PGPORT": str(g.port),
             "PGUSER": user,
             "PGPASSWORD": password,
             "PGDATABASE": row.pg_name,
-            "PGSSLMODE": g.sslmode,
+            "PGSSLMODE": sslmode,
         }
 
     async def bind(self, p: principals.Principal, md_id: str, app_id: str, *, restart: bool = True) -> View:
@@ -329,7 +359,10 @@ class ManagedDatabases:
         # starts with them.
         roll = restart and app.state == "running"
         await self.secrets.bind(
-            p, app_id, self.connection(row, creds.pg_user, creds.pg_password), rollout=roll
+            p,
+            app_id,
+            self.connection(row, creds.pg_user, creds.pg_password, socket=await self.on_socket(app)),
+            rollout=roll,
         )
         async with self.outbox.session() as s:
             locked = await repo.get_managed(s, Scope(), row.id, lock=True)

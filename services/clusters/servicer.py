@@ -135,6 +135,20 @@ class ClusterService(rpc.ClusterServiceServicer):
         )
         return cluster(*await self.d.get_cluster(row.id))
 
+    async def ResolveCluster(self, request: pb.ResolveClusterRequest, context: Ctx) -> pb.Cluster:
+        if not principals.is_system(principals.current()):
+            raise PermissionDenied("internal RPC")
+        row = await self.d.resolve(request.cluster_id)
+        # Internal: the engine endpoint of every type (the instances service places on it).
+        return pb.Cluster(
+            id=row.id,
+            name=row.name,
+            type=row.type,
+            endpoint=row.endpoint,
+            created_at=ts(row.created_at),
+            updated_at=ts(row.updated_at),
+        )
+
 
 class NodeService(rpc.NodeServiceServicer):
     def __init__(self, d: ClustersDomain):

@@ -17,12 +17,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs import ids
 from libs.db import Database
-from libs.errors import InvalidArgument, InvalidState, PermissionDenied, QuotaExceeded, not_found
+from libs.errors import (
+    InvalidArgument,
+    InvalidState,
+    PermissionDenied,
+    QuotaExceeded,
+    Unavailable,
+    not_found,
+)
 from libs.outbox import Outbox
 from libs.pagination import decode_cursor, next_page, page_limit
 from libs.principal import Principal, is_global, is_system
 from services.instances import repository as repo
 from services.instances import specs
+from services.instances.placement import Placement
 from services.instances.providers import Registry
 from services.instances.providers.base import Replica
 from services.instances.repository import Instance, Scope, Values, now
@@ -54,6 +62,7 @@ def event_data(row: Instance) -> dict[str, Any]:
         "name": row.name,
         "state": row.state,
         "provider_name": row.provider_name,
+        "cluster_id": row.cluster_id,
         "current_release": row.current_release,
     }
 
@@ -84,10 +93,19 @@ def ensure_not_suspended(row: Instance) -> None:
 
 class InstancesDomain:
     def __init__(
-        self, db: Database, registry: Registry, tenants: Tenants, outbox: Outbox, wake: Callable[[], None]
+        self,
+        db: Database,
+        registry: Registry,
+        tenants: Tenants,
+        outbox: Outbox,
+        wake: Callable[[], None],
+        clusters: Placement | None = None,
     ):
+        """`clusters`: the registry of engines an instance is placed on (None: the configured
+        engine only, as before the registry)."""
         self.db = db
         self.registry = registry
+        self.clusters = clusters
         self.tenants = tenants
         self.outbox = outbox
         self.wake = wake
@@ -167,6 +185,7 @@ class InstancesDomain:
         services: list[dict[str, Any]],
         replicas: int,
         labels: dict[str, str],
+        cluster_id: str = "",
     ) -> Instance:
         target = self._target_tenant(p, tenant_id)
         limits = await self.tenants.limits(p, target)
@@ -174,7 +193,7 @@ class InstancesDomain:
             raise PermissionDenied(
                 "the tenant is suspended; it cannot create instances", details={"tenant_id": target}
             )
-        provider = self.registry.resolve(provider_name)
+        provider, cluster_id = await self._place(provider_name, cluster_id)
         per = specs.per_replica(services)
         main = specs.main_service(services)
         t = now()
@@ -186,6 +205,7 @@ class InstancesDomain:
             "name": name,
             "slug": specs.slugify(name),
             "provider_name": provider,
+            "cluster_id": cluster_id,
             "state": "provisioning",
             "desired_state": "running",
             "image": main["image"],
@@ -227,6 +247,36 @@ class InstancesDomain:
         self.wake()
         return row
 
+    async def _place(self, provider_name: str, cluster_id: str) -> tuple[str, str]:
+        """(provider key, cluster id) of a new instance, from the clusters registry: the named
+        cluster (404 when there is none), else the default cluster of the provider (`main`,
+        the configured engine). Without the clusters service an unnamed cluster is the
+        configured engine's (''); a named one cannot be checked: 503."""
+        if self.clusters is None:
+            if cluster_id:
+                raise InvalidArgument(
+                    "this platform places instances on its configured engine only",
+                    fields={"cluster_id": "no clusters registry here"},
+                )
+            return self.registry.resolve(provider_name), ""
+        try:
+            ref = await self.clusters.resolve(cluster_id)
+        except Unavailable:
+            if cluster_id:
+                raise
+            log.warning("the clusters registry does not answer: placing on the configured engine")
+            return self.registry.resolve(provider_name), ""
+        self.registry.learn(ref.id, ref.endpoint, default=not cluster_id)
+        kinds = self.registry.cluster_kinds(ref.id, ref.type)
+        if self.registry.on_configured(ref.id):
+            return self.registry.resolve(provider_name), ref.id
+        if provider_name and provider_name not in kinds:
+            raise InvalidArgument(
+                f"cluster {ref.name!r} ({ref.type}) runs the {' or '.join(kinds)} provider, not {provider_name!r}",
+                fields={"provider_name": f"cluster {ref.name!r} runs {', '.join(kinds)}"},
+            )
+        return provider_name or kinds[0], ref.id
+
     async def get(self, p: Principal, instance_id: str) -> Instance:
         return await self.db.read(lambda s: self.load(s, p, instance_id))
 
@@ -237,12 +287,12 @@ class InstancesDomain:
         if not is_system(p):
             raise PermissionDenied("internal RPC")
         row = await self.get(p, instance_id)
-        if not self.registry.has(row.provider_name):
+        if not self.registry.has(row.provider_name, row.cluster_id):
             return row, []
         async with self.db.session() as s:
             dep = await repo.in_flight_deployment(s, Scope.system(), instance_id)
         leaving = set(dep.progress.get("leaving") or ()) if dep is not None else set()
-        reps = await self.registry.get(row.provider_name).replicas(instance_id)
+        reps = await self.registry.get(row.provider_name, row.cluster_id).replicas(instance_id)
         return row, [r for r in reps if r.running and r.slot not in leaving]
 
     async def find(

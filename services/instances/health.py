@@ -339,7 +339,11 @@ class HealthDomain:
             inst = await repo.get_instance(s, Scope.tenant(check.tenant_id), check.instance_id)
         if inst is None:
             raise not_found("instance", check.instance_id)
-        provider = self.registry.get(inst.provider_name) if self.registry.has(inst.provider_name) else None
+        provider = (
+            self.registry.get(inst.provider_name, inst.cluster_id)
+            if self.registry.has(inst.provider_name, inst.cluster_id)
+            else None
+        )
         if inst.state != "running":
             outcome = Outcome("unhealthy", 0.0, f"instance is {inst.state}")
         else:

@@ -79,7 +79,8 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     box = Outbox(outbox, rt.db)
     tenants = Tenants(rt.channels, rt.signer)
     wake = asyncio.Event()
-    domain = InstancesDomain(rt.db, registry, tenants, box, wake=wake.set)
+    placement = Placement(rt.channels, rt.signer)
+    domain = InstancesDomain(rt.db, registry, tenants, box, wake=wake.set, clusters=placement)
     health = HealthDomain(rt.db, domain, registry, box, Hub())
     deploys = DeploymentsDomain(rt.db, domain, box)
     otlp = Telemetry(rt.db, s)
@@ -92,11 +93,14 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         secrets=SecretsClient(rt.channels, rt.signer, rt.db),
         rollout_env=otlp.rollout_env,
     )
-    placement = Placement(rt.channels, rt.signer)
-    reconciler = Reconciler(rt.db, domain, registry, executor, wake=wake, placement=placement.blocked)
+    reconciler = Reconciler(
+        rt.db, domain, registry, executor, wake=wake, placement=placement.blocked, clusters=placement
+    )
     telemetry = TelemetryDomain(rt.db, domain, health, registry, otlp)
     otlp.sampler = telemetry.sample_usage
-    engines = ProvidersDomain(rt.db, registry, probe_interval=s.provider_probe_interval.total_seconds())
+    engines = ProvidersDomain(
+        rt.db, registry, probe_interval=s.provider_probe_interval.total_seconds(), clusters=placement
+    )
 
     async def on_stop() -> None:
         await reconciler.shutdown()  # its claims go at once: another process takes over

@@ -53,6 +53,9 @@ instances = Table(
     Column("suspend_reason", String(500), nullable=False, server_default=""),
     # Why the last engine operation failed (shown in logs and events, not in the API).
     Column("last_error", Text, nullable=False, server_default=""),
+    # -- 0006 -------------------------------------------------------------------------------
+    # The clusters registry's cluster whose engine runs it ('' before the registry: `main`).
+    Column("cluster_id", String(64), nullable=False, server_default=""),
 )
 
 releases = Table(

@@ -16,12 +16,14 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from libs.db import Database
+from libs.errors import CtrlmeshError
 from libs.reconcile import Claims, KeyedRunner, every, process_owner
 from services.instances import repository as repo
 from services.instances.actions import ACTIONS, Action, fail, next_action
 from services.instances.domain import InstancesDomain
 from services.instances.executor import Executor
 from services.instances.models import reconcile_claims
+from services.instances.placement import Placement
 from services.instances.providers import Registry
 from services.instances.providers.base import Provider, ProviderError
 from services.instances.repository import Instance, Scope
@@ -41,12 +43,16 @@ class Reconciler:
         interval: float = 1.0,
         owner: str = "",
         wake: asyncio.Event | None = None,
-        placement: Callable[[str], Awaitable[str]] | None = None,
+        placement: Callable[[str, str], Awaitable[str]] | None = None,
+        clusters: Placement | None = None,
     ):
         """`wake`: the event the domain sets after recording a decision (it is built before the
         reconciler, which needs the domain), so the next pass runs at once. `placement`: why a
-        new instance on a provider cannot be placed now ("" when it can; see placement.py)."""
+        new replica of a provider on a cluster cannot be placed now ("" when it can; see
+        placement.py). `clusters`: where the engine of a cluster the registry has not learned yet
+        is asked for."""
         self.placement = placement
+        self.clusters = clusters
         self.db = db
         self.domain = domain
         self.outbox = domain.outbox
@@ -79,7 +85,20 @@ class Reconciler:
         await self.runner.shutdown()
 
     def engine(self, inst: Instance) -> Provider:
-        return self.registry.get(inst.provider_name)
+        return self.registry.get(inst.provider_name, inst.cluster_id)
+
+    async def _know_cluster(self, inst: Instance) -> bool:
+        """The engine of the instance's cluster, asked of the clusters service when not known
+        yet (after a restart); False while that service does not answer."""
+        if self.registry.knows(inst.cluster_id) or self.clusters is None:
+            return True
+        try:
+            ref = await self.clusters.resolve(inst.cluster_id)
+        except CtrlmeshError as err:
+            log.info("instance %s waits for its cluster's engine: %s", inst.id, err)
+            return False
+        self.registry.learn(ref.id, ref.endpoint, default=ref.name == "main")
+        return True
 
     async def _converge(self, instance_id: str) -> bool:
         """One step; True while the instance needs more (False: done, or waiting for the engine)."""
@@ -88,6 +107,8 @@ class Reconciler:
             dep = await repo.in_flight_deployment(s, Scope.system(), instance_id) if inst else None
         if inst is None:
             return False
+        if not await self._know_cluster(inst):
+            return False  # the next pass asks again
         action = next_action(
             inst.state,
             inst.desired_state,

@@ -65,6 +65,7 @@ class Instance:
     last_error: str
     created_at: datetime
     updated_at: datetime
+    cluster_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -305,13 +306,21 @@ async def tenant_instances(s: AsyncSession, tenant_id: str) -> list[Instance]:
     return [_row(Instance, r) for r in rows]
 
 
-async def count_by_provider(s: AsyncSession) -> dict[str, int]:
+async def cluster_ids_in_use(s: AsyncSession) -> set[str]:
+    """The clusters live instances run on (a system scan: keys only; '' left out)."""
+    q = select(instances.c.cluster_id).where(instances.c.cluster_id != "").distinct()
+    return set((await s.execute(q)).scalars().all())
+
+
+async def count_by_provider(s: AsyncSession) -> dict[tuple[str, str], int]:
+    """Live instances by (provider, cluster id); '' is the cluster of instances made before the
+    clusters registry (the configured engine's)."""
     q = (
-        select(instances.c.provider_name, func.count())
+        select(instances.c.provider_name, instances.c.cluster_id, func.count())
         .where(instances.c.state != "destroyed")
-        .group_by(instances.c.provider_name)
+        .group_by(instances.c.provider_name, instances.c.cluster_id)
     )
-    return {name: int(n) for name, n in (await s.execute(q)).all()}
+    return {(name, cluster): int(n) for name, cluster, n in (await s.execute(q)).all()}
 
 
 # -- releases ---------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ def instance(row: Instance) -> pb.Instance:
         name=row.name,
         slug=row.slug,
         provider_name=row.provider_name,
+        cluster_id=row.cluster_id,
         state=row.state,
         state_reason=row.last_error,
         image=row.image,
@@ -338,6 +339,7 @@ class InstanceService(rpc.InstanceServiceServicer):
             services=services,
             replicas=request.replicas if request.HasField("replicas") else 1,
             labels=dict(request.labels),
+            cluster_id=request.cluster_id,
         )
         return instance(row)
 
@@ -671,6 +673,8 @@ class ProviderService(rpc.ProviderServiceServicer):
                 healthy=st.healthy,
                 instances=st.instances,
                 capabilities=st.capabilities,
+                cluster_id=st.cluster_id,
+                cluster_name=st.cluster_name,
             )
             for st in await self.d.list(principals.current())
         ]

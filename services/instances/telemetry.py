@@ -153,10 +153,12 @@ class TelemetryDomain:
         t = now()
         gate = asyncio.Semaphore(SAMPLE_CONCURRENCY)
 
-        async def one(instance_id: str, tenant_id: str, provider_name: str) -> tuple[object, ...] | None:
+        async def one(
+            instance_id: str, tenant_id: str, provider_name: str, cluster_id: str
+        ) -> tuple[object, ...] | None:
             async with gate:
                 try:
-                    u = await self.registry.get(provider_name).usage(instance_id)
+                    u = await self.registry.get(provider_name, cluster_id).usage(instance_id)
                 except (CtrlmeshError, ProviderError):
                     return None  # its engine is away: a gap in the history, not a failed pass
             if not u.containers:
@@ -181,7 +183,7 @@ class TelemetryDomain:
 
     async def resources(self, p: Principal, instance_id: str) -> Snapshot:
         inst = await self.instances.get(p, instance_id)
-        provider = self.registry.get(inst.provider_name)
+        provider = self.registry.get(inst.provider_name, inst.cluster_id)
         try:
             usage = await provider.usage(instance_id)
         except ProviderError as err:
@@ -200,7 +202,7 @@ class TelemetryDomain:
         self, p: Principal, instance_id: str, *, level: str, limit: int, since: datetime | None
     ) -> list[Entry]:
         inst = await self.instances.get(p, instance_id)
-        provider = self.registry.get(inst.provider_name)
+        provider = self.registry.get(inst.provider_name, inst.cluster_id)
         n = limit or 100
         out: list[Entry] = []
         # Ask for more than `n` when filtering by level, so the filter still fills the page.
@@ -217,7 +219,7 @@ class TelemetryDomain:
         self, p: Principal, instance_id: str, *, tail: int, follow: bool, level: str
     ) -> AsyncIterator[Entry]:
         inst = await self.instances.get(p, instance_id)
-        provider = self.registry.get(inst.provider_name)
+        provider = self.registry.get(inst.provider_name, inst.cluster_id)
         async for line in provider.logs(instance_id, tail=tail, since=None, follow=follow):
             lvl, fields = level_of(line.message)
             if level and LEVELS.get(lvl, 1) < LEVELS[level]:

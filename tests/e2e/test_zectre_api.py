@@ -5,8 +5,10 @@ the running settings, with tenant isolation on every id route."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -58,6 +60,36 @@ def container_env(docker_host: str, instance_id: str) -> dict[str, str]:
         text=True,
     ).stdout
     return dict(e.split("=", 1) for e in json.loads(out or "[]"))
+
+
+def containers(docker_host: str, instance_id: str) -> list[str]:
+    """Ids of the instance's running containers, newest first."""
+    import subprocess
+
+    env = {"DOCKER_HOST": docker_host, "PATH": "/usr/local/bin:/usr/bin:/bin"}
+    return subprocess.run(
+        ["docker", "ps", "--filter", f"label=ctrlmesh.instance={instance_id}", "--format", "{{.ID}}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+
+
+def container_mounts(docker_host: str, instance_id: str) -> dict[str, str]:
+    """Mount point → host source of the instance's newest running container."""
+    import json
+    import subprocess
+
+    env = {"DOCKER_HOST": docker_host, "PATH": "/usr/local/bin:/usr/bin:/bin"}
+    out = subprocess.run(
+        ["docker", "inspect", "--format", "{{json .Mounts}}", containers(docker_host, instance_id)[0]],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {m["Destination"]: m["Source"] for m in json.loads(out)}
 
 
 def main_cluster(c: httpx.Client) -> dict[str, Any]:
@@ -337,11 +369,14 @@ def test_bind_writes_the_connection_as_secrets_and_rolls_the_app(
         lambda: c.get(f"/v1/deployments/{deps[0]['id']}").json()["state"], lambda s: s == "succeeded", 60
     )
     got = container_env(docker_host, app["id"])
-    assert got["PGDATABASE"] == "bound_db" and got["PGSSLMODE"] == "require"
-    assert got["DATABASE_URL"].startswith(f"postgres://{md['connection_user']}:")
-    assert got["DATABASE_URL"].endswith(
-        f"@localhost:{imesh.env['CTRLMESH_PG_PORT']}/bound_db?sslmode=require"
-    )
+    # A docker app on the local engine reaches the gateway through its mounted Unix socket.
+    port = imesh.env["CTRLMESH_PG_PORT"]
+    assert got["PGDATABASE"] == "bound_db" and got["PGHOST"] == "/run/ctrlmesh/pg"
+    assert got["PGPORT"] == port and got["PGSSLMODE"] == "disable"
+    assert got["DATABASE_URL"].startswith(f"postgresql://{md['connection_user']}:")
+    assert got["DATABASE_URL"].endswith(f"@/bound_db?host=/run/ctrlmesh/pg&port={port}")
+    assert got["PGSSLROOTCERT"] == "/run/secrets/pg-gateway-ca.crt"
+    assert container_mounts(docker_host, app["id"])["/run/ctrlmesh/pg"] == str(imesh.data_dir / "pg-socket")
 
     assert (
         c.post(f"/api/v1/managed-databases/{md['id']}/bind", json={"app_id": second["id"]}).status_code == 409
@@ -408,54 +443,264 @@ def test_instantiate_with_database_binds_it_and_a_half_way_failure_leaves_nothin
     destroy(c, app["id"])
 
 
-def test_zectre_events_reach_v2_events(imesh: Mesh, tenants: Any) -> None:
-    """The clusters service's outbox is merged into /v2/events: a global key sees node.drained,
-    node.undrained and node.status_changed; a tenant key sees its managed_database events and
-    never the platform's node events."""
+def test_zectre_events_reach_v2_events_and_every_mutation_is_audited(
+    imesh: Mesh, docker_host: str, tenants: Any
+) -> None:
+    """The clusters service's outbox is merged into /v2/events: a global key sees
+    cluster.registered, node.drained, node.undrained and node.status_changed; a tenant key sees
+    its managed_database.created/.bound/.deleted and template.instantiated, never the platform's
+    node or cluster events; each of those mutations is in the audit log. A tenant key naming
+    another tenant gets 404, as for a tenant that does not exist."""
     import json
     import threading
 
-    t, _ = tenants
+    t, other = tenants
     admin = imesh.admin()
 
     def listen(key: str, want: set[str], out: list[dict[str, Any]]) -> None:
         headers = {"Authorization": f"Bearer {key}"}
-        with httpx.stream("GET", f"{imesh.base_url}/v2/events", headers=headers, timeout=40) as r:
+        with httpx.stream("GET", f"{imesh.base_url}/v2/events", headers=headers, timeout=60) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     out.append(json.loads(line[6:]))
                     if want <= {e["type"] for e in out}:
                         return
 
+    platform = {"cluster.registered", "node.drained", "node.undrained"}
+    tenant = {
+        "managed_database.created",
+        "managed_database.bound",
+        "managed_database.deleted",
+        "template.instantiated",
+    }
     seen_admin: list[dict[str, Any]] = []
     seen_tenant: list[dict[str, Any]] = []
-    a = threading.Thread(
-        target=listen, args=(imesh.admin_key, {"node.drained", "node.undrained"}, seen_admin), daemon=True
-    )
-    b = threading.Thread(target=listen, args=(t.key, {"managed_database.created"}, seen_tenant), daemon=True)
+    a = threading.Thread(target=listen, args=(imesh.admin_key, platform, seen_admin), daemon=True)
+    b = threading.Thread(target=listen, args=(t.key, tenant, seen_tenant), daemon=True)
     a.start()
     b.start()
-    import time
-
     time.sleep(3)  # both streams are open and past their heads
     node = next(n for n in admin.get("/api/v1/nodes").json() if n["cluster_id"] == main_cluster(admin)["id"])
     try:
         assert admin.post(f"/api/v1/nodes/{node['id']}/drain").status_code == 200
     finally:
         assert admin.post(f"/api/v1/nodes/{node['id']}/undrain").status_code == 200
-    md = (
-        t.client()
-        .post(
-            "/api/v1/managed-databases", json={"cluster_id": node["cluster_id"], "name": "evdb"}, timeout=60
-        )
-        .json()
+    reg = admin.post(
+        "/api/v1/clusters",
+        json={"name": unique("loc"), "type": "local", "config": {"docker_host": docker_host}},
     )
-    a.join(30)
-    b.join(30)
+    assert reg.status_code == 201, reg.text
+    c = t.client()
+    md = c.post(
+        "/api/v1/managed-databases", json={"cluster_id": node["cluster_id"], "name": "evdb"}, timeout=60
+    ).json()
+    app = c.post("/v1/instances", json=create_body()).json()
+    assert c.post(f"/api/v1/managed-databases/{md['id']}/bind", json={"app_id": app["id"]}).status_code == 200
+    assert c.delete(f"/api/v1/managed-databases/{md['id']}", params={"force": "true"}).status_code == 204
+    made = c.post(f"/api/v1/templates/{STATIC}/instantiate", json={"deploy": False})
+    assert made.status_code == 201, made.text
+    # Another tenant's id in a body is a tenant that does not exist.
+    o = other.client()
+    assert (
+        o.post(
+            "/api/v1/managed-databases",
+            json={"cluster_id": node["cluster_id"], "name": "x", "tenant_id": t.id},
+        ).status_code
+        == 404
+    )
+    assert o.post(f"/api/v1/templates/{STATIC}/instantiate", json={"tenant_id": t.id}).status_code == 404
+    a.join(40)
+    b.join(40)
     drained = next(e for e in seen_admin if e["type"] == "node.drained")
     assert drained["resource_id"] == node["id"] and drained["data"]["migrate"] is False
     assert any(e["type"] == "node.status_changed" and e["resource_id"] == node["id"] for e in seen_admin)
-    created = next(e for e in seen_tenant if e["type"] == "managed_database.created")
-    assert created["resource_id"] == md["id"] and created["tenant_id"] == t.id
-    assert not any(e["type"].startswith("node.") for e in seen_tenant)
-    t.client().delete(f"/api/v1/managed-databases/{md['id']}")
+    registered = next(e for e in seen_admin if e["type"] == "cluster.registered")
+    assert registered["resource_id"] == reg.json()["id"] and registered["tenant_id"] in ("", None)
+    by_type = {e["type"]: e for e in seen_tenant}
+    assert tenant <= set(by_type), [e["type"] for e in seen_tenant]
+    for kind in ("managed_database.created", "managed_database.bound", "managed_database.deleted"):
+        assert by_type[kind]["resource_id"] == md["id"] and by_type[kind]["tenant_id"] == t.id
+    assert by_type["managed_database.bound"]["data"]["app_id"] == app["id"]
+    assert by_type["template.instantiated"]["tenant_id"] == t.id
+    assert not any(e["type"].startswith(("node.", "cluster.")) for e in seen_tenant)
+
+    def audited(resource: str) -> set[tuple[str, str]]:
+        items = admin.get("/v1/admin/audit", params={"resource": resource, "limit": 100}).json()["items"]
+        return {(x["action"], x["resource_id"]) for x in items}
+
+    assert ("create", reg.json()["id"]) in audited("cluster")
+    assert {("drain", node["id"]), ("undrain", node["id"])} <= audited("node")
+    mds = audited("managed_database")
+    assert {("create", md["id"]), ("bind", md["id"]), ("delete", md["id"])} <= mds
+    assert ("instantiate", STATIC) in audited("template")
+    for i in (app["id"], made.json()["app"]["id"]):
+        destroy(c, i)
+
+
+PG_IMAGE = "ctrlmesh-test/httpd:pg"
+
+
+def test_bound_app_connects_through_the_gateway_socket_wakes_its_database_and_follows_a_rotation(
+    imesh: Mesh, docker_host: str, tenants: Any
+) -> None:
+    """A bound app's container runs `psql "$DATABASE_URL"` as its health check, through the PG
+    Gateway's Unix socket mounted into it (no traffic off the host): the bind's rolling deploy
+    passes its health gate only if that works, and it wakes the stopped database. After a
+    rotation of the tenant's credentials the app is rolled again, its new container has the
+    new password and its check passes with it, while the old password is refused."""
+    import subprocess
+
+    t, _ = tenants
+    c = t.client()
+    cluster = main_cluster(c)["id"]
+    app = c.post(
+        "/v1/instances", json=create_body(PG_IMAGE, resources={"cpu_millis": 200, "memory_mb": 64})
+    ).json()
+    md = c.post(
+        "/api/v1/managed-databases", json={"cluster_id": cluster, "name": "sock-db"}, timeout=60
+    ).json()
+    wait_state(c, app["id"], "running")
+    db = f"/v2/tenants/{t.name}/dbs/sock_db"
+    wait_for(lambda: c.get(db).json()["state"], lambda st: st == "stopped", 30)
+    check = c.post(
+        f"/v1/instances/{app['id']}/health/checks",
+        json={
+            "name": "psql",
+            "type": "command",
+            "target": "psql \"$DATABASE_URL\" -X -A -t -c 'select 40 + 2'",
+            "interval": "10s",
+            "timeout": "10s",
+        },
+    )
+    assert check.status_code == 201, check.text
+
+    r = c.post(f"/api/v1/managed-databases/{md['id']}/bind", json={"app_id": app["id"]}, timeout=60)
+    assert r.status_code == 200, r.text
+    first = wait_for(
+        lambda: c.get(f"/v1/instances/{app['id']}/deployments").json()["items"], lambda d: len(d) >= 1, 20
+    )[0]
+    done = wait_for(
+        lambda: c.get(f"/v1/deployments/{first['id']}").json(),
+        lambda d: d["state"] in ("succeeded", "failed", "rolled_back", "cancelled"),
+        60,
+    )
+    assert done["state"] == "succeeded", done
+    run = c.post(f"/v1/health/checks/{check.json()['id']}/run", timeout=30).json()
+    assert run["status"] == "healthy" and run["message"] == "42", run
+    assert c.get(db).json()["state"] != "stopped"  # the check's connection woke it
+    env = container_env(docker_host, app["id"])
+    old_password = env["PGPASSWORD"]
+    assert env["PGHOST"] == "/run/ctrlmesh/pg"
+
+    rotated = imesh.admin().post(f"/v2/tenants/{t.name}/credentials/rotate")
+    assert rotated.status_code == 200, rotated.text
+    new_password = rotated.json()["pg_password"]
+    assert new_password != old_password
+    second = wait_for(
+        lambda: c.get(f"/v1/instances/{app['id']}/deployments").json()["items"],
+        lambda d: len(d) >= 2,
+        30,
+    )
+    newest = next(d for d in second if d["id"] != first["id"])
+    done = wait_for(
+        lambda: c.get(f"/v1/deployments/{newest['id']}").json(),
+        lambda d: d["state"] in ("succeeded", "failed", "rolled_back", "cancelled"),
+        60,
+    )
+    assert done["state"] == "succeeded", done
+    env = container_env(docker_host, app["id"])
+    assert env["PGPASSWORD"] == new_password and new_password in env["DATABASE_URL"]
+    run = c.post(f"/v1/health/checks/{check.json()['id']}/run", timeout=30).json()
+    assert run["status"] == "healthy" and run["message"] == "42", run
+    stale = env["DATABASE_URL"].replace(quote(new_password, safe=""), quote(old_password, safe=""))
+    refused = subprocess.run(
+        ["docker", "exec", containers(docker_host, app["id"])[0], "psql", stale, "-X", "-c", "select 1"],
+        env={"DOCKER_HOST": docker_host, "PATH": "/usr/local/bin:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode != 0 and "password authentication failed" in refused.stderr, refused.stderr
+    assert c.delete(f"/api/v1/managed-databases/{md['id']}", params={"force": "true"}).status_code == 204
+    destroy(c, app["id"])
+
+
+def test_drain_holds_a_scale_ups_extra_replicas_until_undrain(
+    imesh: Mesh, docker_host: str, tenants: Any
+) -> None:
+    """With every node of `main` drained, scaling a running instance from 1 to 2 replicas places
+    no new container: the instance stays running on its one replica with the reason as its
+    state_reason; a scale-down is not held; after undrain the extra replica is placed and the
+    reason clears."""
+    from tests.fixtures.docker import engine_containers
+
+    t, _ = tenants
+    c, admin = t.client(), imesh.admin()
+    node = next(n for n in admin.get("/api/v1/nodes").json() if n["cluster_id"] == main_cluster(admin)["id"])
+    inst = c.post("/v1/instances", json=create_body()).json()
+    wait_state(c, inst["id"], "running")
+    before = containers(docker_host, inst["id"])
+    assert len(before) == 1
+    try:
+        assert admin.post(f"/api/v1/nodes/{node['id']}/drain").status_code == 200
+        assert c.post(f"/v1/instances/{inst['id']}/scale", json={"replicas": 2}).status_code == 204
+        held = wait_for(
+            lambda: c.get(f"/v1/instances/{inst['id']}").json(),
+            lambda i: "drained" in i["state_reason"],
+            timeout=15,
+        )
+        assert held["state"] == "running" and held["replicas"] == 2
+        time.sleep(2)  # several reconciler passes: none may place the second replica
+        assert containers(docker_host, inst["id"]) == before
+        assert len(engine_containers(docker_host, inst["id"])) == 1
+    finally:
+        assert admin.post(f"/api/v1/nodes/{node['id']}/undrain").status_code == 200
+    placed = wait_for(
+        lambda: c.get(f"/v1/instances/{inst['id']}").json(),
+        lambda i: len(i["endpoints"]) == 2 and i["state_reason"] == "",
+        timeout=30,
+    )
+    assert placed["state"] == "running"
+    running = containers(docker_host, inst["id"])
+    assert len(running) == 2 and before[0] in running  # the first replica kept running throughout
+    # Down is never held, drained or not.
+    try:
+        assert admin.post(f"/api/v1/nodes/{node['id']}/drain").status_code == 200
+        assert c.post(f"/v1/instances/{inst['id']}/scale", json={"replicas": 1}).status_code == 204
+        wait_for(lambda: len(containers(docker_host, inst["id"])), lambda n: n == 1, timeout=30)
+        assert c.get(f"/v1/instances/{inst['id']}").json()["state_reason"] == ""
+    finally:
+        assert admin.post(f"/api/v1/nodes/{node['id']}/undrain").status_code == 200
+    destroy(c, inst["id"])
+
+
+def test_instance_create_places_on_a_named_cluster_and_providers_follow_the_registry(
+    imesh: Mesh, tenants: Any
+) -> None:
+    """POST /v1/instances takes a `cluster_id`: the named cluster (here `main`) or, without one,
+    the provider's default cluster, shown on the instance; an unknown cluster is 404 and a
+    malformed id 400, creating nothing. /v1/admin/providers lists one row per cluster of the
+    registry and provider on it, with the instance counts."""
+    t, _ = tenants
+    c, admin = t.client(), imesh.admin()
+    main = main_cluster(c)
+    named = c.post("/v1/instances", json=create_body(cluster_id=main["id"]))
+    assert named.status_code == 201, named.text
+    assert named.json()["cluster_id"] == main["id"]
+    unnamed = c.post("/v1/instances", json=create_body()).json()
+    assert unnamed["cluster_id"] == main["id"]
+    missing = c.post("/v1/instances", json=create_body(cluster_id=str(uuid.uuid4())))
+    assert missing.status_code == 404 and "cluster" in missing.json()["message"], missing.text
+    assert c.post("/v1/instances", json=create_body(cluster_id="main")).status_code == 400
+    assert c.get("/v1/instances").json()["total"] == 2
+    wait_state(c, named.json()["id"], "running")
+
+    rows = admin.get("/v1/admin/providers").json()["items"]
+    clusters = {x["id"]: x["name"] for x in admin.get("/api/v1/clusters").json()}
+    assert {r["cluster_id"] for r in rows} == set(clusters)
+    assert all(clusters[r["cluster_id"]] == r["cluster_name"] for r in rows)
+    on_main = {r["name"]: r for r in rows if r["cluster_id"] == main["id"]}
+    assert set(on_main) == {"docker", "swarm"} and on_main["docker"]["healthy"]
+    assert on_main["docker"]["instances"] >= 2
+    for i in (named.json(), unnamed):
+        destroy(c, i["id"])

@@ -5,6 +5,7 @@ self_managed cluster: both nodes listed with the swarm's view, drain as Zectre d
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
@@ -101,3 +102,67 @@ def test_two_node_swarm_drain_pauses_and_migrate_moves_tasks(imesh: Mesh, swarm2
     finally:
         swarm2.docker("service", "rm", svc)
         admin.post(f"/api/v1/nodes/{worker['id']}/undrain")
+
+
+def test_an_instance_placed_on_the_swarm_cluster_waits_for_drained_nodes_to_scale_up(
+    imesh: Mesh, swarm2: Swarm
+) -> None:
+    """An instance create naming the swarm cluster runs on that swarm (its own `swarm` provider,
+    built from the registry's endpoint; `docker` is refused for it); /v1/admin/providers shows
+    that provider on that cluster. With both nodes drained a scale-up's extra task is not placed
+    while the running one keeps running, the instance says why, and undrain places it."""
+    from tests.fixtures.instances import create_body, make_tenant, wait_state
+
+    admin = imesh.admin()
+    r = admin.post(
+        "/api/v1/clusters",
+        json={"name": unique("sw"), "type": "self_managed", "config": {"docker_host": swarm2.manager}},
+    )
+    assert r.status_code == 201, r.text
+    cluster = r.json()
+    t = make_tenant(imesh, {"max_instances": 2, "max_cpu_millis": 2000, "max_memory_mb": 1024})
+    c = t.client()
+    body = create_body(cluster_id=cluster["id"], provider_name="", ports=[])
+    refused = c.post("/v1/instances", json={**body, "provider_name": "docker"})
+    assert refused.status_code == 400 and "provider_name" in refused.json()["details"]["fields"], refused.text
+    made = c.post("/v1/instances", json=body)
+    assert made.status_code == 201, made.text
+    inst = made.json()
+    assert inst["cluster_id"] == cluster["id"] and inst["provider_name"] == "swarm"
+    wait_state(c, inst["id"], "running", timeout=90)
+
+    def tasks() -> dict[str, int]:
+        out: dict[str, int] = {}
+        for svc in swarm2.docker(
+            "service", "ls", "--filter", f"label=ctrlmesh.instance={inst['id']}", "-q"
+        ).split():
+            try:
+                per_node = tasks_by_node(swarm2, svc)
+            except subprocess.CalledProcessError:
+                continue  # removed between the listing and its tasks
+            for node, n in per_node.items():
+                out[node] = out.get(node, 0) + n
+        return out
+
+    assert sum(tasks().values()) == 1
+    rows = [p for p in admin.get("/v1/admin/providers").json()["items"] if p["cluster_id"] == cluster["id"]]
+    assert [(p["name"], p["healthy"], p["instances"]) for p in rows] == [("swarm", True, 1)]
+
+    nodes = admin.get("/api/v1/nodes", params={"cluster_id": cluster["id"]}).json()
+    try:
+        for n in nodes:
+            assert admin.post(f"/api/v1/nodes/{n['id']}/drain").status_code == 200
+        assert c.post(f"/v1/instances/{inst['id']}/scale", json={"replicas": 2}).status_code == 204
+        held = wait_for(
+            lambda: c.get(f"/v1/instances/{inst['id']}").json(), lambda i: "drained" in i["state_reason"], 15
+        )
+        assert held["state"] == "running"
+        time.sleep(3)
+        assert sum(tasks().values()) == 1
+    finally:
+        for n in nodes:
+            admin.post(f"/api/v1/nodes/{n['id']}/undrain")
+    wait_for(lambda: sum(tasks().values()), lambda n: n == 2, 60, 0.5)
+    wait_for(lambda: c.get(f"/v1/instances/{inst['id']}").json()["state_reason"], lambda r: r == "", 30)
+    assert c.delete(f"/v1/instances/{inst['id']}").status_code == 202
+    wait_for(lambda: tasks(), lambda t: t == {}, 60, 0.5)

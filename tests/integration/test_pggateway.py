@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -178,6 +179,8 @@ class Env:
     compute: EmbeddedPostgres
     spare: EmbeddedPostgres
     tls: TlsMaterial
+    # The directory of the gateway's Unix socket (`.s.PGSQL.<port>` inside).
+    sock_dir: Path
 
     def dsn(self, database: str = "app", user: str = USER, password: str = PASSWORD, **params: str) -> str:
         extra = "&".join(f"{k}={v}" for k, v in {"sslmode": "require", **params}.items())
@@ -219,15 +222,24 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     cp.databases[(TENANT_ID, "spare")] = FakeDatabase(spare, "spare")
     cp.databases[(TENANT_ID, "never")] = FakeDatabase(compute, "app", never_ready=True)
     tls = ensure_material(root / "data", "pg.example.test")
+    sock_dir = Path(tempfile.mkdtemp(prefix="pggw-sock-"))  # short: AF_UNIX paths are 107 bytes at most
     gw = GatewayThread(
-        cp, tls, pool_size=3, wake_timeout=20.0, checkout_timeout=10.0, lease_ttl=1.5, release_grace=0.3
+        cp,
+        tls,
+        pool_size=3,
+        wake_timeout=20.0,
+        checkout_timeout=10.0,
+        lease_ttl=1.5,
+        release_grace=0.3,
+        unix_dir=str(sock_dir),
     )
     try:
-        yield Env(cp, gw, compute, spare, tls)
+        yield Env(cp, gw, compute, spare, tls, sock_dir)
     finally:
         gw.stop()
         compute.destroy()
         spare.destroy()
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def _psql(env: Env, sql: str, **pgenv: str) -> subprocess.CompletedProcess[str]:
@@ -339,6 +351,95 @@ def test_unknown_database_and_suspended_tenant_are_refused(env: Env) -> None:
     assert "suspended" in str(suspended)
     # The wrong password of a suspended tenant reveals nothing about its status.
     assert asyncio.run(attempt(user=SUSPENDED_USER, password="guess")).sqlstate == "28P01"
+
+
+def test_unix_socket_skips_tls_but_keeps_scram_and_every_other_rule(env: Env) -> None:
+    """On its Unix socket the gateway answers SSLRequest 'N' and takes a plaintext startup
+    (libpq's PGHOST=<directory>, with sslmode=require ignored there as libpq does), still
+    authenticates with SCRAM (wrong password and unknown user: the same 28P01; no -PLUS without
+    TLS), refuses a suspended tenant, and pools and cancels as over TCP; TCP still needs TLS."""
+    sock = env.sock_dir / f".s.PGSQL.{env.gw.port}"
+    assert sock.is_socket() and (sock.stat().st_mode & 0o777) == 0o777
+    assert env.gw.server.unix_path == str(sock)
+    local = {"PGHOST": str(env.sock_dir), "PGSSLMODE": "disable"}
+    r = _psql(env, "select current_user || '|' || current_database()", **local)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{USER}|app"
+    info = _psql(env, "\\conninfo", **local)
+    assert f'via socket in "{env.sock_dir}"' in info.stdout and "SSL" not in info.stdout, info.stdout
+    # libpq never asks for TLS on a Unix socket, whatever sslmode says.
+    assert _psql(env, "select 1", PGHOST=str(env.sock_dir)).returncode == 0
+    # No TLS channel, so no channel binding: a client that requires it is refused by libpq.
+    bound = _psql(env, "select 1", PGCHANNELBINDING="require", **local)
+    assert bound.returncode != 0 and "channel binding" in bound.stderr
+    bad = _psql(env, "select 1", PGPASSWORD="nope", **local)
+    nobody = _psql(env, "select 1", PGUSER="tnt_nobody", **local)
+    assert bad.returncode != 0 and nobody.returncode != 0
+    assert f'password authentication failed for user "{USER}"' in bad.stderr
+    assert bad.stderr.replace(USER, "U") == nobody.stderr.replace("tnt_nobody", "U")
+    frozen = _psql(env, "select 1", PGUSER=SUSPENDED_USER, PGPASSWORD="frozen-pw", **local)
+    assert frozen.returncode != 0 and "suspended" in frozen.stderr
+    # TCP is unchanged: no TLS, no login.
+    assert "SSL required" in _psql(env, "select 1", PGSSLMODE="disable").stderr
+
+    # The raw exchange: SSLRequest 'N', GSSENCRequest 'N', then SCRAM-SHA-256 alone.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.settimeout(5)
+        raw.connect(str(sock))
+        raw.sendall(pq.ssl_request())
+        assert raw.recv(1) == b"N"
+        raw.sendall((8).to_bytes(4, "big") + pq.GSSENC_REQUEST.to_bytes(4, "big"))
+        assert raw.recv(1) == b"N"
+        raw.sendall(pq.startup_message({"user": USER, "database": "app"}))
+        head = raw.recv(4096)
+    assert head[:1] == b"R" and b"SCRAM-SHA-256\x00" in head and b"PLUS" not in head
+
+    async def drivers() -> tuple[int, str]:
+        conn = await asyncpg.connect(
+            host=str(env.sock_dir), port=env.gw.port, user=USER, password=PASSWORD, database="app"
+        )
+        try:
+            one = await conn.fetchval("select 1")
+        finally:
+            await conn.close()
+        async with await psycopg.AsyncConnection.connect(
+            host=str(env.sock_dir), port=env.gw.port, user=USER, password=PASSWORD, dbname="app"
+        ) as pc:
+            cur = await pc.execute("select current_database()")
+            row = await cur.fetchone()
+        assert row is not None
+        return one, row[0]
+
+    assert asyncio.run(drivers()) == (1, "app")
+
+    # A cancel sent over the socket reaches the backend of a query running over the socket.
+    with psycopg.connect(
+        host=str(env.sock_dir), port=env.gw.port, user=USER, password=PASSWORD, dbname="app", autocommit=True
+    ) as conn:
+        # cancel_safe: the legacy PQcancel holds the GIL, and this gateway shares the process.
+        threading.Timer(0.5, conn.cancel_safe).start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("select pg_sleep(20)")
+        assert time.monotonic() - started < 10
+        assert conn.execute("select 7").fetchone() == (7,)
+    # psql's Ctrl-C: libpq 15's plaintext cancel connection, over the socket.
+    psql = subprocess.Popen(
+        [
+            _pg_tool("psql"),
+            *("-X", "-h", str(env.sock_dir), "-p", str(env.gw.port), "-U", USER, "-d", "app"),
+            *("-c", "select pg_sleep(10)"),
+        ],
+        env={**os.environ, "PGPASSWORD": PASSWORD},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.8)
+    started = time.monotonic()
+    psql.send_signal(signal.SIGINT)
+    _, err = psql.communicate(timeout=10)
+    assert time.monotonic() - started < 5 and "canceling statement due to user request" in err
 
 
 # -- drivers ----------------------------------------------------------------------------------

@@ -74,3 +74,45 @@ def test_managed_database_names_and_statuses_map() -> None:
     """`my-postgres` is the PostgreSQL database `my_postgres`; a stopped database reads ready."""
     assert pg_name("my-postgres") == "my_postgres"
     assert STATUS["stopped"] == "ready" and STATUS["creating"] == "creating" and STATUS["error"] == "error"
+
+
+def test_a_binding_names_the_gateway_socket_for_local_apps_and_tcp_with_tls_otherwise() -> None:
+    """Over the mounted socket: PGHOST is the mount, no TLS (libpq never uses it there), and
+    DATABASE_URL is libpq's socket form; over TCP: the advertised address with sslmode=require.
+    User and password are percent-encoded in the URL (a password may hold '@', '/' or ':')."""
+    from datetime import UTC, datetime
+
+    from services.clusters.managed import Connection, ManagedDatabases
+    from services.clusters.repository import ManagedRow
+
+    t = datetime.now(UTC)
+    row = ManagedRow(
+        id="m",
+        tenant_id="ten",
+        account_id="acc",
+        cluster_id="c",
+        name="shop-db",
+        pg_name="shop_db",
+        engine="postgres",
+        version="16",
+        db_id="m",
+        app_id=None,
+        state="active",
+        created_at=t,
+        updated_at=t,
+    )
+    md = ManagedDatabases.__new__(ManagedDatabases)
+    md.gateway = Connection("pg.example.test", 6432, socket=True)
+    local = md.connection(row, "tnt_a", "p@ss/w:rd", socket=True)
+    assert local == {
+        "DATABASE_URL": "postgresql://tnt_a:p%40ss%2Fw%3Ard@/shop_db?host=/run/ctrlmesh/pg&port=6432",
+        "PGHOST": "/run/ctrlmesh/pg",
+        "PGPORT": "6432",
+        "PGUSER": "tnt_a",
+        "PGPASSWORD": "p@ss/w:rd",
+        "PGDATABASE": "shop_db",
+        "PGSSLMODE": "disable",
+    }
+    remote = md.connection(row, "tnt_a", "pw", socket=False)
+    assert remote["DATABASE_URL"] == "postgres://tnt_a:pw@pg.example.test:6432/shop_db?sslmode=require"
+    assert remote["PGHOST"] == "pg.example.test" and remote["PGSSLMODE"] == "require"

@@ -91,3 +91,58 @@ def test_a_swarm_task_is_reached_on_the_port_bound_first_not_its_ipv6_twin():
     }
     assert published_ports(status) == {80: 32810}
     assert published_ports({}) == {}
+
+
+def test_the_registry_routes_an_instance_by_its_cluster():
+    """Instances of the default cluster (or of none: made before the registry) use the
+    configured providers; another cluster's get a provider of their own on that cluster's
+    endpoint once it is learned (ProviderUnavailable before); a self_managed cluster runs swarm."""
+    from libs.errors import ProviderUnavailable
+    from libs.ids import MAIN_CLUSTER_ID
+    from libs.settings import Settings
+    from services.instances.providers import Registry
+    from services.instances.providers.swarm import SwarmProvider
+
+    reg = Registry(Settings(providers="docker,swarm", docker_host="unix:///run/main.sock"))
+    # `main` is known without asking the clusters service (its id is fixed).
+    assert reg.knows(MAIN_CLUSTER_ID) and reg.on_configured(MAIN_CLUSTER_ID)
+    reg.learn("c-main", "unix:///run/main.sock", default=True)
+    assert reg.on_configured("") and reg.on_configured("c-main")
+    assert reg.cluster_kinds("c-main", "local") == ["docker", "swarm"]
+    assert not reg.knows("c-swarm")
+    with pytest.raises(ProviderUnavailable):
+        reg.get("swarm", "c-swarm")
+    reg.learn("c-swarm", "unix:///run/other.sock")
+    assert reg.knows("c-swarm") and not reg.on_configured("c-swarm") and reg.has("swarm", "c-swarm")
+    assert reg.cluster_kinds("c-swarm", "self_managed") == ["swarm"]
+    p = reg.get("swarm", "c-swarm")
+    assert isinstance(p, SwarmProvider) and p._url == "unix:///run/other.sock"
+    assert reg.get("swarm", "c-swarm") is p
+    reg.learn("c-swarm", "unix:///run/moved.sock")  # a new endpoint: a new provider
+    moved = reg.get("swarm", "c-swarm")
+    assert isinstance(moved, SwarmProvider) and moved._url == "unix:///run/moved.sock"
+    # A local cluster registered again with the configured engine is the configured providers'.
+    reg.learn("c-again", "unix:///run/main.sock")
+    assert reg.on_configured("c-again")
+
+
+def test_only_a_container_bound_to_the_gateway_socket_gets_it_mounted(tmp_path):
+    """The docker provider mounts the gateway's socket directory at /run/ctrlmesh/pg exactly when
+    the injected PGHOST names it, and never for a remote engine (a bind mount names a path on
+    the engine's host)."""
+    from services.instances.providers.base import GroupSpec, Injection
+    from services.instances.providers.docker import DockerProvider
+
+    svc = {"name": "main", "image": "img", "resources": {}, "ports": []}
+
+    def mounts(url: str, env: dict[str, str]) -> list[dict[str, object]]:
+        p = DockerProvider(url, pull=False, stop_timeout=1, pg_socket_dir=tmp_path)
+        g = GroupSpec("inst_x", "ten_x", "rel_x", svc, secrets=Injection(env=env))
+        return list(p._config(g, 0)["HostConfig"].get("Mounts", []))
+
+    bound = {"PGHOST": "/run/ctrlmesh/pg", "PGPORT": "6432"}
+    assert mounts("unix:///var/run/docker.sock", bound) == [
+        {"Type": "bind", "Source": str(tmp_path), "Target": "/run/ctrlmesh/pg"}
+    ]
+    assert mounts("unix:///var/run/docker.sock", {"PGHOST": "db.example.test"}) == []
+    assert mounts("tcp://10.0.0.5:2376", bound) == []

@@ -15,15 +15,15 @@ if TYPE_CHECKING:
 
 
 async def delete(rc: Reconciler, inst: Instance, dep: Deployment | None) -> bool:
-    name = inst.provider_name
-    if rc.registry.has(name):
-        removed = await rc.registry.get(name).remove_all(inst.id)
+    name, cluster = inst.provider_name, inst.cluster_id
+    if rc.registry.has(name, cluster):
+        removed = await rc.registry.get(name, cluster).remove_all(inst.id)
         # A second look: a replica being created while we removed would be left behind.
         if removed:
-            await rc.registry.get(name).remove_all(inst.id)
+            await rc.registry.get(name, cluster).remove_all(inst.id)
         warning = ""
-    elif name in rc.registry.configured:
-        return False  # its engine is away; keep `destroying` and try again later
+    elif name in rc.registry.configured or not rc.registry.on_configured(cluster):
+        return False  # its engine is away (or not known yet); keep `destroying`, try again later
     else:
         warning = f"provider {name!r} is no longer configured; engine resources not removed"
     async with rc.outbox.session() as s:

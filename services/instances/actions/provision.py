@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 async def provision(rc: Reconciler, inst: Instance, dep: Deployment | None) -> bool:
     # Placement first (the clusters service: every node drained holds the instance here, with
     # the reason; the reconciler's periodic pass asks again).
-    reason = await rc.placement(inst.provider_name) if rc.placement else ""
+    reason = await rc.placement(inst.provider_name, inst.cluster_id) if rc.placement else ""
     if reason:
         if inst.last_error != reason:
             async with rc.db.session() as s:

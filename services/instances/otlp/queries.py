@@ -276,10 +276,14 @@ class Queries:
             ).scalar_one()
         return int(n)
 
-    async def running(self) -> list[tuple[str, str, str]]:
-        """(id, tenant_id, provider_name) of every running instance: what the sampler visits."""
+    async def running(self) -> list[tuple[str, str, str, str]]:
+        """(id, tenant_id, provider_name, cluster_id) of every running instance: what the
+        sampler visits."""
         async with self.db.session() as s:
             rows = await s.execute(
-                text(f"SELECT id, tenant_id, provider_name FROM {S}.instances WHERE state = 'running'")
+                text(
+                    f"SELECT id, tenant_id, provider_name, cluster_id FROM {S}.instances"
+                    " WHERE state = 'running'"
+                )
             )
-            return [(r[0], r[1], r[2]) for r in rows]
+            return [(r[0], r[1], r[2], r[3]) for r in rows]

@@ -12,7 +12,9 @@ their own per container under `CTRLMESH_SECRETS_RUNTIME_DIR` (default /dev/shm/c
 which must be a tmpfs, and that directory is bind-mounted read-only at /run/secrets: the values
 live in memory, never on the host's disk, and go when the container does. (A bind mount names a
 path on the engine's host, so file secrets need the engine on this host: a unix socket.)
-Registry credentials go with pulls as X-Registry-Auth. A stopped replica whose secrets changed is
+A container whose injected `PGHOST` is /run/ctrlmesh/pg (a binding to a managed database) gets
+the PG Gateway's socket directory bind-mounted there, its way to the gateway that never leaves
+the host (libs/pg_socket.py). Registry credentials go with pulls as X-Registry-Auth. A stopped replica whose secrets changed is
 created anew rather than started again, so a restart runs with the current versions.
 """
 
@@ -32,6 +34,7 @@ from typing import Any
 import aiodocker
 from aiodocker.exceptions import DockerError
 
+from libs import pg_socket
 from services.instances.providers.base import (
     CAPABILITIES,
     GroupSpec,
@@ -127,6 +130,7 @@ class DockerProvider:
         stop_timeout: float,
         name: str = "docker",
         secrets_dir: Path = Path("/dev/shm/ctrlmesh-secrets"),
+        pg_socket_dir: Path | None = None,
     ):
         self.name = name
         self._url = url
@@ -134,6 +138,9 @@ class DockerProvider:
         self._stop_timeout = max(0, round(stop_timeout))
         self._docker: aiodocker.Docker | None = None
         self._secrets_dir = secrets_dir
+        # The PG Gateway's socket directory, mounted into containers bound to a managed database
+        # (libs/pg_socket.py); a bind mount names a path on the engine's host: local engines only.
+        self._pg_socket_dir = pg_socket_dir if not url or url.startswith("unix://") else None
 
     @property
     def docker(self) -> aiodocker.Docker:
@@ -244,10 +251,16 @@ class DockerProvider:
             "PortBindings": bindings,
             "Init": True,
         }
+        mounts = []
         if files is not None:
-            host["Mounts"] = [
-                {"Type": "bind", "Source": str(files), "Target": SECRETS_MOUNT, "ReadOnly": True}
-            ]
+            mounts.append({"Type": "bind", "Source": str(files), "Target": SECRETS_MOUNT, "ReadOnly": True})
+        if self._pg_socket_dir is not None and pg_socket.wants_mount(group.secrets.env):
+            # Read-write: connecting to a Unix socket is a write to it.
+            mounts.append(
+                {"Type": "bind", "Source": str(self._pg_socket_dir), "Target": pg_socket.CONTAINER_DIR}
+            )
+        if mounts:
+            host["Mounts"] = mounts
         config: dict[str, Any] = {
             "Image": svc["image"],
             "Env": container_env(svc, group.secrets),

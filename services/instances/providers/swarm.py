@@ -74,7 +74,11 @@ class SwarmProvider(DockerProvider):
         stop_timeout: float,
         name: str = "swarm",
         secrets_dir: Path = Path("/dev/shm/ctrlmesh-secrets"),
+        pg_socket_dir: Path | None = None,
     ):
+        # A swarm's tasks land on any node, where the gateway's socket is not: its apps reach
+        # the gateway over TCP (with TLS) at its advertised address, so `pg_socket_dir` is unused.
+        del pg_socket_dir
         super().__init__(url, pull=pull, stop_timeout=stop_timeout, name=name, secrets_dir=secrets_dir)
         self._stop_grace = int(max(1.0, stop_timeout) * _NS)
 
