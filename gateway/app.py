@@ -28,6 +28,7 @@ from starlette.routing import request_response
 from gateway import errors
 from gateway.auth import INVALIDATE_KEY, Authenticator
 from gateway.openapi import build_openapi
+from gateway.refusals import Refusals
 from gateway.routes import PUBLIC_ROUTES, Route, Router, load_routes
 from gateway.transcode import build_request, to_json
 from libs.clients import Channels, Signer
@@ -150,6 +151,7 @@ class Edge:
         self.router = Router(load_routes())
         self.auth = Authenticator(channels, signer, settings.auth_cache_ttl.total_seconds())
         self.openapi = build_openapi(self.router.routes, settings.version)
+        self.refusals = Refusals(channels, signer)
         # The edge's own handlers by (method, path), set by create_app.
         self.own: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {}
 
@@ -262,6 +264,7 @@ class Edge:
         return _grpc_timeout(request.headers.get("grpc-timeout"), default.total_seconds())
 
     async def _handle(self, request: Request, route: Route, params: dict[str, str]) -> Response:
+        principal = None
         try:
             principal = await self._principal(request, route)
             trace.get_current_span().set_attribute(ATTR_PRINCIPAL, principal.key_id)
@@ -285,6 +288,8 @@ class Edge:
             ):
                 setattr(msg, "last_event_id", request.headers["last-event-id"])  # noqa: B010  # the message type is only known from the descriptor
         except CtrlmeshError as err:
+            # Refused before the RPC: the audit entry the service would have written.
+            await self.refusals.record(route, principal, params, err)
             status, payload = errors.from_ctrlmesh(err)
             return JSONResponse(payload, status_code=status)
         except grpc.aio.AioRpcError as err:
