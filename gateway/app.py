@@ -42,6 +42,7 @@ from libs.errors import (
 )
 from libs.grpc_server import STREAM_OPEN_KEY
 from libs.settings import SERVICES, Settings
+from libs.supervision import read_status
 from libs.telemetry import ATTR_PRINCIPAL, ATTR_ROUTE, ATTR_TENANT, scrub_server_span
 
 log = logging.getLogger("ctrlmesh.edge")
@@ -412,6 +413,11 @@ class Edge:
                 return name, grpc.StatusCode.DEADLINE_EXCEEDED.name
 
         results = dict(await asyncio.gather(*(check(s) for s in SERVICES)))
+        # The launcher's view: the processes not probed here (the PG Gateway, Caddy), and for a
+        # service that does not answer, whether it is being restarted or was given up on.
+        for name, state in read_status(self.settings.data_dir).items():
+            if name != "edge" and results.get(name) != "SERVING":
+                results[name] = state.upper()
         failing = {k: v for k, v in results.items() if v != "SERVING"}
         if not failing:
             return JSONResponse({"status": "healthy", "version": self.settings.version})
