@@ -27,6 +27,7 @@ from starlette.routing import request_response
 from gateway import errors
 from gateway.auth import INVALIDATE_KEY, Authenticator
 from gateway.openapi import build_openapi
+from gateway.refusals import Refusals
 from gateway.routes import PUBLIC_ROUTES, Route, Router, load_routes
 from gateway.transcode import build_request, to_json
 from libs.clients import Channels, Signer
@@ -40,6 +41,7 @@ from libs.errors import (
 )
 from libs.grpc_server import STREAM_OPEN_KEY
 from libs.settings import SERVICES, Settings
+from libs.supervision import read_status
 from libs.telemetry import ATTR_PRINCIPAL, ATTR_ROUTE, ATTR_TENANT, AsgiTracing, name_server_span
 
 log = logging.getLogger("ctrlmesh.edge")
@@ -149,6 +151,7 @@ class Edge:
         self.router = Router(load_routes())
         self.auth = Authenticator(channels, signer, settings.auth_cache_ttl.total_seconds())
         self.openapi = build_openapi(self.router.routes, settings.version)
+        self.refusals = Refusals(channels, signer)
         # The edge's own handlers by (method, path), set by create_app.
         self.own: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {}
         self._own_methods: dict[str, list[str]] = {}
@@ -270,6 +273,7 @@ class Edge:
         return _grpc_timeout(request.headers.get("grpc-timeout"), default.total_seconds())
 
     async def _handle(self, request: Request, route: Route, params: dict[str, str]) -> Response:
+        principal = None
         try:
             principal = await self._principal(request, route)
             trace.get_current_span().set_attribute(ATTR_PRINCIPAL, principal.key_id)
@@ -293,6 +297,8 @@ class Edge:
             ):
                 setattr(msg, "last_event_id", request.headers["last-event-id"])  # noqa: B010  # the message type is only known from the descriptor
         except CtrlmeshError as err:
+            # Refused before the RPC: the audit entry the service would have written.
+            await self.refusals.record(route, principal, params, err)
             status, payload = errors.from_ctrlmesh(err)
             return JSONResponse(payload, status_code=status)
         except grpc.aio.AioRpcError as err:
@@ -415,6 +421,11 @@ class Edge:
                 return name, grpc.StatusCode.DEADLINE_EXCEEDED.name
 
         results = dict(await asyncio.gather(*(check(s) for s in SERVICES)))
+        # The launcher's view: the processes not probed here (the PG Gateway, Caddy), and for a
+        # service that does not answer, whether it is being restarted or was given up on.
+        for name, state in read_status(self.settings.data_dir).items():
+            if name != "edge" and results.get(name) != "SERVING":
+                results[name] = state.upper()
         failing = {k: v for k, v in results.items() if v != "SERVING"}
         if not failing:
             return JSONResponse({"status": "healthy", "version": self.settings.version})

@@ -9,7 +9,10 @@ process it started — services first, then PostgreSQL — leaving nothing behin
 Supervision: a process that dies while the mesh runs is started again after a backoff
 (CTRLMESH_RESTART_BACKOFF doubling up to CTRLMESH_RESTART_BACKOFF_MAX); one that needs more than
 CTRLMESH_RESTART_LIMIT restarts within CTRLMESH_RESTART_WINDOW is logged as failed and left
-stopped, and the rest keeps serving (the edge's /health then names it). The pid of each running
+stopped, and the rest keeps serving. The supervisor's view is in `<data_dir>/run/status.json`
+(libs/supervision.py): each process that is `restarting` or `failed`; the edge's /health reads
+it, so it names a PG Gateway or a Caddy that is down too, and tells one being restarted from one
+given up on. The pid of each running
 process is in `<data_dir>/run/<name>.pid` (name: a service, `caddy`, `edge` or `pggateway`), replaced on
 each restart and absent while the process is down; `<data_dir>/run.pids` lists them all.
 """
@@ -39,6 +42,7 @@ from libs import keys
 from libs.caddy import bootstrap_config
 from libs.embedded_pg import EmbeddedPostgres
 from libs.settings import SERVICES, Settings
+from libs.supervision import FAILED, RESTARTING, write_status
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY_FILE = "admin-api-key"
@@ -214,6 +218,8 @@ class Launcher:
         keys.keyring(s)
         key_file = s.data_dir / ADMIN_KEY_FILE
         key_existed = key_file.exists()
+        # A status left by an earlier run would name processes that are starting afresh.
+        write_status(s.data_dir, {})
         if not s.ingress_admin_url:
             self._spawn_caddy()
         for name in SERVICES:
@@ -289,7 +295,12 @@ class Launcher:
         restart_at: dict[str, float] = {}  # name → when to start it again
         down_since: dict[str, float] = {}  # name → when it exited, until it serves again
         failed: set[str] = set()
+        published: dict[str, str] = {}
         while not stop["sig"]:
+            states = {n: RESTARTING for n in (*restart_at, *down_since)} | {n: FAILED for n in failed}
+            if states != published:
+                write_status(self.settings.data_dir, states)
+                published = states
             now = time.monotonic()
             for name, p in self.procs.items():
                 if name in restart_at or name in failed or p.poll() is None:

@@ -129,9 +129,15 @@ class TemplatesDomain:
         name = name or f"{t.slug}-{pysecrets.token_hex(3)}"
         req = self.create_request(t, values, name, "" if p.scope == "tenant" else tenant_id, deploy)
         undo: list[Callable[[], Awaitable[None]]] = []
+        # Journaled: a process killed half-way leaves its app and database to the next start to
+        # undo, as the failure path below does in process (services/clusters/intents.py).
+        intent = await self.managed.intents.begin(
+            "instantiate", p.tenant_id if p.scope == "tenant" else tenant_id, app_name=name
+        )
         try:
             app = await self.instances.create(p, req)
             undo.append(lambda: self.instances.delete(p, app.id))
+            await self.managed.intents.note(intent, app_id=app.id)
             database: View | None = None
             if t.database:
                 async with self.db.session() as s:
@@ -147,6 +153,7 @@ class TemplatesDomain:
                 )
                 md_id = database.row.id
                 undo.append(lambda: self.managed.delete(p, md_id, force=True))
+                await self.managed.intents.note(intent, pg_name=database.row.pg_name)
                 database = await self.managed.bind(p, md_id, app.id, restart=False)
             deployment = None
             if deploy:
@@ -164,11 +171,13 @@ class TemplatesDomain:
                     await step()
                 except Exception:
                     log.warning("undoing a half-made instantiation of %s failed", t.slug, exc_info=True)
+            await self.managed.intents.finish(intent)
             raise
         tenant = await self.managed.accounts.resolve_tenant(
             principals.system_principal("clusters"), app.tenant_id
         )
         async with self.outbox.session() as s:
+            await self.managed.intents.finish_in(s, intent)
             await events.publish(
                 self.outbox,
                 s,

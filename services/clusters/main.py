@@ -4,12 +4,15 @@ Serves the Zectre surface (ClusterService, NodeService, ManagedDatabaseService, 
 PlatformService), its EventStreamService and the internal TenantResourcesService, and runs two
 loops: the node heartbeat, which asks every cluster's engine for its nodes every
 `CTRLMESH_NODE_POLL_INTERVAL`, and the follower of credential rotations, which gives every bound
-app its tenant's new password and rolls it. At start it registers the `local` cluster `main` for the
+app its tenant's new password and rolls it; once at start it undoes the operations a dead
+process left half-made (services/clusters/intents.py). At start it registers the `local` cluster `main` for the
 configured Docker engine.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 
 import grpc
@@ -22,10 +25,13 @@ from libs.tenant_resources import Count, Spec, register_resources
 from services.clusters import servicer
 from services.clusters.apps import TemplatesDomain
 from services.clusters.domain import ClustersDomain
+from services.clusters.intents import Intents
 from services.clusters.managed import Connection, InstanceSecrets, ManagedDatabases
 from services.clusters.models import SCHEMA, managed_databases, outbox
 from services.clusters.peers import Accounts, Databases, Instances, Secrets
 from services.clusters.platform import Platform, server_versions
+
+log = logging.getLogger("ctrlmesh.clusters")
 
 
 def spec() -> Spec:
@@ -44,6 +50,7 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
     # A create runs initdb: seconds, not the default deadline's fraction of one.
     databases = Databases(rt.channels, rt.signer, timeout=30)
     instances = Instances(rt.channels, rt.signer, timeout=15)
+    intents = Intents(rt.db, databases, instances)
     clusters = ClustersDomain(
         rt.db,
         box,
@@ -65,15 +72,36 @@ async def build(rt: Runtime) -> tuple[Service, AuditSink | None]:
         ),
         gateway=Connection(s.public_pg_host, s.pg_port, socket=s.pg_socket_path() is not None),
         versions=server_versions(),
+        intents=intents,
     )
     templates = TemplatesDomain(rt.db, box, instances, managed)
     platform = Platform(rt.db, s, accounts, databases, instances)
 
+    undoing: list[asyncio.Task[None]] = []
+
     async def on_start() -> None:
         await clusters.register_local()
+        # Before serving: a client retrying the request the dead process was in must not race
+        # the undo of its half-made first try. Bounded, so a peer still starting cannot hold
+        # the service down; the pass then goes on in the background.
+        task = asyncio.create_task(recover())
+        undoing.append(task)
+        done, _ = await asyncio.wait({task}, timeout=30)
+        if not done:
+            log.warning("still undoing the operations of a dead process; serving meanwhile")
 
     async def heartbeat() -> None:
         await every("node heartbeat", clusters.poll_interval, clusters.poll, first=0)
+
+    async def recover() -> None:
+        # Until one pass succeeds (the services it calls may still be starting), then done.
+        while True:
+            try:
+                await intents.recover()
+                return
+            except Exception:
+                log.warning("undoing the operations of a dead process failed; retrying", exc_info=True)
+                await asyncio.sleep(1)
 
     def register(server: grpc.aio.Server) -> list[str]:
         return [

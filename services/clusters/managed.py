@@ -38,6 +38,7 @@ from libs.ids import is_uuid
 from libs.outbox import Outbox
 from services.clusters import events
 from services.clusters import repository as repo
+from services.clusters.intents import Intents
 from services.clusters.peers import Accounts, Databases, Instances
 from services.clusters.peers import Secrets as SecretsPeer
 from services.clusters.repository import ManagedRow, Scope
@@ -131,8 +132,10 @@ class ManagedDatabases:
         *,
         gateway: Connection,
         versions: tuple[str, ...],
+        intents: Intents,
     ):
         self.db = db
+        self.intents = intents
         self.outbox = outbox
         self.accounts = accounts
         self.databases = databases
@@ -194,9 +197,17 @@ class ManagedDatabases:
         async with self.db.session() as s:
             if await repo.managed_names_taken(s, tid, pname):
                 raise AlreadyExists(f"a managed database named {name!r} exists", details={"name": name})
-        backing = await self.databases.create(p, tid, pname)
+        # Journaled: a process killed between the backing database and our row leaves no
+        # database that nothing names (the next start deletes it).
+        intent = await self.intents.begin("managed_create", tid, pg_name=pname)
+        try:
+            backing = await self.databases.create(p, tid, pname)
+        except BaseException:
+            await self.intents.finish(intent)
+            raise
         try:
             async with self.outbox.session() as s:
+                await self.intents.finish_in(s, intent)
                 # One UUID for both: the managed database is its serverless database.
                 row = await repo.insert_managed(
                     s,
@@ -224,6 +235,7 @@ class ManagedDatabases:
                 )
         except Exception:
             await self.databases.delete(tid, pname)
+            await self.intents.finish(intent)
             raise
         return View(row, STATUS.get(backing.state, "creating"), await self._pg_user(row))
 

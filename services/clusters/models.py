@@ -2,7 +2,7 @@
 Zectre managed databases (each a pointer at a serverless database of the databases service plus
 its binding). Templates are files (services/clusters/templates/), not rows. Rows never leave the
 service: the servicer maps them to protos. Migrations (frozen once written): 0001 the outbox,
-0002 these tables.
+0002 these tables, 0003 the intents.
 """
 
 from __future__ import annotations
@@ -90,4 +90,23 @@ managed_databases = Table(
     Column("updated_at", TS, nullable=False),
     UniqueConstraint("tenant_id", "pg_name", name="uq_managed_databases_name"),
     Index("ix_managed_databases_app", "app_id"),
+)
+
+# The journal of operations that span services (a managed database's backing database, a
+# template's app and database): written before the first remote step, deleted in the
+# transaction that records the outcome. A row left behind is an operation its process died in;
+# the next start undoes what it made (services/clusters/intents.py).
+intents = Table(
+    "intents",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    # "managed_create" or "instantiate"
+    Column("kind", String(32), nullable=False),
+    Column("tenant_id", String(64), nullable=False),
+    # The app an instantiation makes (its name is known before the call that creates it).
+    Column("app_name", String(255)),
+    Column("app_id", String(64)),
+    # The backing database of a managed database, by its name in the tenant.
+    Column("pg_name", String(63)),
+    Column("created_at", TS, nullable=False),
 )

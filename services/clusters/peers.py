@@ -71,6 +71,17 @@ class Databases(Peer):
         except NotFound:
             return None
 
+    async def get_named(self, tenant_id: str, name: str) -> databases_pb2.Database | None:
+        """The tenant's database of that name; None if there is none."""
+        from libs.errors import NotFound
+
+        try:
+            return await self.call(
+                self._stub().GetDatabase, databases_pb2.GetDatabaseRequest(tenant=tenant_id, db=name)
+            )
+        except NotFound:
+            return None
+
     async def delete(self, tenant_id: str, name: str) -> None:
         from libs.errors import NotFound
 

@@ -1,7 +1,9 @@
-"""Crashes and stops under load: `kill -9` of the databases and instances services in the middle of
-their long operations (5 rounds each; bench/chaos.py runs 20), and SIGTERM of the edge while 16
-clients hammer it. The launcher restarts what dies; the platform keeps serving, every operation
-converges, nothing is duplicated or left behind."""
+"""Crashes and stops under load: `kill -9` of a service in the middle of its long operations, 5
+rounds of each (CTRLMESH_CHAOS_ROUNDS; bench/chaos.py runs 20): databases during a create, a
+delete and a compute boot, and during a live handoff; accounts during a tenant's cascade delete;
+instances during a deploy and an instance delete; network while a certificate is being issued by
+Pebble; and SIGTERM of the edge while 16 clients hammer it. The launcher restarts what dies; the
+platform keeps serving, every operation converges, nothing is duplicated or left behind."""
 
 from __future__ import annotations
 
@@ -15,21 +17,40 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.fixtures.acme import Pebble
 from tests.fixtures.api import unique
-from tests.fixtures.chaos import CHAOS_ENV, DatabaseChaos, InstanceChaos, TenantChaos
+from tests.fixtures.chaos import (
+    CHAOS_ENV,
+    CertificateChaos,
+    ClustersChaos,
+    DatabaseChaos,
+    HandoffChaos,
+    InstanceChaos,
+    TenantChaos,
+    pebble_env,
+)
+from tests.fixtures.dns import DnsServer
 from tests.fixtures.instances import MESH_ENV
-from tests.fixtures.mesh import Mesh
+from tests.fixtures.mesh import Mesh, free_port
 
 pytestmark = [pytest.mark.e2e]
 
 # Rounds per operation in the suite (bench/chaos.py runs 20).
-ROUNDS = int(os.environ.get("CTRLMESH_CHAOS_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("CTRLMESH_CHAOS_ROUNDS", "5"))
 
 
 @pytest.fixture(scope="module")
-def chaos_mesh(module_mesh_builder: Any, docker_host: str) -> Mesh:
-    """A private mesh (its services get killed) on the test engine, restarting at once."""
-    return module_mesh_builder(DOCKER_HOST=docker_host, **MESH_ENV, **CHAOS_ENV)  # type: ignore[no-any-return]
+def pebble(pebble_factory: Any) -> Pebble:
+    return pebble_factory(free_port())  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def chaos_mesh(module_mesh_builder: Any, docker_host: str, pebble: Pebble, dns_server: DnsServer) -> Mesh:
+    """A private mesh (its services get killed) on the test engine, restarting at once, issuing
+    certificates from Pebble."""
+    return module_mesh_builder(  # type: ignore[no-any-return]
+        DOCKER_HOST=docker_host, **MESH_ENV, **CHAOS_ENV, **pebble_env(pebble, dns_server.address)
+    )
 
 
 @pytest.mark.timeout(300)
@@ -57,6 +78,49 @@ def test_kill9_of_instances_during_deploy_and_delete_converges(chaos_mesh, docke
     finally:
         chaos.close()
     assert all(r.checks["accounts answered"] == 200 for r in results), [r.checks for r in results]
+
+
+@pytest.mark.timeout(300)
+def test_kill9_of_databases_mid_handoff_converges(chaos_mesh):
+    """Each round: a live handoff to the other profile under a committing client, then `kill -9`
+    of databases as soon as it leaves STEADY: the database ends ready on exactly one writer, in
+    the target profile (the old one if the handoff failed), with every acknowledged commit."""
+    chaos = HandoffChaos(chaos_mesh)
+    results = [chaos.round() for _ in range(ROUNDS)]
+    # The kills landed inside the handoff, not before or after it.
+    assert all(r.checks["states at kill"]["handoff"] != "STEADY" for r in results), [
+        r.checks for r in results
+    ]
+
+
+@pytest.mark.timeout(300)
+def test_kill9_of_network_during_certificate_issuance_converges(chaos_mesh, pebble, dns_server):
+    """Each round: a verified domain asks Pebble for its certificate, then `kill -9` of network
+    while the order is being validated: after the restart exactly one certificate is issued and
+    recorded for the domain, and the ingress serves it (valid for the hostname)."""
+    chaos = CertificateChaos(chaos_mesh, dns_server.zone, pebble.root_pem())
+    try:
+        results = [chaos.round() for _ in range(ROUNDS)]
+    finally:
+        chaos.close()
+    assert all(r.checks["instance answered"] == 200 for r in results), [r.checks for r in results]
+    assert any(r.checks["states at kill"]["certificate"] == "challenge published" for r in results), [
+        r.checks for r in results
+    ]
+
+
+@pytest.mark.timeout(300)
+def test_kill9_of_clusters_during_a_managed_create_and_an_instantiate_converges(chaos_mesh):
+    """Each round: a managed-database create and a template instantiation with a database in
+    flight, then `kill -9` of clusters: what got no 201 is sent again; each name ends with exactly
+    one managed database, the app bound to its own, no backing database or app without one."""
+    chaos = ClustersChaos(chaos_mesh)
+    results = [chaos.round() for _ in range(ROUNDS)]
+    assert all(r.checks["accounts answered"] == 200 for r in results), [r.checks for r in results]
+    # The kills landed inside the instantiation (its app made, no answer yet).
+    assert any(r.checks["states at kill"]["instantiate"] == "app made" for r in results), [
+        r.checks for r in results
+    ]
 
 
 @pytest.mark.timeout(180)

@@ -5,9 +5,8 @@ the same call with a random id, and changes nothing of A's.
 Nothing here lists routes by hand. `gateway.routes.load_routes()` gives every route the edge
 serves; each path variable is mapped to a resource kind by (the literal segment before it, its
 name). A route whose variable maps to no kind fails the test, so a new route cannot skip the
-matrix. A kind with no real resource yet (the network and Zectre services are not built) is in
-the matrix too: today its routes must answer 501 both ways; the day one answers anything else,
-the test fails until a builder for that kind makes a real resource of A's.
+matrix, and a tenant-owned kind with no real resource of A's fails it too. A streaming route
+(SSE) resolves its resource before any byte, so a foreign one is a 404, exactly like a random id.
 """
 
 from __future__ import annotations
@@ -375,15 +374,14 @@ def test_foreign_resources_answer_like_random_ids_and_stay_unchanged(imesh, vict
                 failures.append(
                     f"{where}: A's → {t_status} {t_body[:300]!r}; random → {n_status} {n_body[:300]!r}"
                 )
-            if not buildable and t_status != 501:
+            if not buildable:
                 failures.append(
-                    f"{where}: answers {t_status}, not 501: it has logic now, so build a real "
-                    f"{[k for k, v in real.items() if v is None]} of tenant A in the victim fixture"
+                    f"{where}: no real {[k for k, v in real.items() if v is None]} of tenant A: "
+                    "build one in the victim fixture"
                 )
-            if route.streaming and t_status == 200:
-                # Today's streams open before resolving the resource; what they send must be the error.
-                if "event: error" not in t_body:
-                    failures.append(f"{where}: a stream of A's resource sent {t_body[:300]!r}")
+            if route.streaming and t_status != 404:
+                # A stream resolves the resource first: a foreign one is 404 before any SSE byte.
+                failures.append(f"{where}: a stream of A's resource answered {t_status} {t_body[:300]!r}")
             elif t_status not in LOOKUP_STATUSES:
                 failures.append(
                     f"{where}: {t_status} {t_body[:200]!r} does not show the lookup was reached; "

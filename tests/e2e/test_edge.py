@@ -14,7 +14,7 @@ from ctrlmesh.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 from openapi_spec_validator import validate
 
 from libs import principal as principals
-from tests.fixtures.api import grpc_call, unique
+from tests.fixtures.api import create_account, grpc_call, unique
 from tests.fixtures.mesh import ROOT, free_block
 
 pytestmark = pytest.mark.e2e
@@ -262,6 +262,35 @@ def test_refused_requests_keep_their_audit_entry(mesh):
             break
         time.sleep(0.2)
     assert mine and mine[0]["outcome"] == "failure" and mine[0]["reason"] == "BadRequest", items[:3]
+
+
+def test_requests_the_edge_refuses_itself_are_audited(mesh):
+    """Refusals the edge makes before any RPC (invalid UTF-8 in the path, 415, 413, JSON too deep)
+    on routes with an audit rule are in the audit log with outcome failure and the reason."""
+    _, key = create_account(mesh)
+    c = mesh.client(key)
+    key_id = c.get("/v2/api-keys/me").json()["id"]
+    as_json = {"Content-Type": "application/json"}
+    answers = [
+        c.post("/v2/tenants/%FF%FE/credentials/rotate"),
+        c.post("/v2/tenants", content=b'{"name": "plain_x"}', headers={"Content-Type": "text/plain"}),
+        c.post("/v2/tenants", content=b'{"name": "' + b"a" * (2 * 1024 * 1024) + b'"}', headers=as_json),
+        c.post("/v2/tenants", content=b"[" * 100 + b"]" * 100, headers=as_json),
+    ]
+    assert [r.status_code for r in answers] == [400, 415, 413, 400], [r.text[:200] for r in answers]
+    deadline = time.monotonic() + 10
+    while True:
+        items = mesh.admin().get("/v1/admin/audit", params={"actor_id": key_id}).json()["items"]
+        if len(items) >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    got = sorted((e["resource"], e["action"], e["outcome"], e["reason"], e["actor_type"]) for e in items)
+    assert got == [
+        ("tenant", "create", "failure", "BadRequest", "api_key"),
+        ("tenant", "create", "failure", "PayloadTooLarge", "api_key"),
+        ("tenant", "create", "failure", "UnsupportedMediaType", "api_key"),
+        ("tenant", "rotate_credentials", "failure", "BadRequest", "api_key"),
+    ], items
 
 
 def _send_partial_body(mesh, framing: bytes, body: bytes) -> bytes:

@@ -4,15 +4,16 @@ platform writes to is searched for them: zero hits.
 The canaries are the tenant's PG passwords (before and after a rotation, and a wrong one a user
 typed), API key tokens (account and tenant keys, one sent as `?token=`, one revoked, one that
 was never valid), instance secret values (env and file, set, rotated and injected), and the
-platform's own secrets (the internal signing secret, the embedded PostgreSQL superuser password,
-the PG Gateway's TLS private keys). The sinks are the captured output of every process at DEBUG level, every log file the
+platform's own secrets (the internal signing secret, the envelope-encryption KEK, the embedded
+PostgreSQL superuser password, the PG Gateway's TLS private keys), and the certificate keys: the
+private key of a domain certificate issued by Pebble (a real ACME CA) and the ACME account key,
+both read back from their encrypted rows with the KEK. The sinks are the captured output of every process at DEBUG level, every log file the
 mesh wrote, the OTLP trace export, every `/metrics` page, a `pg_dumpall` of the control-plane
 PostgreSQL and every API answer about the secrets.
 
 The instances' secret values (env and file) are set, rotated and injected into a real container
 by a rollout, and every answer of the API about them is searched too. To cover a new kind of
-secret (certificate keys once they exist), add an exercise that sends it through its routes and
-adds its canaries.
+secret, add an exercise that sends it through its routes and adds its canaries.
 """
 
 from __future__ import annotations
@@ -25,18 +26,22 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 import psycopg
 import pytest
 
+from libs.crypto import Keyring
 from libs.embedded_pg import PASSWORD_FILE, find_pg_bindir
 from libs.settings import SERVICES
+from tests.fixtures.acme import Pebble
 from tests.fixtures.api import create_account, unique
+from tests.fixtures.dns import DnsServer
 from tests.fixtures.docker import engine_containers
-from tests.fixtures.instances import MESH_ENV, create_running, make_tenant, wait_deployment
-from tests.fixtures.mesh import Mesh
+from tests.fixtures.instances import MESH_ENV, create_running, make_tenant, wait_deployment, wait_for
+from tests.fixtures.mesh import Mesh, free_port
 from tests.fixtures.otlp import Collector
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -56,21 +61,40 @@ class Canaries:
 
 @pytest.fixture(scope="module")
 def canary_mesh(
-    module_mesh_builder: Callable[..., Mesh], docker_host: str
+    module_mesh_builder: Callable[..., Mesh],
+    docker_host: str,
+    pebble_factory: Callable[[int], Pebble],
+    dns_server: DnsServer,
 ) -> Iterator[tuple[Mesh, Collector]]:
     """A private mesh at DEBUG log level, exporting traces to an in-test OTLP receiver, with the
-    instances service on the test engine (secret values go through a real rollout)."""
+    instances service on the test engine (secret values go through a real rollout) and Pebble as
+    its ACME CA behind a real DNS server (a certificate is really issued)."""
     collector = Collector()
+    http = free_port()
+    pebble = pebble_factory(http)
     m = module_mesh_builder(
         CTRLMESH_LOG_LEVEL="DEBUG",
         CTRLMESH_IDLE_TIMEOUT="60s",
         DOCKER_HOST=docker_host,
         **MESH_ENV,
         **collector.start(),
+        CTRLMESH_INGRESS_HTTP_PORT=str(http),
+        CTRLMESH_INGRESS_HTTPS_PORT=str(free_port()),
+        CTRLMESH_INGRESS_ADMIN_PORT=str(free_port()),
+        CTRLMESH_DNS_RESOLVER=dns_server.address,
+        CTRLMESH_ACME_DIRECTORY=pebble.directory,
+        CTRLMESH_ACME_CA_BUNDLE=str(pebble.ca_bundle),
+        CTRLMESH_ACME_EMAIL="ops@example.test",
+        CTRLMESH_ACME_RETRY="1s",
     )
     m.env["DOCKER_HOST"] = docker_host
+    DNS.append(dns_server)
     yield m, collector
     collector.stop()
+
+
+# The test zone's server, for the certificate exercise (exercises take the mesh and canaries only).
+DNS: list[DnsServer] = []
 
 
 def _dsn(mesh: Mesh, user: str, password: str, db: str = "app") -> str:
@@ -191,6 +215,72 @@ def exercise_secret_values(mesh: Mesh, canaries: Canaries) -> None:
     )
 
 
+def exercise_certificates(mesh: Mesh, canaries: Canaries) -> None:
+    """A domain verified through DNS gets a certificate from Pebble (which also registers the
+    platform's ACME account); the certificate's private key and the account key are read back
+    from their encrypted rows with the KEK, and every answer about the domain is kept."""
+    t = make_tenant(
+        mesh, {"max_instances": 2, "max_cpu_millis": 4000, "max_memory_mb": 4096, "max_domains": 1}
+    )
+    c = t.client()
+    iid = create_running(c)["id"]
+    host = f"{unique('canary').replace('_', '-')}.example.test"
+    DNS[0].zone.add_host(host)
+    r = c.post(f"/v1/instances/{iid}/domains", json={"hostname": host})
+    assert r.status_code == 201, r.text
+    d = r.json()
+    DNS[0].zone.set_txt(d["txt_record"], d["verify_token"])
+    answers = [r, c.post(f"/v1/domains/{d['id']}/verify", json={})]
+    assert answers[-1].status_code == 200, answers[-1].text
+    answers.append(c.post(f"/v1/domains/{d['id']}/cert", json={}))
+    assert answers[-1].status_code == 202, answers[-1].text
+    cert_id = answers[-1].json()["id"]
+
+    def listed() -> dict[str, Any]:
+        items = c.get(f"/v1/instances/{iid}/domains").json()["items"]
+        return next(x for x in items if x["id"] == d["id"])
+
+    wait_for(listed, lambda x: (x.get("certificate") or {}).get("status") == "issued", 60)
+    answers.append(c.get(f"/v1/instances/{iid}/domains"))
+    API_ANSWERS.extend(
+        f"{r.request.method} {r.request.url.path} → {r.status_code}\n{r.text}" for r in answers
+    )
+    ring = Keyring.from_b64(_kek(mesh), "k1")
+    with psycopg.connect(_control_plane_dsn(mesh)) as conn:
+        key_enc = conn.execute(
+            "select key_enc from network.certificates where id = %s", (cert_id,)
+        ).fetchone()
+        accounts = conn.execute("select directory, key_enc from network.acme_accounts").fetchall()
+    assert key_enc is not None and key_enc[0] and accounts, "nothing to read back: the search proves less"
+    _add_pem(
+        canaries,
+        "issued certificate's private key",
+        ring.decrypt_str(key_enc[0], aad=f"certificate:{cert_id}"),
+    )
+    for directory, enc in accounts:
+        _add_pem(
+            canaries,
+            f"ACME account key ({directory})",
+            ring.decrypt_str(enc, aad=f"acme-account:{directory}"),
+        )
+
+
+def _add_pem(canaries: Canaries, name: str, pem: str) -> None:
+    """A PEM body line: the key material, in the form a leak would most likely copy."""
+    body = [ln for ln in pem.splitlines() if ln and not ln.startswith("-----")]
+    assert body, f"{name} is not PEM"
+    canaries.add(name, body[0][:48])
+
+
+def _kek(mesh: Mesh) -> str:
+    return mesh.env.get("CTRLMESH_KEK") or (mesh.data_dir / "secrets" / "kek").read_text().strip()
+
+
+def _control_plane_dsn(mesh: Mesh) -> str:
+    port = mesh.env["CTRLMESH_EMBEDDED_PG_PORT"]
+    return f"postgresql://ctrlmesh:{quote(_pg_password(mesh), safe='')}@127.0.0.1:{port}/ctrlmesh"
+
+
 # Every answer the exercises kept (searched like the other sinks).
 API_ANSWERS: list[str] = []
 
@@ -198,15 +288,14 @@ API_ANSWERS: list[str] = []
 def platform_secrets(mesh: Mesh, canaries: Canaries) -> None:
     """The platform's own secrets, read from where they live on disk."""
     canaries.add("internal signing secret", mesh.internal_secret.decode())
+    canaries.add("envelope-encryption KEK", _kek(mesh))
     canaries.add("admin API key", mesh.admin_key)
     canaries.add("control-plane PG superuser password", _pg_password(mesh))
     for key_file in sorted((mesh.data_dir / "pggateway").glob("*.key")):
-        # A PEM body line: the key material, in the form a leak would most likely copy.
-        body = [ln for ln in key_file.read_text().splitlines() if ln and not ln.startswith("-----")]
-        canaries.add(f"PG Gateway TLS key {key_file.name}", body[0][:48])
+        _add_pem(canaries, f"PG Gateway TLS key {key_file.name}", key_file.read_text())
 
 
-EXERCISES = [exercise_tenant_credentials_and_keys, exercise_secret_values]
+EXERCISES = [exercise_tenant_credentials_and_keys, exercise_secret_values, exercise_certificates]
 
 
 def _cluster_dir(mesh: Mesh) -> Path:

@@ -94,8 +94,44 @@ def test_a_service_that_keeps_crashing_ends_failed_and_the_rest_serves(sup):
         lambda: (r := httpx.get(f"{sup.base_url}/health", timeout=5)).status_code == 503 and r, 10
     )
     assert health.json()["status"] == "degraded" and "network" in health.json()["failing"], health.text
-    assert set(health.json()["failing"]) == {"network"}, health.text
+    assert health.json()["failing"] == {"network": "FAILED"}, health.text
     assert c.post("/v2/tenants", json={"name": unique("sv")}).status_code == 201
+    assert sup.proc.poll() is None
+
+
+def test_health_names_a_pg_gateway_being_restarted_and_one_given_up_on(sup):
+    """The PG Gateway (no gRPC health to probe) killed: /health is 503 naming it RESTARTING
+    until it serves again, then no longer names it; killed past its restart budget: 503 naming
+    it FAILED, and the launcher keeps running."""
+
+    def failing() -> dict[str, str]:
+        r = httpx.get(f"{sup.base_url}/health", timeout=5)
+        return dict(r.json().get("failing", {})) if r.status_code == 503 else {}
+
+    before = failing()
+    assert "pggateway" not in before, before
+    pid = sup.pid("pggateway")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    seen = _until(lambda: failing().get("pggateway"), timeout=10)
+    assert seen == "RESTARTING", seen
+    pid = sup.wait_new_pid("pggateway", pid, timeout=10)
+    _until(lambda: "pggateway" not in failing(), timeout=20)
+
+    # Past the budget (the earlier tests used some of it): given up on, and /health says so.
+    def given_up() -> bool:
+        return any("pggateway FAILED" in line for line in sup.output)
+
+    for _ in range(LIMIT + 1):
+        if given_up():
+            break
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        _until(lambda old=pid: given_up() or (sup.pid("pggateway") or old) != old, timeout=10)
+        pid = sup.pid("pggateway")
+    assert given_up(), sup.output[-5:]
+    assert _until(lambda: failing().get("pggateway") == "FAILED", timeout=10)
+    assert sup.pid("pggateway") is None
     assert sup.proc.poll() is None
 
 
