@@ -205,8 +205,10 @@ def test_psql_script_answers_as_directly(stand: Stand, gw: GatewayThread) -> Non
         )
         return r.stdout + r.stderr
 
+    pins = gw.metric("pggateway_pins_total", reason="prepare")
     direct = run(stand.compute.port, "disable")
     through = run(gw.port, "require")
+    assert gw.metric("pggateway_pins_total", reason="prepare") == pins
     assert through == direct
     assert 'ERROR:  prepared statement "p1" does not exist' in direct
     assert "two" in direct and "42|B" in direct

@@ -440,3 +440,22 @@ def test_a_failed_sql_prepare_is_forgotten_and_a_duplicate_is_the_servers_own_er
     )
     assert b'prepared statement "good" already exists' in out
     assert relay.statements[b"good"].name == server
+
+
+def test_sql_and_protocol_statements_share_one_namespace() -> None:
+    """As in PostgreSQL, EXECUTE runs a Parsed statement, Bind uses a PREPAREd one, and a Parse
+    of a PREPAREd name is the server's own 42P05 (sent under the existing server name)."""
+    reg = StatementRegistry(10)
+    relay = PreparedRelay(reg)
+    relay.attach(backend())
+    relay.client_chunk(parse(b"s1", b"select 1") + SYNC, b"I")
+    feed(relay, PARSE_COMPLETE + READY)
+    s1 = relay.statements[b"s1"].name
+    assert _query_text(relay.client_chunk(pq.query("EXECUTE s1"), b"I")) == [b"EXECUTE " + s1]
+    feed(relay, DATA_ROW + SELECT_1 + READY)
+    relay.client_chunk(pq.query("PREPARE q AS select 2"), b"I")
+    feed(relay, pq.message(ord("C"), b"PREPARE\x00") + READY)
+    q = relay.statements[b"q"].name
+    assert names(relay.client_chunk(bind(b"q") + EXECUTE + SYNC, b"I")) == [q]
+    feed(relay, BIND_COMPLETE + DATA_ROW + SELECT_1 + READY)
+    assert names(relay.client_chunk(parse(b"q", b"select 3") + SYNC, b"I")) == [q]
