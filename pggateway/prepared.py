@@ -324,6 +324,14 @@ class PreparedRelay:
         # A PREPARE reached the backend untracked (several statements, or text the lexer
         # refused: the session is pinned): DEALLOCATE ALL must then reach the backend too.
         self._untracked = False
+        # Statements whose text was `DEALLOCATE` of the client's statements, sent as the empty
+        # statement (client name, b"" unnamed → the name deallocated, b"" for ALL): their
+        # execution is answered by the EmptyQueryResponse, turned into the tag.
+        self._deallocs: dict[bytes, bytes] = {}
+        # Named statements whose text is `EXECUTE q(…)` / `DEALLOCATE q`: (text, where q is in
+        # it, q, the Parse body after the text). Each Bind resolves q again, as PostgreSQL does
+        # when it runs them: q may have been deallocated or prepared anew since.
+        self._refs: dict[bytes, tuple[bytes, int, int, bytes, bytes]] = {}
         # Scanner state and results (as ServerStreamScanner).
         self._head = b""
         self._kind = 0
@@ -558,6 +566,8 @@ class PreparedRelay:
         name = data[start + 5 : name_end]
         rest = data[name_end + 1 : end]
         uses: ServerStatement | None = None
+        dealloc: bytes | None = None
+        ref: tuple[bytes, int, int, bytes, bytes] | None = None
         text_end = _cstr_end(data, name_end + 1)
         if text_end - name_end > 7:
             low = bytes(data[name_end + 1 : text_end]).lower()
@@ -568,9 +578,31 @@ class PreparedRelay:
                 # often enough): the text names ours, which every backend running it gets first.
                 e = sqlprepare.read(data[name_end + 1 : text_end])
                 if isinstance(e, sqlprepare.Execute) and (uses := self.statements.get(e.name)) is not None:
-                    text = data[name_end + 1 : text_end]
+                    text = bytes(data[name_end + 1 : text_end])
                     rest = text[: e.name_start] + uses.name + text[e.name_end :] + data[text_end:end]
                     self._renames[self._sent] = (uses.name, e.name)
+                    if name:
+                        ref = (text, e.name_start, e.name_end, e.name, bytes(data[text_end:end]))
+            elif b"deallocate" in low:
+                d = sqlprepare.read(data[name_end + 1 : text_end])
+                if isinstance(d, sqlprepare.Deallocate) and (
+                    d.name in self.statements if d.name else not self._untracked
+                ):
+                    # psycopg prepares `DEALLOCATE q` too: the server gets the empty statement
+                    # (with the client's parameter types), the gateway forgets q when it runs.
+                    rest = b"\x00" + data[text_end + 1 : end]
+                    dealloc = d.name
+                    if name and d.name:
+                        text = bytes(data[name_end + 1 : text_end])
+                        ref = (text, 0, 0, d.name, bytes(data[text_end:end]))
+        if dealloc is not None:
+            self._deallocs[name] = dealloc
+        elif self._deallocs:
+            self._deallocs.pop(name, None)
+        if ref is not None:
+            self._refs[name] = ref
+        elif self._refs:
+            self._refs.pop(name, None)
         out: list[bytes] = []
         if uses is not None:
             self._ensure(uses, out)
@@ -579,7 +611,7 @@ class PreparedRelay:
             self._unnamed_at = self._attached
             self._unnamed_uses = uses
             self._entry(self._parses, UNNAMED, None, b"")
-            if uses is None:
+            if uses is None and dealloc is None:
                 return None
             out.append(pq.message(pq.PARSE, b"\x00" + rest))
             return out
@@ -621,6 +653,10 @@ class PreparedRelay:
         name_end = _cstr_end(data, portal_end + 1)
         name = data[portal_end + 1 : name_end]
         stmt = self.statements.get(name) if name else None
+        if self._refs and name in self._refs:
+            stmt = self._resolve(name)
+        elif self._deallocs and (target := self._deallocs.get(name)) is not None:
+            self._run_deallocate(target)
         if not name and self._unnamed is not None and self._unnamed_at != self._attached:
             again = self._unnamed_again()
             self._entry(self._binds, FORWARD, None, b"")
@@ -639,6 +675,37 @@ class PreparedRelay:
         body = data[start + 5 : portal_end + 1] + stmt.name + data[name_end:end]
         out.append(pq.message(pq.BIND, body))
         return out
+
+    def _resolve(self, name: bytes) -> ServerStatement:
+        """The server statement a Bind of `EXECUTE q(…)` / `DEALLOCATE q` runs now: with our name
+        for the client's current q, or (q gone) the client's own text, so the server answers
+        26000 naming q as it would directly."""
+        text, start, end, target_name, tail = self._refs[name]
+        target = self.statements.get(target_name)
+        if self._deallocs.get(name) is not None:
+            if target is not None:
+                self._run_deallocate(target_name)
+                rest = b"\x00" + tail[1:]
+            else:
+                rest = text + tail
+            stmt = self.registry.statement(rest)
+        elif target is not None:
+            stmt = self.registry.statement(text[:start] + target.name + text[end:] + tail)
+            stmt.uses = target
+            self._renames[self._sent] = (target.name, target_name)
+        else:
+            stmt = self.registry.statement(text + tail)
+        self.statements[name] = stmt
+        return stmt
+
+    def _run_deallocate(self, target: bytes) -> None:
+        """A Bind of a statement standing for `DEALLOCATE target` (its Execute follows)."""
+        if target:
+            self.statements.pop(target, None)
+            self._empty_tags[self._sent] = b"DEALLOCATE"
+        else:
+            self.statements.clear()
+            self._empty_tags[self._sent] = b"DEALLOCATE ALL"
 
     def _describe_or_close(self, kind: int, data: bytes, start: int, end: int) -> list[bytes] | None:
         what = data[start + 5 : start + 6]

@@ -159,7 +159,7 @@ def test_many_clients_share_sql_prepared_statements_over_a_small_pool(
                     assert conn.execute(f"EXECUTE add_one({n % 4 * i})").fetchone() == (n % 4 * i + 1,)
                     conn.commit()
                     max_pinned[0] = max(max_pinned[0], gw.metric("pggateway_pinned_sessions"))
-                conn.execute("DEALLOCATE add_one", prepare=False)  # likewise (see the README)
+                conn.execute("DEALLOCATE add_one")
         except BaseException as exc:
             errors.append(exc)
 
@@ -171,6 +171,40 @@ def test_many_clients_share_sql_prepared_statements_over_a_small_pool(
     assert not errors, errors
     assert max_pinned[0] == 0
     assert gw.metric("pggateway_prepared_shared_hits_total") > hits
+
+
+def _prepared_by_psycopg(dsn: str) -> list[Any]:
+    """psycopg preparing every statement itself (prepare_threshold=0): EXECUTE and DEALLOCATE
+    arrive as named Parses whose text names the client's SQL-prepared statement."""
+    out: list[Any] = []
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn, psycopg.connect(dsn) as holder:
+        run = lambda sql, params=None: out.append(_outcome(conn, sql, params))  # noqa: E731
+        conn.execute("PREPARE p (int) AS SELECT $1 * 10", prepare=False)
+        for i in range(4):
+            if i % 2:
+                holder.execute("select 1")
+            run("EXECUTE p(3)")
+            holder.rollback()
+        run("DEALLOCATE p")
+        run("EXECUTE p(3)")
+        conn.execute("PREPARE p (int) AS SELECT $1 * 100", prepare=False)
+        run("EXECUTE p(3)")  # the same text as before: psycopg's statement, the new p
+        run("DEALLOCATE ALL")
+        run("EXECUTE p(3)")
+    return out
+
+
+def test_psycopg_preparing_execute_and_deallocate_answers_as_directly(
+    stand: Stand, gw: GatewayThread
+) -> None:
+    """With psycopg's prepare_threshold=0, `EXECUTE p(…)` and `DEALLOCATE p` / `DEALLOCATE ALL`
+    come as named Parses; through the gateway they run p on either backend and forget it exactly
+    as directly, without pinning."""
+    pins = gw.metric("pggateway_pins_total", reason="prepare")
+    direct = _prepared_by_psycopg(stand.direct_dsn())
+    assert _prepared_by_psycopg(stand.dsn(gw)) == direct
+    assert direct[0] == [(30,)] and direct[-1][0] == "26000"
+    assert gw.metric("pggateway_pins_total", reason="prepare") == pins
 
 
 _PSQL_SCRIPT = """\
