@@ -100,7 +100,14 @@ def _statement_reason(words: list[str]) -> str | None:
     if first == "listen":
         return LISTEN
     if first == "prepare":
-        return None if second == "transaction" else PREPARE
+        if second == "transaction":
+            return None
+        # What the prepared statement does when EXECUTEd pins now (a temporary table).
+        if "as" in words:
+            inner = _statement_reason(words[words.index("as") + 1 :])
+            if inner is not None:
+                return inner
+        return PREPARE
     if first == "declare":
         for i in range(1, len(words) - 1):
             if words[i] == "with" and words[i + 1] == "hold":

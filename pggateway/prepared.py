@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pggateway import classify, sqlprepare
 from pggateway import protocol as pq
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ CLOSE_NOTHING = pq.message(pq.CLOSE, b"S" + _NO_STATEMENT + b"\x00")
 # The unnamed statement, empty: a ParseComplete and nothing else for a statement already there.
 PARSE_NOTHING = pq.message(pq.PARSE, b"\x00\x00\x00\x00")
 EMPTY_QUERY = pq.query("")
+SYNC = pq.message(pq.SYNC)
 
 PARSE_COMPLETE = ord("1")
 BIND_COMPLETE = ord("2")
@@ -70,12 +72,14 @@ _STALE_PLAN_TEXT = "cached plan must not change result type"
 class ServerStatement:
     """One (query text, parameter types) as prepared on backends; shared by every client."""
 
-    __slots__ = ("__weakref__", "name", "parse_message", "rest")
+    __slots__ = ("__weakref__", "name", "parse_message", "rest", "uses")
 
     def __init__(self, name: bytes, rest: bytes) -> None:
         self.name = name
         self.rest = rest  # the Parse body after the statement name: text, types
         self.parse_message = pq.message(pq.PARSE, name + b"\x00" + rest)
+        # The statement an `EXECUTE cm_…` text runs: a backend must have it too.
+        self.uses: ServerStatement | None = None
 
 
 class BackendStatements:
@@ -114,6 +118,11 @@ class BackendStatements:
                     assert isinstance(old, ServerStatement)
                     evicted.append(old)
         return evicted
+
+    def add_unbounded(self, stmt: ServerStatement) -> None:
+        """Record a statement being prepared where nothing can be Closed first (a transaction
+        believed failed); the next `add` brings the set back within its limit."""
+        self.lru[stmt.name] = [stmt, self.epoch]
 
     def discard(self, stmt: ServerStatement) -> None:
         self.lru.pop(stmt.name, None)
@@ -231,6 +240,10 @@ class _Entry:
         self.name = name
 
 
+def _query_message(sql: bytes) -> bytes:
+    return pq.message(pq.QUERY, sql + b"\x00")
+
+
 def _cstr_end(data: bytes, pos: int) -> int:
     end = data.find(b"\x00", pos)
     if end < 0:
@@ -238,31 +251,26 @@ def _cstr_end(data: bytes, pos: int) -> int:
     return end
 
 
-def deallocate_target(sql: str) -> bytes | None:
+def deallocate_target(sql: bytes | bytearray | memoryview) -> bytes | None:
     """For `DEALLOCATE [PREPARE] name|ALL` alone: the name (b"" for ALL); else None."""
-    words = sql.strip().rstrip(";").split()
-    if not words or words[0].lower() != "deallocate" or len(words) > 3:
-        return None
-    if len(words) == 3:
-        if words[1].lower() != "prepare":
-            return None
-        words = words[::2]
-    if len(words) != 2:
-        return None
-    target = words[1]
-    if target.lower() == "all":
-        return b""
-    if len(target) > 2 and target[0] == target[-1] == '"':
-        return target[1:-1].replace('""', '"').encode()
-    if not all(c.isalnum() or c in "_$" for c in target):
-        return None
-    return target.lower().encode()
+    stmt = sqlprepare.read(sql)
+    return stmt.name if isinstance(stmt, sqlprepare.Deallocate) else None
 
 
-def mentions_reset(query: bytes | bytearray) -> bool:
-    """Whether a Query's text may DEALLOCATE or DISCARD (the relay then looks closer)."""
+def mentions_statements(query: bytes | bytearray | memoryview) -> bool:
+    """Whether a Query's text may PREPARE, EXECUTE, DEALLOCATE or DISCARD (the relay then looks
+    closer)."""
     low = bytes(query).lower()
+    return b"prepare" in low or b"execute" in low or b"deallocate" in low or b"discard" in low
+
+
+def _mentions_reset(low: bytes) -> bool:
     return b"deallocate" in low or b"discard" in low
+
+
+def _prepares(sql: str) -> bool:
+    """Whether a text has a PREPARE (not PREPARE TRANSACTION) among its statements."""
+    return any(w[:1] == ["prepare"] and w[1:2] != ["transaction"] for w in classify.split_statements(sql))
 
 
 def is_discard_all(sql: str) -> bool:
@@ -305,6 +313,25 @@ class PreparedRelay:
         self._unnamed: bytes | None = None
         self._unnamed_at = -1
         self._attached = 0
+        # The statement the unnamed one EXECUTEs (its text names it by our name), if any.
+        self._unnamed_uses: ServerStatement | None = None
+        # SQL PREPARE/EXECUTE (sqlprepare): the client's PREPAREs sent on (undone if their Query
+        # fails), batches whose ReadyForQuery is ours (a Sync after injected Parses) and
+        # batches whose errors name a statement by our name (server name → the client's).
+        self._queries: deque[_Entry] = deque()
+        self._swallow: set[int] = set()
+        self._renames: dict[int, tuple[bytes, bytes]] = {}
+        # A PREPARE reached the backend untracked (several statements, or text the lexer
+        # refused: the session is pinned): DEALLOCATE ALL must then reach the backend too.
+        self._untracked = False
+        # Statements whose text was `DEALLOCATE` of the client's statements, sent as the empty
+        # statement (client name, b"" unnamed → the name deallocated, b"" for ALL): their
+        # execution is answered by the EmptyQueryResponse, turned into the tag.
+        self._deallocs: dict[bytes, bytes] = {}
+        # Named statements whose text is `EXECUTE q(…)` / `DEALLOCATE q`: (text, where q is in
+        # it, q, the Parse body after the text). Each Bind resolves q again, as PostgreSQL does
+        # when it runs them: q may have been deallocated or prepared anew since.
+        self._refs: dict[bytes, tuple[bytes, int, int, bytes, bytes]] = {}
         # Scanner state and results (as ServerStreamScanner).
         self._head = b""
         self._kind = 0
@@ -322,6 +349,9 @@ class PreparedRelay:
         self._parses.clear()
         self._binds.clear()
         self._closes.clear()
+        self._queries.clear()
+        self._swallow.clear()
+        self._renames.clear()
         self._sent = self._seen = 0
         self._failed_batch = -1
         self._empty_tags.clear()
@@ -340,7 +370,7 @@ class PreparedRelay:
         """A chunk forwarded unchanged carried `n` Sync/Query/FunctionCall messages."""
         self._sent += n
 
-    def deallocate_idle(self, sql: str) -> bytes | None:
+    def deallocate_idle(self, sql: bytes | bytearray | memoryview) -> bytes | None:
         """With no backend and nothing outstanding: the reply to a DEALLOCATE of the client's own
         statements, answered here (psycopg sends DEALLOCATE ALL after every ROLLBACK); None when
         it has to reach a backend."""
@@ -352,6 +382,8 @@ class PreparedRelay:
                 return None
             tag = b"DEALLOCATE"
         else:
+            if self._untracked:
+                return None
             self.statements.clear()
             tag = b"DEALLOCATE ALL"
         return pq.message(COMMAND_COMPLETE, tag + b"\x00") + pq.ready_for_query(b"I")
@@ -363,6 +395,8 @@ class PreparedRelay:
 
     def _ensure(self, stmt: ServerStatement, out: list[bytes]) -> None:
         """Make the backend have `stmt` before the message that uses it."""
+        if stmt.uses is not None:
+            self._ensure(stmt.uses, out)
         if self._held.touch(stmt):
             return
         self._prepare(stmt, out)
@@ -415,52 +449,189 @@ class PreparedRelay:
         return b"".join(out)
 
     def _query(self, data: bytes, start: int, end: int, tx_status: bytes) -> list[bytes] | None:
-        if not mentions_reset(data[start + 5 : end]):
+        payload = data[start + 5 : end]
+        if not mentions_statements(payload):
             return None
-        sql = pq.parse_query(data[start + 5 : end])
-        if is_discard_all(sql):
-            self._discards[self._sent] = True
+        if self._queries or self._renames:
+            self._prune()
+        low = bytes(payload).lower()
+        stmt = sqlprepare.read(payload)
+        if stmt is None:
+            sql = pq.parse_query(payload)
+            if _mentions_reset(low):
+                if is_discard_all(sql):
+                    self._discards[self._sent] = True
+                    return None
+                # Several statements, a DO block, a literal: the backend may lose statements.
+                self._discards.setdefault(self._sent, False)
+            if b"prepare" in low and _prepares(sql):
+                self._untracked = True
             return None
-        target = deallocate_target(sql)
-        if target is None:
-            # Several statements, a DO block, a literal: the backend may lose statements.
-            self._discards.setdefault(self._sent, False)
-            return None
+        if isinstance(stmt, sqlprepare.Prepare):
+            return self._sql_prepare(stmt, tx_status)
+        if isinstance(stmt, sqlprepare.Execute):
+            return self._sql_execute(stmt, payload, tx_status)
         if tx_status == b"E":
             return None  # the server's own answer (25P02 in a failed transaction)
+        target = stmt.name
         if target:
             if self.statements.pop(target, None) is None:
-                return None  # not one of ours: a PREPAREd statement, or the server's 26000
+                return None  # not one of ours: the server's own 26000 (or an untracked one)
             self._empty_tags[self._sent] = b"DEALLOCATE"
+        elif self._untracked:
+            # The backend has statements of this client we do not know: it must drop them (and
+            # so all of ours on it).
+            self._discards[self._sent] = True
+            return None
         else:
             self.statements.clear()
             self._empty_tags[self._sent] = b"DEALLOCATE ALL"
         return [EMPTY_QUERY]
 
+    def _prune(self) -> None:
+        """Forget the bookkeeping of batches already answered."""
+        seen = self._seen
+        while self._queries and self._queries[0].batch < seen:
+            self._queries.popleft()
+        for batch in [b for b in self._renames if b < seen]:
+            del self._renames[batch]
+
+    def _before_query(self, out: list[bytes]) -> None:
+        """End the injected extended-protocol messages in `out` with a Sync whose ReadyForQuery
+        is ours: a simple Query right after an unsynced Parse would be skipped by the server if
+        the Parse failed."""
+        if out:
+            out.append(SYNC)
+            self._swallow.add(self._sent)
+            self._sent += 1
+
+    def _sql_prepare(self, p: sqlprepare.Prepare, tx_status: bytes) -> list[bytes]:
+        """The client's PREPARE, sent under the server's name (or answered by an empty query when
+        the backend has the statement); the server's errors are its own."""
+        failed = tx_status == b"E"
+        old = self.statements.get(p.name)
+        out: list[bytes] = []
+        if old is not None:
+            # PostgreSQL's 42P05, made by the server on a name it has (and renamed back); the
+            # statement is still analysed first, as directly.
+            if not failed:
+                self._ensure(old, out)
+                self._before_query(out)
+            self._renames[self._sent] = (old.name, p.name)
+            out.append(
+                _query_message(b"PREPARE " + old.name + b" " + p.type_sql.encode() + b"AS " + p.statement)
+            )
+            return out
+        stmt = self.registry.statement(p.parse_rest())
+        self.statements[p.name] = stmt
+        if self._held.touch(stmt):
+            self.registry.shared_hits += 1
+            if not failed:
+                self._empty_tags[self._sent] = b"PREPARE"
+                return [EMPTY_QUERY]
+            self._entry(self._queries, CLIENT_HIT, stmt, p.name)
+        elif failed:
+            self._held.add_unbounded(stmt)
+            self._entry(self._queries, CLIENT_NEW, stmt, p.name)
+        else:
+            self._prepare(stmt, out)
+            self._before_query(out)
+            self._entry(self._queries, CLIENT_NEW, stmt, p.name)
+        self._renames[self._sent] = (stmt.name, p.name)
+        out.append(
+            _query_message(b"PREPARE " + stmt.name + b" " + p.type_sql.encode() + b"AS " + p.statement)
+        )
+        return out
+
+    def _sql_execute(self, e: sqlprepare.Execute, payload: bytes, tx_status: bytes) -> list[bytes] | None:
+        """EXECUTE of one of the client's statements, under the server's name, on a backend made
+        to have it."""
+        stmt = self.statements.get(e.name)
+        if stmt is None:
+            return None  # the server's own 26000
+        out: list[bytes] = []
+        if tx_status != b"E":
+            self._ensure(stmt, out)
+            self._before_query(out)
+        text = bytes(payload)
+        nul = text.find(b"\x00")
+        if nul >= 0:
+            text = text[:nul]
+        self._renames[self._sent] = (stmt.name, e.name)
+        out.append(_query_message(text[: e.name_start] + stmt.name + text[e.name_end :]))
+        return out
+
     def _parse(self, data: bytes, start: int, end: int) -> list[bytes] | None:
         name_end = _cstr_end(data, start + 5)
         name = data[start + 5 : name_end]
+        rest = data[name_end + 1 : end]
+        uses: ServerStatement | None = None
+        dealloc: bytes | None = None
+        ref: tuple[bytes, int, int, bytes, bytes] | None = None
+        text_end = _cstr_end(data, name_end + 1)
+        if text_end - name_end > 7:
+            low = bytes(data[name_end + 1 : text_end]).lower()
+            if b"prepare" in low and _prepares(low.decode("latin-1")):
+                self._untracked = True  # pinned by the session (classify)
+            if b"execute" in low:
+                # `EXECUTE q(…)` of one of the client's statements (psycopg prepares it once run
+                # often enough): the text names ours, which every backend running it gets first.
+                e = sqlprepare.read(data[name_end + 1 : text_end])
+                if isinstance(e, sqlprepare.Execute) and (uses := self.statements.get(e.name)) is not None:
+                    text = bytes(data[name_end + 1 : text_end])
+                    rest = text[: e.name_start] + uses.name + text[e.name_end :] + data[text_end:end]
+                    self._renames[self._sent] = (uses.name, e.name)
+                    if name:
+                        ref = (text, e.name_start, e.name_end, e.name, bytes(data[text_end:end]))
+            elif b"deallocate" in low:
+                d = sqlprepare.read(data[name_end + 1 : text_end])
+                if isinstance(d, sqlprepare.Deallocate) and (
+                    d.name in self.statements if d.name else not self._untracked
+                ):
+                    # psycopg prepares `DEALLOCATE q` too: the server gets the empty statement
+                    # (with the client's parameter types), the gateway forgets q when it runs.
+                    rest = b"\x00" + data[text_end + 1 : end]
+                    dealloc = d.name
+                    if name and d.name:
+                        text = bytes(data[name_end + 1 : text_end])
+                        ref = (text, 0, 0, d.name, bytes(data[text_end:end]))
+        if dealloc is not None:
+            self._deallocs[name] = dealloc
+        elif self._deallocs:
+            self._deallocs.pop(name, None)
+        if ref is not None:
+            self._refs[name] = ref
+        elif self._refs:
+            self._refs.pop(name, None)
+        out: list[bytes] = []
+        if uses is not None:
+            self._ensure(uses, out)
         if not name:
-            self._unnamed = data[name_end + 1 : end]
+            self._unnamed = rest
             self._unnamed_at = self._attached
+            self._unnamed_uses = uses
             self._entry(self._parses, UNNAMED, None, b"")
-            return None
+            if uses is None and dealloc is None:
+                return None
+            out.append(pq.message(pq.PARSE, b"\x00" + rest))
+            return out
         old = self.statements.get(name)
         if old is not None:
             # PostgreSQL's 42P05 "already exists", made by the server on its own name.
-            out: list[bytes] = []
             self._ensure(old, out)
             out.append(old.parse_message)
             self._entry(self._parses, FORWARD, None, b"")
             return out
-        stmt = self.registry.statement(data[name_end + 1 : end])
+        stmt = self.registry.statement(rest)
+        if uses is not None:
+            stmt.uses = uses
         self.statements[name] = stmt
         if self._held.touch(stmt):
             self.registry.shared_hits += 1
             self._entry(self._parses, CLIENT_HIT, stmt, name)
             self._unnamed_at = -1  # PARSE_NOTHING replaced the unnamed statement
-            return [PARSE_NOTHING]
-        out = []
+            out.append(PARSE_NOTHING)
+            return out
         self._prepare(stmt, out)
         out.append(stmt.parse_message)
         self._entry(self._parses, CLIENT_NEW, stmt, name)
@@ -469,15 +640,23 @@ class PreparedRelay:
     def _unnamed_again(self) -> list[bytes]:
         """The client's unnamed statement parsed again on this backend (ParseComplete swallowed)."""
         assert self._unnamed is not None
+        out: list[bytes] = []
+        if self._unnamed_uses is not None:
+            self._ensure(self._unnamed_uses, out)
         self._unnamed_at = self._attached
         self._entry(self._parses, INJECTED, None, b"")
-        return [pq.message(pq.PARSE, b"\x00" + self._unnamed)]
+        out.append(pq.message(pq.PARSE, b"\x00" + self._unnamed))
+        return out
 
     def _bind(self, data: bytes, start: int, end: int) -> list[bytes] | None:
         portal_end = _cstr_end(data, start + 5)
         name_end = _cstr_end(data, portal_end + 1)
         name = data[portal_end + 1 : name_end]
         stmt = self.statements.get(name) if name else None
+        if self._refs and name in self._refs:
+            stmt = self._resolve(name)
+        elif self._deallocs and (target := self._deallocs.get(name)) is not None:
+            self._run_deallocate(target)
         if not name and self._unnamed is not None and self._unnamed_at != self._attached:
             again = self._unnamed_again()
             self._entry(self._binds, FORWARD, None, b"")
@@ -485,11 +664,48 @@ class PreparedRelay:
         self._entry(self._binds, FORWARD, stmt, b"")
         if stmt is None:
             return None  # unnamed, or unknown: the server answers as it would directly
+        if stmt.uses is not None:
+            # Its `EXECUTE cm_…` may fail naming ours: the client's name for it, in the error.
+            for client_name, s in self.statements.items():
+                if s is stmt.uses:
+                    self._renames[self._sent] = (s.name, client_name)
+                    break
         out: list[bytes] = []
         self._ensure(stmt, out)
         body = data[start + 5 : portal_end + 1] + stmt.name + data[name_end:end]
         out.append(pq.message(pq.BIND, body))
         return out
+
+    def _resolve(self, name: bytes) -> ServerStatement:
+        """The server statement a Bind of `EXECUTE q(…)` / `DEALLOCATE q` runs now: with our name
+        for the client's current q, or (q gone) the client's own text, so the server answers
+        26000 naming q as it would directly."""
+        text, start, end, target_name, tail = self._refs[name]
+        target = self.statements.get(target_name)
+        if self._deallocs.get(name) is not None:
+            if target is not None:
+                self._run_deallocate(target_name)
+                rest = b"\x00" + tail[1:]
+            else:
+                rest = text + tail
+            stmt = self.registry.statement(rest)
+        elif target is not None:
+            stmt = self.registry.statement(text[:start] + target.name + text[end:] + tail)
+            stmt.uses = target
+            self._renames[self._sent] = (target.name, target_name)
+        else:
+            stmt = self.registry.statement(text + tail)
+        self.statements[name] = stmt
+        return stmt
+
+    def _run_deallocate(self, target: bytes) -> None:
+        """A Bind of a statement standing for `DEALLOCATE target` (its Execute follows)."""
+        if target:
+            self.statements.pop(target, None)
+            self._empty_tags[self._sent] = b"DEALLOCATE"
+        else:
+            self.statements.clear()
+            self._empty_tags[self._sent] = b"DEALLOCATE ALL"
 
     def _describe_or_close(self, kind: int, data: bytes, start: int, end: int) -> list[bytes] | None:
         what = data[start + 5 : start + 6]
@@ -550,7 +766,7 @@ class PreparedRelay:
                     break
                 pos = end
                 continue
-            if kind == READY_FOR_QUERY and end <= n and not self._discards:
+            if kind == READY_FOR_QUERY and end <= n and not self._discards and not self._swallow:
                 # The common case inline: one per transaction.
                 self._seen += 1
                 if data[pos + 5] == _IDLE:
@@ -580,6 +796,27 @@ class PreparedRelay:
                         if cuts is None:
                             cuts = []
                         cuts.append((pos, end, b""))
+                pos = end
+                continue
+            if (self._swallow and kind == READY_FOR_QUERY and self._seen in self._swallow) or (
+                self._renames and kind == pq.ERROR_RESPONSE and self._seen in self._renames
+            ):
+                # Ours to drop or to edit: held back until whole.
+                if end > n:
+                    self._head = bytes(data[pos:n])
+                    n = pos
+                    break
+                if cuts is None:
+                    cuts = []
+                if kind == READY_FOR_QUERY:
+                    self._swallow.discard(self._seen)
+                    self._seen += 1
+                    cuts.append((pos, end, b""))
+                else:
+                    server, client = self._renames[self._seen]
+                    body = bytes(data[pos + 5 : end]).replace(b'"' + server + b'"', b'"' + client + b'"')
+                    cuts.append((pos, end, pq.message(pq.ERROR_RESPONSE, body)))
+                    self._complete(kind, body)
                 pos = end
                 continue
             if end <= n:
@@ -635,6 +872,11 @@ class PreparedRelay:
         for q in (self._parses, self._binds, self._closes):
             while q and q[0].batch <= batch:
                 lost.append(q.popleft())
+        queries = self._queries
+        while queries and queries[0].batch <= batch:
+            e = queries.popleft()
+            if e.batch == batch:
+                lost.append(e)
         if not lost:
             return
         lost.sort(key=lambda e: e.seq, reverse=True)
@@ -649,6 +891,7 @@ class PreparedRelay:
             stmt = e.stmt
             if e.action == UNNAMED:
                 self._unnamed = None
+                self._unnamed_uses = None
             if stmt is None:
                 continue
             if e.action == INJECTED:

@@ -24,12 +24,12 @@ from opentelemetry.trace import Span
 
 from libs.telemetry import ATTR_PG_OUTCOME, ATTR_PG_PIN_REASON
 from pggateway import backend as backends
-from pggateway import classify, errors
+from pggateway import classify, errors, sqlprepare
 from pggateway import protocol as pq
 from pggateway.backend import Backend
 from pggateway.config import GatewayConfig
 from pggateway.metrics import GatewayMetrics
-from pggateway.prepared import PreparedRelay, StatementRegistry, mentions_reset
+from pggateway.prepared import PreparedRelay, StatementRegistry, mentions_statements
 from pggateway.route import Route
 from pggateway.tls import TLS_RECORD_PLAINTEXT, write_records
 
@@ -179,8 +179,15 @@ class ClientSession(asyncio.Protocol):
                 self.pending += 1
                 batches += 1
                 if self.pin_reason is None:
-                    self._maybe_pin(classify.pin_reason_for_query(pq.parse_query(view[start + 5 : end])))
-                if relay is not None and mentions_reset(view[start + 5 : end]):
+                    reason = classify.pin_reason_for_query(pq.parse_query(view[start + 5 : end]))
+                    if (
+                        reason == classify.PREPARE
+                        and relay is not None
+                        and _tracked_prepare(view[start + 5 : end])
+                    ):
+                        reason = None  # the relay keeps it (pggateway.sqlprepare)
+                    self._maybe_pin(reason)
+                if relay is not None and mentions_statements(view[start + 5 : end]):
                     rewrite = True
             elif kind == pq.SYNC:
                 self.pending += 1
@@ -248,7 +255,7 @@ class ClientSession(asyncio.Protocol):
             or self._waiting_since is not None
         ):
             return False
-        reply = relay.deallocate_idle(pq.parse_query(chunk[5:]))
+        reply = relay.deallocate_idle(chunk[5:])
         if reply is None:
             return False
         self.pending = 0
@@ -557,6 +564,11 @@ class ClientSession(asyncio.Protocol):
     def cancel_target(self) -> Backend | None:
         """The backend a CancelRequest of this client should reach (None when idle)."""
         return self.backend
+
+
+def _tracked_prepare(payload: bytes | bytearray | memoryview) -> bool:
+    """A Query that is one PREPARE the relay can read with certainty (it does not pin)."""
+    return isinstance(sqlprepare.read(payload), sqlprepare.Prepare)
 
 
 _EXTENDED = frozenset((pq.BIND, pq.EXECUTE, pq.DESCRIBE, pq.CLOSE, pq.FLUSH))

@@ -7,7 +7,10 @@ from __future__ import annotations
 import struct
 from typing import cast
 
+import pytest
+
 from pggateway import protocol as pq
+from pggateway import sqlprepare
 from pggateway.backend import Backend
 from pggateway.prepared import CLOSE_NOTHING, EMPTY_QUERY, PARSE_NOTHING, PreparedRelay, StatementRegistry
 
@@ -212,7 +215,7 @@ def test_deallocate_becomes_an_empty_query_and_its_reply_the_command_tag() -> No
     # A name that is not the client's goes to the server (a PREPAREd one, or its 26000).
     assert relay.client_chunk(pq.query("deallocate other"), b"I") == pq.query("deallocate other")
     relay.statements[b"x"] = reg.statement(b"select 1\x00\x00\x00")
-    idle = relay.deallocate_idle("DEALLOCATE ALL")
+    idle = relay.deallocate_idle(b"DEALLOCATE ALL")
     assert idle == pq.message(ord("C"), b"DEALLOCATE ALL\x00") + READY and relay.statements == {}
 
 
@@ -315,3 +318,144 @@ def test_the_follower_tells_the_session_what_the_scanner_would() -> None:
         assert pq.is_fatal(relay.others[-1][1])
         relay.others.clear()
     assert relay.at_boundary
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        (b"PREPARE foo AS select 1", ("prepare", b"foo", (), b"select 1")),
+        (b"prepare Foo AS select 1", ("prepare", b"foo", (), b"select 1")),
+        (b'PREPARE "Foo ""x""" AS select 1;', ("prepare", b'Foo "x"', (), b"select 1")),
+        (
+            b"/* c /* nested */ */ PREPARE q (int, text[], double precision, pg_catalog.uuid,"
+            b" timestamp(3) with time zone, character varying(9)) AS select $1 -- tail",
+            ("prepare", b"q", (23, 1009, 701, 2950, 1184, 1043), b"select $1 -- tail"),
+        ),
+        (
+            b"PREPARE q AS select $x$ ; ' $x$ || E'\\'' ; -- after",
+            ("prepare", b"q", (), b"select $x$ ; ' $x$ || E'\\'' "),
+        ),
+        (b"EXECUTE Foo(1, ';')", ("execute", b"foo")),
+        (b"explain (costs off) execute foo", ("execute", b"foo")),
+        (b"create table t as execute foo(1) with no data", ("execute", b"foo")),
+        (b'DEALLOCATE PREPARE "A"', ("deallocate", b"A")),
+        (b"deallocate all", ("deallocate", b"")),
+        # Refused: the session keeps pinning as before.
+        (b"PREPARE a AS select 1; select 2", None),
+        (b"PREPARE a AS select 'x\\y'", None),  # meaning depends on standard_conforming_strings
+        (b"PREPARE a (my_type) AS select $1", None),
+        (b"PREPARE a (float(3)) AS select $1", None),  # float(p) picks the type by p
+        (b"PREPARE a (numeric(0)) AS select $1", None),  # the server would refuse the typmod
+        (b"PREPARE select AS select 1", None),  # a reserved keyword
+        (b"PREPARE transaction AS select 1", None),
+        (b'PREPARE U&"a" AS select 1', None),
+        (b"PREPARE a AS select 'unterminated", None),
+        (b"PREPARE a AS select 1 /* open", None),
+        (b"PREPARE " + b"n" * 64 + b" AS select 1", None),  # PostgreSQL would truncate it
+        (b"PREPARE caf\xc3\xa9 AS select 1", None),  # folding depends on the encoding
+        (b"execute foo bar", None),
+        (b"grant execute on function f() to x", None),
+    ],
+)
+def test_the_lexer_reads_only_what_it_is_sure_of(sql: bytes, expected: tuple[object, ...] | None) -> None:
+    """PREPARE / EXECUTE / DEALLOCATE are read as PostgreSQL would (names folded or unquoted,
+    types as OIDs, comments and every kind of literal skipped); anything uncertain is None."""
+    got = sqlprepare.read(sql + b"\x00")
+    if expected is None:
+        assert got is None
+        return
+    if isinstance(got, sqlprepare.Prepare):
+        assert ("prepare", got.name, got.types, got.statement) == expected
+    elif isinstance(got, sqlprepare.Execute):
+        assert ("execute", got.name) == expected
+        assert sql[got.name_start : got.name_end].lower().strip(b'"') == got.name.lower()
+    else:
+        assert isinstance(got, sqlprepare.Deallocate)
+        assert ("deallocate", got.name) == expected
+
+
+def _query_text(stream: bytes) -> list[bytes]:
+    return [stream[s + 5 : e - 1] for k, s, e in pq.iter_messages(stream)[0] if k == pq.QUERY]
+
+
+def test_sql_prepare_runs_under_the_server_name_and_execute_moves_to_another_backend() -> None:
+    """PREPARE goes out under the shared server name (types pg_catalog-qualified); on a backend
+    without it, EXECUTE is preceded by an injected Parse and Sync whose replies the client never
+    sees; the server's errors name the client's statement; a second PREPARE of the same text on
+    that backend is an empty query answered `PREPARE`."""
+    reg = StatementRegistry(10)
+    relay = PreparedRelay(reg)
+    b1, b2 = backend(), backend()
+    relay.attach(b1)
+    sent = relay.client_chunk(pq.query("PREPARE Q (int) AS select $1 + 1"), b"I")
+    (text,) = _query_text(sent)
+    server = text.split()[1]
+    assert server.startswith(b"cm_") and text == b"PREPARE " + server + b" (pg_catalog.int4) AS select $1 + 1"
+    prepared = pq.message(ord("C"), b"PREPARE\x00") + READY
+    assert feed(relay, prepared)[0] == prepared
+    assert set(relay.statements) == {b"q"}
+
+    relay.attach(b2)
+    sent = relay.client_chunk(pq.query("EXECUTE q(41)"), b"I")
+    assert kinds(sent) == "PSQ" and names(sent) == [server]
+    assert _query_text(sent) == [b"EXECUTE " + server + b"(41)"]
+    result = DATA_ROW + SELECT_1 + READY
+    out, events = feed(relay, PARSE_COMPLETE + READY[:3], READY[3:] + result)
+    assert out == result and events == [pq.READY_FOR_QUERY]
+    # The server's error names its statement; the client sees its own name.
+    sent = relay.client_chunk(pq.query("EXECUTE q"), b"I")
+    assert kinds(sent) == "Q"
+    err = pq.error_response(
+        "ERROR", "42601", f'wrong number of parameters for prepared statement "{server.decode()}"'
+    )
+    out, _ = feed(relay, err[:9], err[9:] + READY)
+    assert b'"q"' in out and server not in out
+
+    other = PreparedRelay(reg)
+    other.attach(b2)
+    assert other.client_chunk(pq.query("prepare mine (integer) as select $1 + 1"), b"I") == EMPTY_QUERY
+    out, _ = feed(other, pq.message(ord("I")) + READY)
+    assert out == prepared and reg.shared_hits == 1
+
+
+def test_a_failed_sql_prepare_is_forgotten_and_a_duplicate_is_the_servers_own_error() -> None:
+    """A PREPARE the server refuses leaves nothing behind; PREPARE of a name the client has goes
+    to the server under the existing statement's server name, so its 42P05 comes from the server
+    (after the server analysed the new text, as directly)."""
+    reg = StatementRegistry(10)
+    relay = PreparedRelay(reg)
+    b = backend()
+    relay.attach(b)
+    relay.client_chunk(pq.query("PREPARE bad AS selec 1"), b"I")
+    feed(relay, pq.error_response("ERROR", "42601", 'syntax error at or near "selec"') + READY)
+    assert relay.statements == {} and len(reg.of(b)) == 0
+    relay.client_chunk(pq.query("PREPARE good AS select 1"), b"I")
+    feed(relay, pq.message(ord("C"), b"PREPARE\x00") + READY)
+    server = relay.statements[b"good"].name
+    sent = relay.client_chunk(pq.query("PREPARE good AS select 2"), b"I")
+    assert _query_text(sent) == [b"PREPARE " + server + b" AS select 2"]
+    out, _ = feed(
+        relay,
+        pq.error_response("ERROR", "42P05", f'prepared statement "{server.decode()}" already exists') + READY,
+    )
+    assert b'prepared statement "good" already exists' in out
+    assert relay.statements[b"good"].name == server
+
+
+def test_sql_and_protocol_statements_share_one_namespace() -> None:
+    """As in PostgreSQL, EXECUTE runs a Parsed statement, Bind uses a PREPAREd one, and a Parse
+    of a PREPAREd name is the server's own 42P05 (sent under the existing server name)."""
+    reg = StatementRegistry(10)
+    relay = PreparedRelay(reg)
+    relay.attach(backend())
+    relay.client_chunk(parse(b"s1", b"select 1") + SYNC, b"I")
+    feed(relay, PARSE_COMPLETE + READY)
+    s1 = relay.statements[b"s1"].name
+    assert _query_text(relay.client_chunk(pq.query("EXECUTE s1"), b"I")) == [b"EXECUTE " + s1]
+    feed(relay, DATA_ROW + SELECT_1 + READY)
+    relay.client_chunk(pq.query("PREPARE q AS select 2"), b"I")
+    feed(relay, pq.message(ord("C"), b"PREPARE\x00") + READY)
+    q = relay.statements[b"q"].name
+    assert names(relay.client_chunk(bind(b"q") + EXECUTE + SYNC, b"I")) == [q]
+    feed(relay, BIND_COMPLETE + DATA_ROW + SELECT_1 + READY)
+    assert names(relay.client_chunk(parse(b"q", b"select 3") + SYNC, b"I")) == [q]
