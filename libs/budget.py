@@ -18,12 +18,11 @@ read on an autocommit connection (`Database.read`) sends neither. Work outside a
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from prometheus_client import Histogram
 from sqlalchemy import event
 from sqlalchemy.engine import Connection

@@ -35,9 +35,8 @@ from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 
-from libs import budget
+from libs import budget, telemetry
 from libs import principal as principals
-from libs import telemetry
 from libs.errors import ERROR_DOMAIN, STATUS_DETAILS_KEY, CtrlmeshError, InvalidArgument
 
 log = logging.getLogger("ctrlmesh.grpc")
