@@ -9,6 +9,7 @@ client talking to PostgreSQL directly.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import threading
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -204,6 +206,49 @@ def test_psycopg_preparing_execute_and_deallocate_answers_as_directly(
     direct = _prepared_by_psycopg(stand.direct_dsn())
     assert _prepared_by_psycopg(stand.dsn(gw)) == direct
     assert direct[0] == [(30,)] and direct[-1][0] == "26000"
+    assert gw.metric("pggateway_pins_total", reason="prepare") == pins
+
+
+def _asyncpg_story(dsn: str) -> list[Any]:
+    """asyncpg: PREPARE / DEALLOCATE as simple queries, EXECUTE through its own statement cache
+    (a named Parse of `EXECUTE q(…)`), with a second connection holding a backend now and then."""
+
+    async def run() -> list[Any]:
+        out: list[Any] = []
+        conn = await asyncpg.connect(dsn)
+        holder = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("PREPARE q (int) AS SELECT $1 + 100")
+            for i in range(4):
+                tx = holder.transaction()
+                if i % 2:
+                    await tx.start()
+                    await holder.execute("select 1")
+                out.append(await conn.fetchval("EXECUTE q(2)"))
+                if i % 2:
+                    await tx.rollback()
+            out.append(await conn.execute("DEALLOCATE q"))
+            try:
+                await conn.fetchval("EXECUTE q(2)")
+            except asyncpg.PostgresError as exc:
+                out.append((exc.sqlstate, str(exc)))
+        finally:
+            await conn.close()
+            await holder.close()
+        return out
+
+    return asyncio.run(run())
+
+
+def test_asyncpg_statement_cache_runs_sql_prepared_statements_as_directly(
+    stand: Stand, gw: GatewayThread
+) -> None:
+    """asyncpg's cached `EXECUTE q(2)` runs the SQL-prepared q on either backend and fails with
+    PostgreSQL's own 26000 once q is deallocated, exactly as directly, without pinning."""
+    pins = gw.metric("pggateway_pins_total", reason="prepare")
+    direct = _asyncpg_story(stand.direct_dsn())
+    assert _asyncpg_story(stand.dsn(gw)) == direct
+    assert direct[:4] == [102] * 4 and direct[-1][0] == "26000"
     assert gw.metric("pggateway_pins_total", reason="prepare") == pins
 
 
