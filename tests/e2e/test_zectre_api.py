@@ -630,8 +630,8 @@ def test_drain_holds_a_scale_ups_extra_replicas_until_undrain(
 ) -> None:
     """With every node of `main` drained, scaling a running instance from 1 to 2 replicas places
     no new container: the instance stays running on its one replica with the reason as its
-    state_reason; a scale-down is not held; after undrain the extra replica is placed and the
-    reason clears."""
+    state_reason; after undrain the extra replica is placed and the reason clears. A scale-down
+    is not held; a new deployment waits `pending` (the old release serving) until undrain."""
     from tests.fixtures.docker import engine_containers
 
     t, _ = tenants
@@ -663,14 +663,33 @@ def test_drain_holds_a_scale_ups_extra_replicas_until_undrain(
     assert placed["state"] == "running"
     running = containers(docker_host, inst["id"])
     assert len(running) == 2 and before[0] in running  # the first replica kept running throughout
-    # Down is never held, drained or not.
+    # Down is never held, drained or not; a deployment (new replicas) waits in `pending`.
     try:
         assert admin.post(f"/api/v1/nodes/{node['id']}/drain").status_code == 200
         assert c.post(f"/v1/instances/{inst['id']}/scale", json={"replicas": 1}).status_code == 204
         wait_for(lambda: len(containers(docker_host, inst["id"])), lambda n: n == 1, timeout=30)
         assert c.get(f"/v1/instances/{inst['id']}").json()["state_reason"] == ""
+        serving = containers(docker_host, inst["id"])
+        dep = c.post(f"/v1/instances/{inst['id']}/deploy", json={"image": "ctrlmesh-test/httpd:v2"})
+        assert dep.status_code == 201, dep.text
+        wait_for(
+            lambda: c.get(f"/v1/instances/{inst['id']}").json()["state_reason"],
+            lambda r: "drained" in r,
+            timeout=15,
+        )
+        time.sleep(2)
+        assert c.get(f"/v1/deployments/{dep.json()['id']}").json()["state"] == "pending"
+        assert containers(docker_host, inst["id"]) == serving
     finally:
         assert admin.post(f"/api/v1/nodes/{node['id']}/undrain").status_code == 200
+    done = wait_for(
+        lambda: c.get(f"/v1/deployments/{dep.json()['id']}").json(),
+        lambda d: d["state"] in ("succeeded", "failed", "rolled_back", "cancelled"),
+        60,
+    )
+    assert done["state"] == "succeeded", done
+    after = c.get(f"/v1/instances/{inst['id']}").json()
+    assert after["image"] == "ctrlmesh-test/httpd:v2" and after["state_reason"] == ""
     destroy(c, inst["id"])
 
 
