@@ -351,9 +351,9 @@ def test_bind_writes_the_connection_as_secrets_and_rolls_the_app(
     cluster = main_cluster(c)["id"]
     app = c.post("/v1/instances", json=create_body()).json()
     second = c.post("/v1/instances", json=create_body()).json()
-    md = c.post(
-        "/api/v1/managed-databases", json={"cluster_id": cluster, "name": "bound-db"}, timeout=60
-    ).json()
+    made = c.post("/api/v1/managed-databases", json={"cluster_id": cluster, "name": "bound-db"}, timeout=60)
+    assert made.status_code == 201, made.text
+    md = made.json()
     wait_state(c, app["id"], "running")
     r = c.post(f"/api/v1/managed-databases/{md['id']}/bind", json={"app_id": app["id"]}, timeout=60)
     assert r.status_code == 200, r.text
