@@ -343,8 +343,9 @@ def test_stats_and_platform_config(imesh: Mesh, tenants: Any) -> None:
 def test_bind_writes_the_connection_as_secrets_and_rolls_the_app(
     imesh: Mesh, docker_host: str, tenants: Any
 ) -> None:
-    """Bind sets DATABASE_URL and the PG* variables (PGSSLMODE=require) plus the gateway CA as
-    secrets of the app and rolls it, so its new container carries them; one app per database
+    """Bind sets DATABASE_URL and the PG* variables plus the gateway CA as secrets of the app and
+    rolls it, so its new container carries them (a docker app on the local engine: PGHOST names
+    the gateway's socket directory, mounted into the container); one app per database
     (409 for a second app); DELETE of a bound database is 409 unless force=true, which unbinds."""
     t, _ = tenants
     c = t.client()
