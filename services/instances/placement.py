@@ -24,6 +24,9 @@ from libs.peers import Peer
 
 log = logging.getLogger("ctrlmesh.instances.placement")
 
+# How every reason the clusters service gives for holding a replica begins (its `placement`).
+WAITING = "waiting for a node"
+
 
 @dataclass(frozen=True)
 class ClusterRef:

@@ -343,17 +343,18 @@ def test_stats_and_platform_config(imesh: Mesh, tenants: Any) -> None:
 def test_bind_writes_the_connection_as_secrets_and_rolls_the_app(
     imesh: Mesh, docker_host: str, tenants: Any
 ) -> None:
-    """Bind sets DATABASE_URL and the PG* variables (PGSSLMODE=require) plus the gateway CA as
-    secrets of the app and rolls it, so its new container carries them; one app per database
+    """Bind sets DATABASE_URL and the PG* variables plus the gateway CA as secrets of the app and
+    rolls it, so its new container carries them (a docker app on the local engine: PGHOST names
+    the gateway's socket directory, mounted into the container); one app per database
     (409 for a second app); DELETE of a bound database is 409 unless force=true, which unbinds."""
     t, _ = tenants
     c = t.client()
     cluster = main_cluster(c)["id"]
     app = c.post("/v1/instances", json=create_body()).json()
     second = c.post("/v1/instances", json=create_body()).json()
-    md = c.post(
-        "/api/v1/managed-databases", json={"cluster_id": cluster, "name": "bound-db"}, timeout=60
-    ).json()
+    made = c.post("/api/v1/managed-databases", json={"cluster_id": cluster, "name": "bound-db"}, timeout=60)
+    assert made.status_code == 201, made.text
+    md = made.json()
     wait_state(c, app["id"], "running")
     r = c.post(f"/api/v1/managed-databases/{md['id']}/bind", json={"app_id": app["id"]}, timeout=60)
     assert r.status_code == 200, r.text
@@ -630,8 +631,8 @@ def test_drain_holds_a_scale_ups_extra_replicas_until_undrain(
 ) -> None:
     """With every node of `main` drained, scaling a running instance from 1 to 2 replicas places
     no new container: the instance stays running on its one replica with the reason as its
-    state_reason; a scale-down is not held; after undrain the extra replica is placed and the
-    reason clears."""
+    state_reason; after undrain the extra replica is placed and the reason clears. A scale-down
+    is not held; a new deployment waits `pending` (the old release serving) until undrain."""
     from tests.fixtures.docker import engine_containers
 
     t, _ = tenants
@@ -663,14 +664,33 @@ def test_drain_holds_a_scale_ups_extra_replicas_until_undrain(
     assert placed["state"] == "running"
     running = containers(docker_host, inst["id"])
     assert len(running) == 2 and before[0] in running  # the first replica kept running throughout
-    # Down is never held, drained or not.
+    # Down is never held, drained or not; a deployment (new replicas) waits in `pending`.
     try:
         assert admin.post(f"/api/v1/nodes/{node['id']}/drain").status_code == 200
         assert c.post(f"/v1/instances/{inst['id']}/scale", json={"replicas": 1}).status_code == 204
         wait_for(lambda: len(containers(docker_host, inst["id"])), lambda n: n == 1, timeout=30)
         assert c.get(f"/v1/instances/{inst['id']}").json()["state_reason"] == ""
+        serving = containers(docker_host, inst["id"])
+        dep = c.post(f"/v1/instances/{inst['id']}/deploy", json={"image": "ctrlmesh-test/httpd:v2"})
+        assert dep.status_code == 201, dep.text
+        wait_for(
+            lambda: c.get(f"/v1/instances/{inst['id']}").json()["state_reason"],
+            lambda r: "drained" in r,
+            timeout=15,
+        )
+        time.sleep(2)
+        assert c.get(f"/v1/deployments/{dep.json()['id']}").json()["state"] == "pending"
+        assert containers(docker_host, inst["id"]) == serving
     finally:
         assert admin.post(f"/api/v1/nodes/{node['id']}/undrain").status_code == 200
+    done = wait_for(
+        lambda: c.get(f"/v1/deployments/{dep.json()['id']}").json(),
+        lambda d: d["state"] in ("succeeded", "failed", "rolled_back", "cancelled"),
+        60,
+    )
+    assert done["state"] == "succeeded", done
+    after = c.get(f"/v1/instances/{inst['id']}").json()
+    assert after["image"] == "ctrlmesh-test/httpd:v2" and after["state_reason"] == ""
     destroy(c, inst["id"])
 
 
