@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from libs.db import Database
-from libs.errors import CtrlmeshError
+from libs.errors import CtrlmeshError, DeadlineExceeded, Unavailable
 from libs.reconcile import Claims, KeyedRunner, every, process_owner
 from services.instances import repository as repo
 from services.instances.actions import ACTIONS, Action, fail, next_action
@@ -124,6 +124,12 @@ class Reconciler:
                 return False
             log.debug("instance %s: %s (%s)", inst.id, action, inst.state)
             return await ACTIONS[action](self, inst, dep)
+        except (Unavailable, DeadlineExceeded) as err:
+            # A peer that is down or slow (network restarting, or not yet reached by a process
+            # that just restarted) fails only this step: the instance still needs work, so the
+            # next pass runs it again instead of the instance ending `failed`.
+            log.warning("reconciling %s waits for a peer: %s", instance_id, err.message)
+            return False
         except Exception as err:
             log.warning("reconciling %s failed", instance_id, exc_info=True)
             await fail(self, inst, str(err) if isinstance(err, ProviderError) else type(err).__name__)

@@ -266,10 +266,12 @@ def exercise_certificates(mesh: Mesh, canaries: Canaries) -> None:
 
 
 def _add_pem(canaries: Canaries, name: str, pem: str) -> None:
-    """A PEM body line: the key material, in the form a leak would most likely copy."""
-    body = [ln for ln in pem.splitlines() if ln and not ln.startswith("-----")]
-    assert body, f"{name} is not PEM"
-    canaries.add(name, body[0][:48])
+    """Key material from a PEM body, in the form a leak would most likely copy. Past the first 48
+    characters: that much is the fixed ASN.1 header every P-256 PKCS#8 key shares (a canary
+    made of it would match any such key, not this one); after it comes the private scalar."""
+    body = "".join(ln for ln in pem.splitlines() if ln and not ln.startswith("-----"))
+    assert len(body) >= 96, f"{name} is not a PEM key"
+    canaries.add(name, body[48:96])
 
 
 def _kek(mesh: Mesh) -> str:
