@@ -17,7 +17,9 @@ process with py-spy under the 16-connection GET and keeps each one's top frames.
 
 The mesh is what `make run` starts (embedded PostgreSQL, every service, the edge), through the
 launcher; with a Docker engine (`scripts/docker-up.sh`) Ctrl Plane instances join the mix.
-Zectre's `/api/v1` answers 501 today and is left out (noted in the table). Afterwards every
+Zectre's `/api/v1` joins with its reads (clusters, nodes, templates, stats, managed databases,
+platform config; its writes make databases and instances, which the other families already
+exercise). Afterwards every
 family's lists must hold exactly what the clients created and did not delete. Writes
 bench/results/api.json and the table under "Benchmarks" in README.md.
 """
@@ -85,6 +87,16 @@ class Owned:
     # unknown to the client, so it is left out of the exact counts and reported beside them.
     unknown_dbs: set[str] = field(default_factory=set)  # names
     unknown_instances: set[str] = field(default_factory=set)  # ids (a failed delete)
+
+
+ZECTRE_READS = (
+    "/api/v1/clusters",
+    "/api/v1/nodes",
+    "/api/v1/templates",
+    "/api/v1/stats",
+    "/api/v1/managed-databases",
+    "/api/v1/platform/config",
+)
 
 
 class Client:
@@ -245,6 +257,10 @@ class Client:
                     o.deleting_instances.add(iid)
                 elif r.status_code >= 500:
                     o.unknown_instances.add(iid)
+        elif roll < 0.985:
+            # Zectre: the platform's clusters, nodes, templates, stats and managed databases.
+            path = rng.choice(ZECTRE_READS)
+            await self.call(self.http, "zectre", "GET", path, (200,))
         else:
             await self.call(self.http, "spg99", "GET", "/v2/api-keys/me", (200,))
 
@@ -486,7 +502,7 @@ def table(r: dict[str, Any]) -> str:
         f"{s['unexpected_count']} answers other than the expected status (5xx included); counts afterwards "
         f"{'exact' if exact else 'NOT exact'} ({counts}"
         + (f"; left out, outcome unknown after a 5xx: {unknown}" if any(unknown.values()) else "")
-        + "). Zectre `/api/v1` answers 501 today and is not in the mix.",
+        + "). Zectre `/api/v1` is in the mix with its reads.",
         "",
         f"| `GET /v2/dbs/{{id}}`, {e['clients']} concurrent clients | requests/s | p50 |",
         "|---|---|---|",
@@ -1017,7 +1033,9 @@ def main() -> None:
     finally:
         m.stop()
         m.cleanup()
-    families = "SPG99 /v2 + Ctrl Plane /v1" + (" incl. instances" if host else " (no Docker: no instances)")
+    families = "SPG99 /v2 + Ctrl Plane /v1 + Zectre /api/v1" + (
+        " incl. instances" if host else " (no Docker: no instances)"
+    )
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}",

@@ -16,7 +16,8 @@ from libs.peers import TenantCache
 from libs.principal import system_principal
 from libs.visibility import sees
 
-pytestmark = pytest.mark.timeout(10)
+# func_only: the suite's last test also carries the session fixtures' teardown (meshes stopping).
+pytestmark = pytest.mark.timeout(10, func_only=True)
 
 T1 = accounts_pb2.Tenant(id="ten_1", name="one", account_id="acc_a", status="active")
 T2 = accounts_pb2.Tenant(id="ten_2", name="two", account_id="acc_b", status="active")
