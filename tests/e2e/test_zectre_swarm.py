@@ -154,7 +154,7 @@ def test_an_instance_placed_on_the_swarm_cluster_waits_for_drained_nodes_to_scal
             assert admin.post(f"/api/v1/nodes/{n['id']}/drain").status_code == 200
         assert c.post(f"/v1/instances/{inst['id']}/scale", json={"replicas": 2}).status_code == 204
         held = wait_for(
-            lambda: c.get(f"/v1/instances/{inst['id']}").json(), lambda i: "drained" in i["state_reason"], 15
+            lambda: c.get(f"/v1/instances/{inst['id']}").json(), lambda i: "drained" in i["state_reason"], 45
         )
         assert held["state"] == "running"
         time.sleep(3)
