@@ -141,3 +141,25 @@ def test_start_adopts_a_running_compute(driver_and_spec):  # type: ignore[no-unt
         assert not await driver.is_alive(spec)
 
     asyncio.run(scenario())
+
+
+def test_prepare_succeeds_while_an_orphaned_initdb_still_writes_into_the_cluster(driver_and_spec):  # type: ignore[no-untyped-def]
+    """A prepare retried after a kill -9 of the service finds the cluster directory still being
+    written by the killed service's orphaned initdb (named by its `-D` path): it is killed, the
+    directory emptied and the prepare done (chaos CI failed this with "File exists")."""
+    import subprocess
+
+    driver, spec = driver_and_spec
+    data = driver.data_path(spec)
+    data.mkdir(parents=True, exist_ok=True)
+    # What an orphaned initdb does: goes on making files in the directory it was given.
+    orphan = subprocess.Popen(
+        ["sh", "-c", 'while true; do mkdir -p "$1"; touch "$1/f$$RANDOM" 2>/dev/null; done', "sh", str(data)]
+    )
+    try:
+        time.sleep(0.2)
+        asyncio.run(driver.prepare(spec, scram_verifier("pw")))
+        assert orphan.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        orphan.kill()
+    assert (driver.data_path(spec) / "PG_VERSION").exists()

@@ -29,6 +29,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -103,6 +104,39 @@ def _quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _kill_writers(cluster: Path) -> None:
+    """SIGKILL what still works on `cluster` by name (an initdb whose service was killed -9 goes on
+    writing into the directory a retried prepare must empty), and wait for it to be gone."""
+    target = str(cluster)
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.decode(errors="replace") == target for a in argv):
+            pids.append(int(entry.name))
+    for pid in pids:
+        log.warning("killing process %d left working on %s", pid, target)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists() and _alive(p)]
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class _Server(EmbeddedPostgres):
     """EmbeddedPostgres at a location we chose, with start split into spawn and an async wait.
 
@@ -120,8 +154,18 @@ class _Server(EmbeddedPostgres):
     def initialize(self) -> None:
         """A fresh cluster: whatever a previous attempt left is removed first."""
         assert self._cluster_dir is not None
-        shutil.rmtree(self._cluster_dir, ignore_errors=True)
-        self._cluster_dir.mkdir(mode=0o700, parents=True)
+        _kill_writers(self._cluster_dir)
+        for _ in range(100):
+            shutil.rmtree(self._cluster_dir, ignore_errors=True)
+            try:
+                self._cluster_dir.mkdir(mode=0o700, parents=True)
+                break
+            except FileExistsError:
+                # An initdb orphaned by a killed service may still be writing into it (chaos CI:
+                # "File exists" at the retried prepare): wait for it to finish, then empty it again.
+                time.sleep(0.1)
+        else:
+            raise EmbeddedPostgresError(f"{self._cluster_dir} could not be emptied for a fresh cluster")
         if self._ids is not None:
             os.chown(self._cluster_dir, *self._ids)
         password = secrets.token_urlsafe(24)
