@@ -7,9 +7,10 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+from services.instances import repository as repo
 from services.instances import specs
 from services.instances.providers.base import GroupSpec, Provider, ProviderError, Replica
-from services.instances.repository import Instance
+from services.instances.repository import Instance, Scope
 
 if TYPE_CHECKING:
     from services.instances.reconciler import Reconciler
@@ -47,6 +48,18 @@ async def bring_up(rc: Reconciler, provider: Provider, inst: Instance) -> list[R
         if time.monotonic() > deadline:
             raise ProviderError(f"replicas did not start within {rc.start_timeout:g}s")
         await asyncio.sleep(0.2)
+
+
+async def held(rc: Reconciler, inst: Instance) -> bool:
+    """Whether the clusters registry says nothing new may be placed for `inst` now (every node
+    drained); the reason is then recorded on the instance once, and the periodic pass asks again."""
+    reason = await rc.placement(inst.provider_name, inst.cluster_id) if rc.placement else ""
+    if reason and inst.last_error != reason:
+        async with rc.db.session() as s:
+            await repo.update_instance(
+                s, Scope.system(), inst.id, {"last_error": reason}, expect_state=inst.state
+            )
+    return bool(reason)
 
 
 async def set_state(rc: Reconciler, inst: Instance, state: str, **values: Any) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from services.instances import repository as repo
+from services.instances.actions.common import held
 from services.instances.endpoints import endpoints_of
 from services.instances.placement import WAITING
 from services.instances.repository import Deployment, Instance, Scope, now
@@ -23,23 +24,16 @@ if TYPE_CHECKING:
 async def deploy(rc: Reconciler, inst: Instance, dep: Deployment | None) -> bool:
     assert dep is not None  # chosen only with a deployment in flight
     provider = rc.engine(inst)
-    held = inst.last_error.startswith(WAITING)
-    if dep.state == "pending" and rc.placement is not None:
-        reason = await rc.placement(inst.provider_name, inst.cluster_id)
-        if reason:
-            if inst.last_error != reason:
-                async with rc.db.session() as s:
-                    await repo.update_instance(
-                        s, Scope.system(), inst.id, {"last_error": reason}, expect_state="running"
-                    )
-            return False  # the periodic pass asks again
+    was_held = inst.last_error.startswith(WAITING)
+    if dep.state == "pending" and await held(rc, inst):
+        return False
     await rc.executor.run(inst, dep, provider)
     async with rc.db.session() as s:
         fresh = await repo.get_instance(s, Scope.system(), inst.id)
     if fresh is not None:
         reps = await provider.replicas(inst.id)
         values: dict[str, object] = {"endpoints": endpoints_of(fresh, reps)}
-        if held:
+        if was_held:
             values["last_error"] = ""  # the wait is over
         async with rc.db.session() as s:
             await repo.update_instance(s, Scope.system(), inst.id, values)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from services.instances import repository as repo
 from services.instances import specs
-from services.instances.actions.common import bring_up
+from services.instances.actions.common import bring_up, held
 from services.instances.endpoints import endpoints_of
 from services.instances.providers.base import Provider
 from services.instances.repository import Deployment, Instance, Scope
@@ -34,15 +34,8 @@ async def _adds_replicas(provider: Provider, inst: Instance) -> bool:
 
 async def scale(rc: Reconciler, inst: Instance, dep: Deployment | None) -> bool:
     provider = rc.engine(inst)
-    if rc.placement is not None and await _adds_replicas(provider, inst):
-        reason = await rc.placement(inst.provider_name, inst.cluster_id)
-        if reason:
-            if inst.last_error != reason:
-                async with rc.db.session() as s:
-                    await repo.update_instance(
-                        s, Scope.system(), inst.id, {"last_error": reason}, expect_state="running"
-                    )
-            return False  # the periodic pass asks again
+    if rc.placement is not None and await _adds_replicas(provider, inst) and await held(rc, inst):
+        return False
     reps = await bring_up(rc, provider, inst)
     async with rc.db.session() as s:
         await repo.update_instance(
